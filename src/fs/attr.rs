@@ -1,0 +1,306 @@
+//! Attributes: getattr/setattr, extended attributes, statfs and access.
+
+use super::{check_xattr_name, errno, load_inode, save_inode, Caller, Fs, FsError, Result};
+use crate::keyspace::records::{decode_xattr, encode_xattr, Inode, Kind};
+use crate::keyspace::{self as ks, Ino};
+use crate::kv::Cf;
+use crate::util::Timestamp;
+
+/// What `stat` shows for one inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub size: u64,
+    /// 512-byte units.
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub btime: Timestamp,
+    pub blksize: u32,
+}
+
+impl Attr {
+    pub(crate) fn new(ino: Ino, i: &Inode, blksize: u64) -> Attr {
+        let (size, blocks) = match i.kind {
+            Kind::Dir => (4096, 8),
+            _ => (i.size, i.alloc / 512),
+        };
+        Attr {
+            ino,
+            kind: i.kind,
+            perm: i.perm,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev,
+            size,
+            blocks,
+            atime: i.atime,
+            mtime: i.mtime,
+            ctime: i.ctime,
+            btime: i.btime,
+            blksize: blksize as u32,
+        }
+    }
+}
+
+/// A time to set: a given moment or "now" (UTIME_NOW).
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    At(Timestamp),
+    Now,
+}
+
+/// The fields of a setattr; `None` leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<Timestamp>,
+}
+
+pub enum XattrReply {
+    /// The caller asked for the size only.
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+#[derive(Clone, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub frsize: u32,
+    pub namelen: u32,
+}
+
+/// Largest xattr value, as on ext4 with large xattrs / the VFS limit.
+const XATTR_SIZE_MAX: usize = 65536;
+
+impl Fs {
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let inode = self.txn(|t| load_inode(t, ino))?;
+        Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
+    }
+
+    /// Attributes as the caller sees them: buffered writes not yet committed count.
+    pub(crate) fn overlay(&self, ino: Ino, mut a: Attr) -> Attr {
+        if a.kind == Kind::File {
+            if let Some(s) = self.file_state(ino) {
+                s.overlay(&mut a);
+            }
+        }
+        a
+    }
+
+    pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        self.writable()?;
+        if let Some(size) = set.size {
+            self.truncate(ino, size)?;
+        } else if set.mtime.is_some() {
+            // Buffered writes carry their own mtime; commit them first so ours wins.
+            self.flush_ino(ino)?;
+        }
+        let now = Timestamp::now();
+        let inode = self.txn(|t| {
+            let mut i = load_inode(t, ino)?;
+            if let Some(m) = set.mode {
+                i.perm = (m & 0o7777) as u16;
+            }
+            if let Some(u) = set.uid {
+                i.uid = u;
+            }
+            if let Some(g) = set.gid {
+                i.gid = g;
+            }
+            let resolve = |s: SetTime| match s {
+                SetTime::At(t) => t,
+                SetTime::Now => now,
+            };
+            if let Some(a) = set.atime {
+                i.atime = resolve(a);
+            }
+            if let Some(m) = set.mtime {
+                i.mtime = resolve(m);
+            }
+            i.ctime = set.ctime.unwrap_or(now);
+            save_inode(t, ino, &i)?;
+            Ok(i)
+        })?;
+        Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        let i = self.txn(|t| load_inode(t, ino))?;
+        if i.kind != Kind::Symlink {
+            return errno(libc::EINVAL);
+        }
+        Ok(i.target)
+    }
+
+    /// The permission check of access(2), as the kernel's generic_permission does it.
+    pub fn access(&self, ino: Ino, mask: i32, who: Caller) -> Result<()> {
+        let i = self.txn(|t| load_inode(t, ino))?;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        if who.uid == 0 {
+            // root may do anything, but execute needs some x bit on non-directories.
+            if mask & libc::X_OK != 0 && i.kind != Kind::Dir && i.perm & 0o111 == 0 {
+                return errno(libc::EACCES);
+            }
+            return Ok(());
+        }
+        let bits = if who.uid == i.uid {
+            (i.perm >> 6) & 7
+        } else if who.gid == i.gid || in_groups(who.pid, i.gid) {
+            (i.perm >> 3) & 7
+        } else {
+            i.perm & 7
+        } as i32;
+        if mask & bits == mask & 7 {
+            Ok(())
+        } else {
+            errno(libc::EACCES)
+        }
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.writable()?;
+        check_xattr_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return errno(libc::E2BIG);
+        }
+        let key = ks::xattr_key(ino, name);
+        self.txn(|t| {
+            let mut i = load_inode(t, ino)?;
+            let exists = t.get(Cf::Meta, &key)?.is_some();
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return errno(libc::EEXIST);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return errno(libc::ENODATA);
+            }
+            t.put(Cf::Meta, &key, &encode_xattr(value))?;
+            i.ctime = Timestamp::now();
+            save_inode(t, ino, &i)
+        })
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8], size: u32) -> Result<XattrReply> {
+        check_xattr_name(name)?;
+        let key = ks::xattr_key(ino, name);
+        let v = self.txn(|t| {
+            load_inode(t, ino)?;
+            match t.get(Cf::Meta, &key)? {
+                None => errno(libc::ENODATA),
+                Some(v) => Ok(decode_xattr(&v)
+                    .map_err(|e| super::corrupt(&key, e))?
+                    .to_vec()),
+            }
+        })?;
+        sized_reply(v, size)
+    }
+
+    pub fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrReply> {
+        let (s, e) = ks::xattr_range(ino);
+        let names = self.txn(|t| {
+            load_inode(t, ino)?;
+            let mut out = Vec::new();
+            for (k, _) in t.scan(Cf::Meta, &s, &e, usize::MAX)? {
+                out.extend_from_slice(&k[s.len()..]);
+                out.push(0);
+            }
+            Ok(out)
+        })?;
+        sized_reply(names, size)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.writable()?;
+        check_xattr_name(name)?;
+        let key = ks::xattr_key(ino, name);
+        self.txn(|t| {
+            let mut i = load_inode(t, ino)?;
+            if t.get(Cf::Meta, &key)?.is_none() {
+                return errno(libc::ENODATA);
+            }
+            t.delete(Cf::Meta, &key)?;
+            i.ctime = Timestamp::now();
+            save_inode(t, ino, &i)
+        })
+    }
+
+    /// Real figures: what the store occupies plus the free space of the disk under it.
+    pub fn statfs(&self, store_dir: &std::path::Path) -> Result<StatFs> {
+        let frsize: u64 = 4096;
+        let used = self.store.disk_usage();
+        let (avail, free_files) = disk_free(store_dir).map_err(|e| FsError::Errno(e))?;
+        let next = self
+            .store
+            .get(Cf::Meta, ks::META_NEXT_INO)?
+            .and_then(|v| crate::keyspace::records::decode_counter(&v).ok())
+            .unwrap_or(2);
+        let files_used = next.saturating_sub(1);
+        Ok(StatFs {
+            blocks: (used + avail) / frsize,
+            bfree: avail / frsize,
+            bavail: avail / frsize,
+            files: files_used + free_files,
+            ffree: free_files,
+            bsize: self.bs as u32,
+            frsize: frsize as u32,
+            namelen: super::NAME_MAX as u32,
+        })
+    }
+}
+
+fn sized_reply(v: Vec<u8>, size: u32) -> Result<XattrReply> {
+    if size == 0 {
+        Ok(XattrReply::Size(v.len() as u32))
+    } else if v.len() > size as usize {
+        errno(libc::ERANGE)
+    } else {
+        Ok(XattrReply::Data(v))
+    }
+}
+
+/// Available bytes for unprivileged users, and a free-inode figure, of the disk at `path`.
+fn disk_free(path: &std::path::Path) -> std::result::Result<(u64, u64), i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| libc::EINVAL)?;
+    // SAFETY: c is a valid NUL-terminated path; st is written by the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO));
+    }
+    // Inodes are keys: as many as the disk has room for at ~256 bytes each.
+    let avail = st.f_bavail * st.f_frsize;
+    Ok((avail, avail / 256))
+}
+
+/// Whether process `pid` has `gid` among its supplementary groups (/proc/PID/status).
+fn in_groups(pid: u32, gid: u32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}

@@ -1,0 +1,432 @@
+//! Namespace operations: lookup, create, link, unlink, rmdir, rename, readdir.
+//!
+//! Every change to a directory's entries also rewrites that directory's inode (mtime, ctime,
+//! nlink), so two operations on one directory always conflict on its inode key, and an
+//! emptiness scan (rmdir, rename over a directory) is covered by the inode it tracked.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::attr::Attr;
+use super::{
+    check_name, corrupt, drop_last_link, errno, free_inode, load_dir, load_inode, lock,
+    save_inode, Caller, Fs, FsError, Result,
+};
+use crate::keyspace::records::{Dirent, Inode, Kind};
+use crate::keyspace::{self as ks, Ino, ROOT_INO};
+use crate::kv::{Cf, Txn};
+use crate::util::Timestamp;
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+/// What to create.
+pub struct NewNode<'a> {
+    pub kind: Kind,
+    pub mode: u32,
+    pub umask: u32,
+    pub rdev: u32,
+    pub target: &'a [u8],
+}
+
+fn get_dirent(t: &mut dyn Txn, parent: Ino, name: &[u8]) -> Result<Option<Dirent>> {
+    let key = ks::dirent_key(parent, name);
+    match t.get(Cf::Meta, &key)? {
+        None => Ok(None),
+        Some(v) => Dirent::decode(&v).map(Some).map_err(|e| corrupt(&key, e)),
+    }
+}
+
+fn dir_is_empty(t: &mut dyn Txn, dir: Ino) -> Result<bool> {
+    let (s, e) = ks::dirent_range(dir);
+    Ok(t.scan(Cf::Meta, &s, &e, 1)?.is_empty())
+}
+
+/// Inodes a transaction reads and changes, written back once at the end (several roles of a
+/// rename may be the same inode).
+#[derive(Default)]
+struct Touched {
+    map: HashMap<Ino, Inode>,
+}
+
+impl Touched {
+    fn get(&mut self, t: &mut dyn Txn, ino: Ino) -> Result<&mut Inode> {
+        if !self.map.contains_key(&ino) {
+            let i = load_inode(t, ino)?;
+            self.map.insert(ino, i);
+        }
+        self.map
+            .get_mut(&ino)
+            .ok_or(FsError::Errno(libc::ENOENT))
+    }
+
+    fn save(self, t: &mut dyn Txn) -> Result<()> {
+        for (ino, i) in &self.map {
+            save_inode(t, *ino, i)?;
+        }
+        Ok(())
+    }
+}
+
+impl Fs {
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        let (ino, inode) = self.txn(|t| {
+            let d = load_inode(t, parent)?;
+            if d.kind != Kind::Dir {
+                return errno(libc::ENOTDIR);
+            }
+            let ino = match name {
+                b"." => parent,
+                b".." => d.parent,
+                _ => match get_dirent(t, parent, name)? {
+                    Some(e) => e.ino,
+                    None => return errno(libc::ENOENT),
+                },
+            };
+            let key = ks::inode_key(ino);
+            match load_inode(t, ino) {
+                Err(FsError::Errno(libc::ENOENT)) => Err(FsError::Corrupt {
+                    key: ks::describe_key(&ks::dirent_key(parent, name)),
+                    reason: format!("entry points to missing inode {ino} ({})", ks::describe_key(&key)),
+                }),
+                r => r.map(|i| (ino, i)),
+            }
+        })?;
+        Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
+    }
+
+    /// mknod, mkdir, symlink and create all come here.
+    pub fn create_node(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+        who: Caller,
+    ) -> Result<Attr> {
+        self.writable()?;
+        check_name(name)?;
+        let ino = self.alloc_ino()?;
+        let inode = self.txn(|t| {
+            let mut dir = load_dir(t, parent)?;
+            if get_dirent(t, parent, name)?.is_some() {
+                return errno(libc::EEXIST);
+            }
+            let now = Timestamp::now();
+            let mut perm = (node.mode & !node.umask & 0o7777) as u16;
+            let mut gid = who.gid;
+            if dir.perm & libc::S_ISGID as u16 != 0 {
+                gid = dir.gid;
+                if node.kind == Kind::Dir {
+                    perm |= libc::S_ISGID as u16;
+                }
+            }
+            if node.kind == Kind::Symlink {
+                perm = 0o777;
+            }
+            let inode = Inode {
+                kind: node.kind,
+                perm,
+                uid: who.uid,
+                gid,
+                nlink: if node.kind == Kind::Dir { 2 } else { 1 },
+                size: if node.kind == Kind::Symlink {
+                    node.target.len() as u64
+                } else {
+                    0
+                },
+                alloc: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                btime: now,
+                rdev: node.rdev,
+                parent: if node.kind == Kind::Dir { parent } else { 0 },
+                target: node.target.to_vec(),
+            };
+            save_inode(t, ino, &inode)?;
+            t.put(
+                Cf::Meta,
+                &ks::dirent_key(parent, name),
+                &Dirent {
+                    ino,
+                    kind: node.kind,
+                }
+                .encode(),
+            )?;
+            if node.kind == Kind::Dir {
+                dir.nlink += 1;
+            }
+            dir.mtime = now;
+            dir.ctime = now;
+            save_inode(t, parent, &dir)?;
+            Ok(inode)
+        })?;
+        Ok(Attr::new(ino, &inode, self.bs))
+    }
+
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        self.writable()?;
+        check_name(name)?;
+        let inode = self.txn(|t| {
+            let mut i = load_inode(t, ino)?;
+            if i.kind == Kind::Dir {
+                return errno(libc::EPERM);
+            }
+            if i.nlink == 0 {
+                return errno(libc::ENOENT);
+            }
+            let mut dir = load_dir(t, parent)?;
+            if get_dirent(t, parent, name)?.is_some() {
+                return errno(libc::EEXIST);
+            }
+            let now = Timestamp::now();
+            t.put(
+                Cf::Meta,
+                &ks::dirent_key(parent, name),
+                &Dirent { ino, kind: i.kind }.encode(),
+            )?;
+            i.nlink += 1;
+            i.ctime = now;
+            save_inode(t, ino, &i)?;
+            dir.mtime = now;
+            dir.ctime = now;
+            save_inode(t, parent, &dir)?;
+            Ok(i)
+        })?;
+        Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        if name == b"." {
+            return errno(libc::EINVAL);
+        }
+        if name == b".." {
+            return errno(libc::ENOTEMPTY);
+        }
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: Ino, name: &[u8], want_dir: bool) -> Result<()> {
+        self.writable()?;
+        check_name(name)?;
+        let _ns = lock(&self.ns_lock);
+        self.txn(|t| {
+            let mut dir = load_dir(t, parent)?;
+            let ent = get_dirent(t, parent, name)?.ok_or(FsError::Errno(libc::ENOENT))?;
+            let mut child = load_inode(t, ent.ino)?;
+            let now = Timestamp::now();
+            match (want_dir, child.kind == Kind::Dir) {
+                (false, true) => return errno(libc::EISDIR),
+                (true, false) => return errno(libc::ENOTDIR),
+                (true, true) => {
+                    if ent.ino == ROOT_INO {
+                        return errno(libc::EBUSY);
+                    }
+                    if !dir_is_empty(t, ent.ino)? {
+                        return errno(libc::ENOTEMPTY);
+                    }
+                    dir.nlink -= 1;
+                    child.nlink = 0;
+                }
+                (false, false) => child.nlink = child.nlink.saturating_sub(1),
+            }
+            t.delete(Cf::Meta, &ks::dirent_key(parent, name))?;
+            child.ctime = now;
+            if child.nlink == 0 {
+                drop_last_link(t, ent.ino, &child, self.is_open(ent.ino))?;
+            } else {
+                save_inode(t, ent.ino, &child)?;
+            }
+            dir.mtime = now;
+            dir.ctime = now;
+            save_inode(t, parent, &dir)
+        })
+    }
+
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        self.writable()?;
+        check_name(name)?;
+        check_name(newname)?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if (exchange && noreplace) || flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0
+        {
+            return errno(libc::EINVAL);
+        }
+        let _ns = lock(&self.ns_lock);
+        self.txn(|t| {
+            let mut touched = Touched::default();
+            let now = Timestamp::now();
+            load_dir(t, parent)?;
+            load_dir(t, newparent)?;
+            let src = get_dirent(t, parent, name)?.ok_or(FsError::Errno(libc::ENOENT))?;
+            let dst = get_dirent(t, newparent, newname)?;
+            if exchange && dst.is_none() {
+                return errno(libc::ENOENT);
+            }
+            if noreplace && dst.is_some() {
+                return errno(libc::EEXIST);
+            }
+            if src.kind == Kind::Dir && parent != newparent {
+                self.check_not_ancestor(t, src.ino, newparent)?;
+            }
+            if let (true, Some(d)) = (exchange, dst) {
+                if d.kind == Kind::Dir && parent != newparent {
+                    self.check_not_ancestor(t, d.ino, parent)?;
+                }
+            }
+            if let Some(d) = dst {
+                if d.ino == src.ino {
+                    // Two names of one inode: POSIX says do nothing.
+                    return Ok(());
+                }
+            }
+            if exchange {
+                let d = dst.ok_or(FsError::Errno(libc::ENOENT))?;
+                t.put(Cf::Meta, &ks::dirent_key(parent, name), &d.encode())?;
+                t.put(Cf::Meta, &ks::dirent_key(newparent, newname), &src.encode())?;
+                if parent != newparent {
+                    if src.kind == Kind::Dir {
+                        touched.get(t, src.ino)?.parent = newparent;
+                        touched.get(t, parent)?.nlink -= 1;
+                        touched.get(t, newparent)?.nlink += 1;
+                    }
+                    if d.kind == Kind::Dir {
+                        touched.get(t, d.ino)?.parent = parent;
+                        touched.get(t, newparent)?.nlink -= 1;
+                        touched.get(t, parent)?.nlink += 1;
+                    }
+                }
+                touched.get(t, d.ino)?.ctime = now;
+            } else {
+                if let Some(d) = dst {
+                    let victim = load_inode(t, d.ino)?;
+                    match (src.kind == Kind::Dir, victim.kind == Kind::Dir) {
+                        (true, false) => return errno(libc::ENOTDIR),
+                        (false, true) => return errno(libc::EISDIR),
+                        (true, true) => {
+                            if !dir_is_empty(t, d.ino)? {
+                                return errno(libc::ENOTEMPTY);
+                            }
+                            let mut v = victim;
+                            v.nlink = 0;
+                            free_inode(t, d.ino, &v)?;
+                            touched.get(t, newparent)?.nlink -= 1;
+                        }
+                        (false, false) => {
+                            let mut v = victim;
+                            v.nlink -= 1;
+                            v.ctime = now;
+                            if v.nlink == 0 {
+                                drop_last_link(t, d.ino, &v, self.is_open(d.ino))?;
+                            } else {
+                                save_inode(t, d.ino, &v)?;
+                            }
+                        }
+                    }
+                }
+                t.delete(Cf::Meta, &ks::dirent_key(parent, name))?;
+                t.put(Cf::Meta, &ks::dirent_key(newparent, newname), &src.encode())?;
+                if src.kind == Kind::Dir && parent != newparent {
+                    touched.get(t, src.ino)?.parent = newparent;
+                    touched.get(t, parent)?.nlink -= 1;
+                    touched.get(t, newparent)?.nlink += 1;
+                }
+            }
+            touched.get(t, src.ino)?.ctime = now;
+            for p in [parent, newparent] {
+                let d = touched.get(t, p)?;
+                d.mtime = now;
+                d.ctime = now;
+            }
+            touched.save(t)
+        })
+    }
+
+    /// EINVAL if `dir` is `target` or one of its ancestors (a directory may not move into its
+    /// own subtree).
+    fn check_not_ancestor(&self, t: &mut dyn Txn, dir: Ino, target: Ino) -> Result<()> {
+        let mut cur = target;
+        for _ in 0..4096 {
+            if cur == dir {
+                return errno(libc::EINVAL);
+            }
+            if cur == ROOT_INO {
+                return Ok(());
+            }
+            cur = load_inode(t, cur)?.parent;
+        }
+        Err(FsError::Corrupt {
+            key: ks::describe_key(&ks::inode_key(target)),
+            reason: "parent chain does not reach the root".into(),
+        })
+    }
+
+    /// Open a directory: its listing is read once, so later readdir calls page through a
+    /// stable list whatever changes meanwhile (as POSIX allows).
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let entries = self.txn(|t| {
+            let d = load_inode(t, ino)?;
+            if d.kind != Kind::Dir {
+                return errno(libc::ENOTDIR);
+            }
+            let mut out = vec![
+                DirEntry {
+                    ino,
+                    kind: Kind::Dir,
+                    name: b".".to_vec(),
+                },
+                DirEntry {
+                    ino: d.parent,
+                    kind: Kind::Dir,
+                    name: b"..".to_vec(),
+                },
+            ];
+            let (s, e) = ks::dirent_range(ino);
+            for (k, v) in t.scan(Cf::Meta, &s, &e, usize::MAX)? {
+                let ent = Dirent::decode(&v).map_err(|e| corrupt(&k, e))?;
+                out.push(DirEntry {
+                    ino: ent.ino,
+                    kind: ent.kind,
+                    name: ks::dirent_name(&k).to_vec(),
+                });
+            }
+            Ok(out)
+        })?;
+        let mut h = lock(&self.handles);
+        let fh = h.next;
+        h.next += 1;
+        h.dirs.insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    /// Entries from position `offset` on; each entry's own offset is its position + 1.
+    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        lock(&self.handles)
+            .dirs
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Errno(libc::EBADF))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.handles).dirs.remove(&fh);
+    }
+}

@@ -1,0 +1,449 @@
+//! File data: open/read/write/flush/fsync/release/truncate and the write-back buffer.
+//!
+//! Each open inode has one [`FileState`] shared by all its handles. Writes patch whole-block
+//! images held in memory; a flush hashes the dirty images outside any transaction, then commits
+//! all of them, the new size and mtime in one transaction. The state's mutex is held across a
+//! flush, so readers never see a moment where data is neither buffered nor committed.
+//! A flush happens on flush/fsync/release, from the timer thread, and in the write path when a
+//! file holds more than its share of buffered bytes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::attr::Attr;
+use super::{
+    charge, corrupt, errno, free_inode, load_inode, load_inode_opt, lock, save_inode, Fs,
+    FsError, Result,
+};
+use crate::blocks;
+use crate::keyspace::records::{FmapEntry, Kind};
+use crate::keyspace::{self as ks, Ino};
+use crate::kv::{Cf, Txn};
+use crate::util::Timestamp;
+
+pub struct FileState {
+    ino: Ino,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    open: u32,
+    /// Logical size, including buffered writes.
+    size: u64,
+    /// Size as last committed.
+    committed_size: u64,
+    /// Block number -> image of the block (shorter than the block size = zeros after).
+    dirty: BTreeMap<u64, Vec<u8>>,
+    dirty_bytes: u64,
+    /// mtime of the newest buffered write.
+    mtime: Option<Timestamp>,
+    dirty_since: Option<Instant>,
+}
+
+impl FileState {
+    pub(crate) fn open_count(&self) -> u32 {
+        lock(&self.inner).open
+    }
+
+    pub(crate) fn overlay(&self, a: &mut Attr) {
+        let s = lock(&self.inner);
+        if s.dirty_since.is_some() {
+            a.size = s.size;
+            if let Some(m) = s.mtime {
+                a.mtime = m;
+                a.ctime = m;
+            }
+        }
+    }
+}
+
+impl Fs {
+    /// Open `ino`; returns the handle number.
+    pub fn open(&self, ino: Ino, write: bool) -> Result<u64> {
+        if write {
+            self.writable()?;
+        }
+        let inode = self.txn(|t| load_inode(t, ino))?;
+        match inode.kind {
+            Kind::Dir if write => return errno(libc::EISDIR),
+            Kind::File | Kind::Dir => {}
+            _ => {}
+        }
+        let state = {
+            let mut files = lock(&self.files);
+            let st = files
+                .entry(ino)
+                .or_insert_with(|| {
+                    Arc::new(FileState {
+                        ino,
+                        inner: Mutex::new(Inner {
+                            size: inode.size,
+                            committed_size: inode.size,
+                            ..Default::default()
+                        }),
+                    })
+                })
+                .clone();
+            lock(&st.inner).open += 1;
+            st
+        };
+        let mut h = lock(&self.handles);
+        let fh = h.next;
+        h.next += 1;
+        h.files.insert(fh, state);
+        Ok(fh)
+    }
+
+    fn handle_state(&self, fh: u64) -> Result<Arc<FileState>> {
+        lock(&self.handles)
+            .files
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Errno(libc::EBADF))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let st = self.handle_state(fh)?;
+        let ino = st.ino;
+        let s = lock(&st.inner);
+        if offset >= s.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = s.size.min(offset + size as u64);
+        let bs = self.bs;
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let mut out = vec![0u8; (end - offset) as usize];
+        // Committed blocks for the slots not held in the buffer.
+        let (atime_due, committed) = self.txn(|t| {
+            let inode = load_inode(t, ino)?;
+            let (ks_, ke) = ks::fmap_range(ino, first, last + 1);
+            let mut got = Vec::new();
+            for (k, v) in t.scan(Cf::Fmap, &ks_, &ke, usize::MAX)? {
+                let bn = ks::fmap_blockno(&k).unwrap_or(0);
+                if s.dirty.contains_key(&bn) {
+                    continue;
+                }
+                let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
+                got.push((bn, blocks::read(t, &ent.hash, ent.len)?));
+            }
+            Ok((!self.opts.noatime && relatime_due(&inode), got))
+        })?;
+        let place = |out: &mut [u8], bn: u64, data: &[u8]| {
+            let bstart = bn * bs;
+            let from = offset.max(bstart);
+            let to = end.min(bstart + data.len() as u64);
+            if to > from {
+                out[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&data[(from - bstart) as usize..(to - bstart) as usize]);
+            }
+        };
+        for (bn, data) in &committed {
+            place(&mut out, *bn, data);
+        }
+        for (bn, img) in s.dirty.range(first..=last) {
+            place(&mut out, *bn, img);
+        }
+        drop(s);
+        if atime_due && !self.opts.read_only {
+            self.touch_atime(ino)?;
+        }
+        Ok(out)
+    }
+
+    fn touch_atime(&self, ino: Ino) -> Result<()> {
+        self.txn(|t| {
+            if let Some(mut i) = load_inode_opt(t, ino)? {
+                i.atime = Timestamp::now();
+                save_inode(t, ino, &i)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.writable()?;
+        let st = self.handle_state(fh)?;
+        let ino = st.ino;
+        let mut s = lock(&st.inner);
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or(FsError::Errno(libc::EFBIG))?;
+        let bs = self.bs;
+        let mut pos = offset;
+        while pos < end {
+            let bn = pos / bs;
+            let in_block = (pos % bs) as usize;
+            let n = ((bs - in_block as u64).min(end - pos)) as usize;
+            if !s.dirty.contains_key(&bn) {
+                // Start from the committed content unless the write covers the whole slot or
+                // the slot lies past the committed end of file.
+                let base = if (in_block == 0 && n as u64 == bs) || bn * bs >= s.committed_size {
+                    Vec::new()
+                } else {
+                    self.committed_block(ino, bn)?
+                };
+                s.dirty_bytes += bs;
+                self.dirty_total.fetch_add(bs, Ordering::Relaxed);
+                s.dirty.insert(bn, base);
+            }
+            let img = s.dirty.get_mut(&bn).ok_or(FsError::Errno(libc::EIO))?;
+            if img.len() < in_block + n {
+                img.resize(in_block + n, 0);
+            }
+            let src = (pos - offset) as usize;
+            img[in_block..in_block + n].copy_from_slice(&data[src..src + n]);
+            pos += n as u64;
+        }
+        s.size = s.size.max(end);
+        s.mtime = Some(Timestamp::now());
+        s.dirty_since.get_or_insert_with(Instant::now);
+        if s.dirty_bytes >= self.file_limit
+            || self.dirty_total.load(Ordering::Relaxed) >= self.total_limit
+        {
+            self.flush_locked(ino, &mut s)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    fn committed_block(&self, ino: Ino, bn: u64) -> Result<Vec<u8>> {
+        self.txn(|t| {
+            let key = ks::fmap_key(ino, bn);
+            match t.get_untracked(Cf::Fmap, &key)? {
+                None => Ok(Vec::new()),
+                Some(v) => {
+                    let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&key, e))?;
+                    Ok(blocks::read(t, &ent.hash, ent.len)?)
+                }
+            }
+        })
+    }
+
+    /// Commit the buffered writes of `s` in one transaction.
+    fn flush_locked(&self, ino: Ino, s: &mut Inner) -> Result<()> {
+        if s.dirty_since.is_none() {
+            return Ok(());
+        }
+        let prepared: Vec<(u64, Option<blocks::Prepared>)> = s
+            .dirty
+            .iter()
+            .map(|(bn, img)| (*bn, blocks::prepare(img.clone())))
+            .collect();
+        let size = s.size;
+        let mtime = s.mtime;
+        let res = self.txn(|t| {
+            let Some(mut inode) = load_inode_opt(t, ino)? else {
+                // Freed under us (cannot happen while open); drop the data.
+                return Ok(());
+            };
+            for (bn, p) in &prepared {
+                if *bn * self.bs >= size {
+                    continue;
+                }
+                replace_block(t, ino, &mut inode.alloc, *bn, p.as_ref())?;
+            }
+            inode.size = size;
+            if let Some(m) = mtime {
+                inode.mtime = m;
+                inode.ctime = m;
+            }
+            save_inode(t, ino, &inode)
+        });
+        if let Err(e) = res {
+            // Keep the data buffered: a later flush may succeed (e.g. after ENOSPC clears).
+            return Err(e);
+        }
+        self.dirty_total.fetch_sub(s.dirty_bytes, Ordering::Relaxed);
+        s.dirty.clear();
+        s.dirty_bytes = 0;
+        s.mtime = None;
+        s.dirty_since = None;
+        s.committed_size = size;
+        Ok(())
+    }
+
+    /// Commit buffered writes of `ino`, if it has any.
+    pub fn flush_ino(&self, ino: Ino) -> Result<()> {
+        if let Some(st) = self.file_state(ino) {
+            let mut s = lock(&st.inner);
+            self.flush_locked(ino, &mut s)?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let st = self.handle_state(fh)?;
+        let mut s = lock(&st.inner);
+        self.flush_locked(st.ino, &mut s)
+    }
+
+    /// fsync/fdatasync: commit and make durable.
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        self.flush(fh)?;
+        Ok(self.store.sync()?)
+    }
+
+    /// Make every committed change durable (fsyncdir, syncfs).
+    pub fn sync_all(&self) -> Result<()> {
+        self.flush_all()?;
+        Ok(self.store.sync()?)
+    }
+
+    /// Flush every file; with `older_than`, only files dirty for at least that long.
+    pub fn flush_older(&self, older_than: Duration) -> Result<()> {
+        let states: Vec<_> = lock(&self.files).values().cloned().collect();
+        let mut first_err = None;
+        for st in states {
+            let mut s = lock(&st.inner);
+            if s.dirty_since.is_some_and(|d| d.elapsed() >= older_than) {
+                if let Err(e) = self.flush_locked(st.ino, &mut s) {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    pub fn flush_all(&self) -> Result<()> {
+        self.flush_older(Duration::ZERO)
+    }
+
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let Some(st) = lock(&self.handles).files.remove(&fh) else {
+            return errno(libc::EBADF);
+        };
+        let _ns = lock(&self.ns_lock);
+        let flushed = {
+            let mut s = lock(&st.inner);
+            let r = self.flush_locked(st.ino, &mut s);
+            s.open -= 1;
+            r
+        };
+        let mut files = lock(&self.files);
+        let last = {
+            let s = lock(&st.inner);
+            s.open == 0 && s.dirty_since.is_none()
+        };
+        if last {
+            files.remove(&st.ino);
+            drop(files);
+            // The last close of an unlinked file frees it.
+            let ino = st.ino;
+            self.txn(|t| match load_inode_opt(t, ino)? {
+                Some(i) if i.nlink == 0 => free_inode(t, ino, &i),
+                _ => Ok(()),
+            })?;
+        }
+        flushed
+    }
+
+    /// Set the size of `ino`: cut blocks past it (zeroing the tail of the last one) or extend
+    /// with a hole.
+    pub fn truncate(&self, ino: Ino, size: u64) -> Result<()> {
+        self.writable()?;
+        if size > i64::MAX as u64 {
+            return errno(libc::EFBIG);
+        }
+        let st = self.file_state(ino);
+        let mut guard = st.as_ref().map(|s| lock(&s.inner));
+        if let Some(s) = guard.as_deref_mut() {
+            self.flush_locked(ino, s)?;
+        }
+        let bs = self.bs;
+        self.txn(|t| {
+            let mut inode = load_inode(t, ino)?;
+            match inode.kind {
+                Kind::File => {}
+                Kind::Dir => return errno(libc::EISDIR),
+                _ => return errno(libc::EINVAL),
+            }
+            if size < inode.size {
+                let keep = size.div_ceil(bs);
+                let (s, e) = ks::fmap_range(ino, keep, u64::MAX);
+                for (k, v) in t.scan(Cf::Fmap, &s, &e, usize::MAX)? {
+                    let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
+                    t.get(Cf::Fmap, &k)?;
+                    blocks::drop_ref(t, &ent.hash)?;
+                    inode.alloc = inode.alloc.saturating_sub(charge(ent.len));
+                    t.delete(Cf::Fmap, &k)?;
+                }
+                let tail = (size % bs) as usize;
+                if tail != 0 {
+                    let bn = size / bs;
+                    let key = ks::fmap_key(ino, bn);
+                    if let Some(v) = t.get(Cf::Fmap, &key)? {
+                        let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&key, e))?;
+                        if ent.len as usize > tail {
+                            let mut data = blocks::read(t, &ent.hash, ent.len)?;
+                            data.truncate(tail);
+                            let p = blocks::prepare(data);
+                            replace_block(t, ino, &mut inode.alloc, bn, p.as_ref())?;
+                        }
+                    }
+                }
+            }
+            let now = Timestamp::now();
+            inode.size = size;
+            inode.mtime = now;
+            inode.ctime = now;
+            save_inode(t, ino, &inode)
+        })?;
+        if let Some(s) = guard.as_deref_mut() {
+            s.size = size;
+            s.committed_size = size;
+        }
+        Ok(())
+    }
+}
+
+/// Point block `bn` of `ino` at `new` (None: a hole), moving references and the st_blocks
+/// charge.
+fn replace_block(
+    t: &mut dyn Txn,
+    ino: Ino,
+    alloc: &mut u64,
+    bn: u64,
+    new: Option<&blocks::Prepared>,
+) -> Result<()> {
+    let key = ks::fmap_key(ino, bn);
+    let old = match t.get(Cf::Fmap, &key)? {
+        Some(v) => Some(FmapEntry::decode(&v).map_err(|e| corrupt(&key, e))?),
+        None => None,
+    };
+    if let (Some(o), Some(n)) = (&old, new) {
+        if o.hash == n.hash {
+            return Ok(());
+        }
+    }
+    if let Some(o) = old {
+        blocks::drop_ref(t, &o.hash)?;
+        *alloc = alloc.saturating_sub(charge(o.len));
+    }
+    match new {
+        Some(n) => {
+            blocks::add_ref(t, n)?;
+            let ent = FmapEntry {
+                hash: n.hash,
+                len: n.data.len() as u32,
+            };
+            t.put(Cf::Fmap, &key, &ent.encode())?;
+            *alloc += charge(ent.len);
+        }
+        None => {
+            if old.is_some() {
+                t.delete(Cf::Fmap, &key)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// relatime: update atime when it is not newer than mtime/ctime, or is a day old.
+fn relatime_due(i: &crate::keyspace::records::Inode) -> bool {
+    let now = Timestamp::now();
+    i.atime <= i.mtime || i.atime <= i.ctime || now.secs - i.atime.secs >= 24 * 3600
+}

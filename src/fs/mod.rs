@@ -1,0 +1,328 @@
+//! Filesystem operations: lookup, create, rename, read, write... with no FUSE types.
+//!
+//! Each operation is one [`KvStore::transact`] closure: it reads what it decides on with
+//! conflict tracking, writes its changes, and is re-run whole on conflict. Nothing leaves the
+//! closure before commit: attributes returned to the caller are built from the committed
+//! values. File data goes through the per-inode write-back buffer of [`file`], which commits
+//! whole blocks on flush, fsync, release, a timer and memory pressure.
+//!
+//! Locks, in the order they may be taken: `ns_lock` (operations that can drop a link count to
+//! zero, and last release), then `files` (the open-file table), then one file's state.
+
+mod attr;
+mod dir;
+mod file;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::blocks::{self, BlockError};
+use crate::keyspace::records::{
+    decode_counter, encode_counter, DecodeError, FormatRecord, GarbageRecord, Inode, Kind,
+};
+use crate::keyspace::{self as ks, Ino};
+use crate::kv::{Cf, KvError, KvStore, Retryable, Txn};
+use crate::util::Timestamp;
+
+pub use attr::{Attr, SetAttr, SetTime, StatFs, XattrReply};
+pub use dir::{DirEntry, NewNode};
+pub use file::FileState;
+
+/// Longest name a directory entry may have.
+pub const NAME_MAX: usize = 255;
+
+/// Errors of filesystem operations. [`FsError::Errno`] is the POSIX answer; the others are
+/// failures of the store, which the FUSE adapter reports as EIO/ENOSPC with a log line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FsError {
+    #[error("errno {0}")]
+    Errno(i32),
+    #[error("corrupt record at {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Kv(#[from] KvError),
+}
+
+impl Retryable for FsError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, FsError::Kv(KvError::Conflict))
+    }
+}
+
+impl From<BlockError> for FsError {
+    fn from(e: BlockError) -> Self {
+        match e {
+            BlockError::Kv(k) => FsError::Kv(k),
+            BlockError::Corrupt { hash, reason } => FsError::Corrupt {
+                key: ks::describe_key(&ks::block_key(&hash)),
+                reason,
+            },
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+pub(crate) fn errno<T>(e: i32) -> Result<T> {
+    Err(FsError::Errno(e))
+}
+
+pub(crate) fn corrupt(key: &[u8], e: DecodeError) -> FsError {
+    FsError::Corrupt {
+        key: ks::describe_key(key),
+        reason: e.to_string(),
+    }
+}
+
+/// Who is asking: the credentials of the calling process.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// Mount-time choices.
+#[derive(Clone, Debug, Default)]
+pub struct FsOptions {
+    pub read_only: bool,
+    pub noatime: bool,
+    /// Bytes of buffered writes per file before the write path flushes it itself.
+    pub file_buffer_limit: Option<u64>,
+    /// Bytes of buffered writes over all files before writers flush.
+    pub total_buffer_limit: Option<u64>,
+}
+
+const INO_BATCH: u64 = 1024;
+
+pub struct Fs {
+    store: KvStore,
+    format: FormatRecord,
+    bs: u64,
+    opts: FsOptions,
+    ino_pool: Mutex<(u64, u64)>,
+    ns_lock: Mutex<()>,
+    files: Mutex<HashMap<Ino, Arc<FileState>>>,
+    handles: Mutex<Handles>,
+    dirty_total: AtomicU64,
+    file_limit: u64,
+    total_limit: u64,
+}
+
+#[derive(Default)]
+struct Handles {
+    next: u64,
+    files: HashMap<u64, Arc<FileState>>,
+    dirs: HashMap<u64, Arc<Vec<DirEntry>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock is a bug we log elsewhere; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fs {
+    pub fn new(store: KvStore, format: FormatRecord, opts: FsOptions) -> Fs {
+        let bs = format.block_size as u64;
+        Fs {
+            store,
+            format,
+            bs,
+            file_limit: opts.file_buffer_limit.unwrap_or(64 << 20),
+            total_limit: opts.total_buffer_limit.unwrap_or(128 << 20),
+            opts,
+            ino_pool: Mutex::new((0, 0)),
+            ns_lock: Mutex::new(()),
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(Handles {
+                next: 1,
+                ..Default::default()
+            }),
+            dirty_total: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &KvStore {
+        &self.store
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.bs
+    }
+
+    pub fn format_record(&self) -> &FormatRecord {
+        &self.format
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.opts.read_only {
+            errno(libc::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn txn<T>(&self, f: impl FnMut(&mut dyn Txn) -> Result<T>) -> Result<T> {
+        self.store.transact(f)
+    }
+
+    /// A fresh inode number. Numbers come from `M next_ino` in batches so concurrent creates
+    /// do not all rewrite one counter; a batch cut short by a crash leaves only a gap.
+    fn alloc_ino(&self) -> Result<Ino> {
+        let mut pool = lock(&self.ino_pool);
+        if pool.0 >= pool.1 {
+            let start = self.txn(|t| {
+                let raw = t
+                    .get(Cf::Meta, ks::META_NEXT_INO)?
+                    .ok_or_else(|| FsError::Corrupt {
+                        key: "M next_ino".into(),
+                        reason: "missing".into(),
+                    })?;
+                let n = decode_counter(&raw).map_err(|e| corrupt(ks::META_NEXT_INO, e))?;
+                t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(n + INO_BATCH))?;
+                Ok(n)
+            })?;
+            *pool = (start, start + INO_BATCH);
+        }
+        let ino = pool.0;
+        pool.0 += 1;
+        Ok(ino)
+    }
+
+    /// Called once after mount: free inodes left unlinked-but-open by a previous mount that
+    /// ended (cleanly or not) before their last close, and blocks that lost their last
+    /// reference. Only one mount may hold a store, so nothing can still use them.
+    pub fn recover(&self) -> Result<(u64, u64)> {
+        let (start, end) = ks::Prefix::Garbage.range();
+        let mut inos = Vec::new();
+        self.store.for_each(Cf::Meta, &start, &end, |k, _| {
+            if let Some(i) = ks::key_ino(k) {
+                inos.push(i);
+            }
+            true
+        })?;
+        let n = inos.len() as u64;
+        for ino in inos {
+            self.txn(|t| {
+                t.delete(Cf::Meta, &ks::garbage_key(ino))?;
+                match load_inode_opt(t, ino)? {
+                    Some(inode) if inode.nlink == 0 => free_inode(t, ino, &inode),
+                    _ => Ok(()),
+                }
+            })?;
+        }
+        let blocks = self.collect_garbage()?;
+        Ok((n, blocks))
+    }
+
+    /// Free unreferenced blocks.
+    pub fn collect_garbage(&self) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = blocks::collect_garbage(&self.store, 4096)?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn file_state(&self, ino: Ino) -> Option<Arc<FileState>> {
+        lock(&self.files).get(&ino).cloned()
+    }
+
+    /// Whether `ino` has open handles in this mount.
+    fn is_open(&self, ino: Ino) -> bool {
+        self.file_state(ino).is_some_and(|s| s.open_count() > 0)
+    }
+}
+
+pub(crate) fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return errno(libc::ENAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return errno(libc::EINVAL);
+    }
+    Ok(())
+}
+
+pub(crate) fn load_inode_opt(t: &mut dyn Txn, ino: Ino) -> Result<Option<Inode>> {
+    let key = ks::inode_key(ino);
+    match t.get(Cf::Meta, &key)? {
+        None => Ok(None),
+        Some(v) => Inode::decode(&v).map(Some).map_err(|e| corrupt(&key, e)),
+    }
+}
+
+pub(crate) fn load_inode(t: &mut dyn Txn, ino: Ino) -> Result<Inode> {
+    load_inode_opt(t, ino)?.ok_or(FsError::Errno(libc::ENOENT))
+}
+
+pub(crate) fn save_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
+    Ok(t.put(Cf::Meta, &ks::inode_key(ino), &inode.encode())?)
+}
+
+pub(crate) fn load_dir(t: &mut dyn Txn, ino: Ino) -> Result<Inode> {
+    let d = load_inode(t, ino)?;
+    if d.kind != Kind::Dir {
+        return errno(libc::ENOTDIR);
+    }
+    if d.nlink == 0 {
+        // Removed while someone still had it as cwd: nothing may be created in it.
+        return errno(libc::ENOENT);
+    }
+    Ok(d)
+}
+
+/// Round a block's content length up to what it is charged in st_blocks.
+pub(crate) fn charge(len: u32) -> u64 {
+    (len as u64).div_ceil(4096) * 4096
+}
+
+/// Drop the last name of `ino`: free it now, or mark it garbage while it is open.
+pub(crate) fn drop_last_link(t: &mut dyn Txn, ino: Ino, inode: &Inode, open: bool) -> Result<()> {
+    if open {
+        save_inode(t, ino, inode)?;
+        let g = GarbageRecord {
+            since: Timestamp::now(),
+        };
+        Ok(t.put(Cf::Meta, &ks::garbage_key(ino), &g.encode())?)
+    } else {
+        free_inode(t, ino, inode)
+    }
+}
+
+/// Delete an inode with everything under it, dropping its block references.
+pub(crate) fn free_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
+    if inode.kind == Kind::File {
+        let (s, e) = ks::fmap_range(ino, 0, u64::MAX);
+        for (k, v) in t.scan(Cf::Fmap, &s, &e, usize::MAX)? {
+            let ent =
+                crate::keyspace::records::FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
+            blocks::drop_ref(t, &ent.hash)?;
+            t.delete(Cf::Fmap, &k)?;
+        }
+    }
+    let (s, e) = ks::inode_sub_range(ino);
+    for (k, _) in t.scan(Cf::Meta, &s, &e, usize::MAX)? {
+        t.delete(Cf::Meta, &k)?;
+    }
+    t.delete(Cf::Meta, &ks::inode_key(ino))?;
+    t.delete(Cf::Meta, &ks::garbage_key(ino))?;
+    Ok(())
+}
+
+/// Xattr names: 1 to 255 bytes (the VFS answers ERANGE otherwise).
+pub(crate) fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > 255 {
+        return errno(libc::ERANGE);
+    }
+    Ok(())
+}

@@ -1,0 +1,500 @@
+//! The FUSE adapter: the only code that knows fuser. It translates requests into [`Fs`] calls
+//! and results into replies; [`errno`] is the one mapping from errors to errno values, and the
+//! one place that logs store failures (key and reason) before answering EIO or ENOSPC.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::fs::{Attr, Caller, Fs, FsError, NewNode, SetAttr, SetTime, XattrReply};
+use crate::keyspace::records::Kind;
+use crate::kv::KvError;
+use crate::util::Timestamp;
+
+/// How long the kernel may cache attributes and entries. Every change goes through this
+/// mount, and the kernel updates its cache from our replies, so a short TTL is safe.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The one mapping from errors to errno.
+pub fn errno(op: &str, e: &FsError) -> Errno {
+    match e {
+        FsError::Errno(n) => Errno::from_i32(*n),
+        FsError::Corrupt { key, reason } => {
+            tracing::error!(op, key = %key, reason = %reason, "corrupt record; answering EIO");
+            Errno::EIO
+        }
+        FsError::Kv(KvError::NoSpace(m)) => {
+            tracing::error!(op, reason = %m, "store disk full; answering ENOSPC");
+            Errno::ENOSPC
+        }
+        FsError::Kv(k) => {
+            tracing::error!(op, reason = %k, "store error; answering EIO");
+            Errno::EIO
+        }
+    }
+}
+
+pub struct KvFuse {
+    fs: Arc<Fs>,
+    store_dir: PathBuf,
+}
+
+impl KvFuse {
+    pub fn new(fs: Arc<Fs>, store_dir: &Path) -> KvFuse {
+        KvFuse {
+            fs,
+            store_dir: store_dir.to_path_buf(),
+        }
+    }
+}
+
+fn kind(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime.to_system(),
+        mtime: a.mtime.to_system(),
+        ctime: a.ctime.to_system(),
+        crtime: a.btime.to_system(),
+        kind: kind(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(s) => SetTime::At(Timestamp::from_system(s)),
+    }
+}
+
+macro_rules! try_reply {
+    ($reply:expr, $op:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.error(errno($op, &e)),
+        }
+    };
+}
+
+impl KvFuse {
+    fn entry(&self, reply: ReplyEntry, op: &str, r: Result<Attr, FsError>) {
+        match r {
+            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(op, &e)),
+        }
+    }
+
+    fn empty(&self, reply: ReplyEmpty, op: &str, r: Result<(), FsError>) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(op, &e)),
+        }
+    }
+
+    fn xattr(&self, reply: ReplyXattr, op: &str, r: Result<XattrReply, FsError>) {
+        match r {
+            Ok(XattrReply::Size(n)) => reply.size(n),
+            Ok(XattrReply::Data(d)) => reply.data(&d),
+            Err(e) => reply.error(errno(op, &e)),
+        }
+    }
+
+    fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, node: NewNode, reply: ReplyEntry) {
+        let r = self
+            .fs
+            .create_node(parent.0, name.as_bytes(), &node, caller(req));
+        self.entry(reply, "create", r)
+    }
+}
+
+impl Filesystem for KvFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.sync_all() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(reply, "lookup", self.fs.lookup(parent.0, name.as_bytes()))
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let a = try_reply!(reply, "getattr", self.fs.getattr(ino.0));
+        reply.attr(&TTL, &attr(&a))
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+            ctime: ctime.map(Timestamp::from_system),
+        };
+        let a = try_reply!(reply, "setattr", self.fs.setattr(ino.0, &set));
+        reply.attr(&TTL, &attr(&a))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let t = try_reply!(reply, "readlink", self.fs.readlink(ino.0));
+        reply.data(&t)
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(k) = Kind::from_mode(mode).filter(|k| *k != Kind::Dir && *k != Kind::Symlink)
+        else {
+            return reply.error(Errno::EINVAL);
+        };
+        let node = NewNode {
+            kind: k,
+            mode,
+            umask,
+            rdev,
+            target: &[],
+        };
+        self.make(req, parent, name, node, reply)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let node = NewNode {
+            kind: Kind::Dir,
+            mode,
+            umask,
+            rdev: 0,
+            target: &[],
+        };
+        self.make(req, parent, name, node, reply)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.empty(reply, "unlink", self.fs.unlink(parent.0, name.as_bytes()))
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.empty(reply, "rmdir", self.fs.rmdir(parent.0, name.as_bytes()))
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let node = NewNode {
+            kind: Kind::Symlink,
+            mode: 0o777,
+            umask: 0,
+            rdev: 0,
+            target: target.as_os_str().as_bytes(),
+        };
+        self.make(req, parent, link_name, node, reply)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        );
+        self.empty(reply, "rename", r)
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            "link",
+            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
+        )
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let fh = try_reply!(reply, "open", self.fs.open(ino.0, write));
+        reply.opened(FileHandle(fh), FopenFlags::empty())
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let d = try_reply!(reply, "read", self.fs.read(fh.0, offset, size));
+        reply.data(&d)
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // The kernel already resolved O_APPEND into the offset.
+        let n = try_reply!(reply, "write", self.fs.write(fh.0, offset, data));
+        reply.written(n)
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.empty(reply, "flush", self.fs.flush(fh.0))
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.empty(reply, "release", self.fs.release(fh.0))
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.empty(reply, "fsync", self.fs.fsync(fh.0))
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = try_reply!(reply, "opendir", self.fs.opendir(ino.0));
+        reply.opened(FileHandle(fh), FopenFlags::empty())
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = try_reply!(reply, "readdir", self.fs.readdir(fh.0));
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let name = OsStr::from_bytes(&e.name);
+            if reply.add(INodeNo(e.ino), i as u64 + 1, kind(e.kind), name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.empty(reply, "fsyncdir", self.fs.sync_all())
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = try_reply!(reply, "statfs", self.fs.statfs(&self.store_dir));
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+        )
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.fs.setxattr(ino.0, name.as_bytes(), value, flags);
+        self.empty(reply, "setxattr", r)
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.xattr(
+            reply,
+            "getxattr",
+            self.fs.getxattr(ino.0, name.as_bytes(), size),
+        )
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.xattr(reply, "listxattr", self.fs.listxattr(ino.0, size))
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.empty(
+            reply,
+            "removexattr",
+            self.fs.removexattr(ino.0, name.as_bytes()),
+        )
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let r = self.fs.access(ino.0, mask.bits(), caller(req));
+        self.empty(reply, "access", r)
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let node = NewNode {
+            kind: Kind::File,
+            mode,
+            umask,
+            rdev: 0,
+            target: &[],
+        };
+        let a = try_reply!(
+            reply,
+            "create",
+            self.fs
+                .create_node(parent.0, name.as_bytes(), &node, caller(req))
+        );
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = try_reply!(reply, "create", self.fs.open(a.ino, write));
+        reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+    }
+}

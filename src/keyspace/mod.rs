@@ -1,0 +1,337 @@
+//! The keyspace: pure key builders and parsers, and the one prefix registry.
+//!
+//! Every key kvfs writes starts with a [`Prefix`] byte and lives in that prefix's column family;
+//! keyspace.md documents each one byte for byte and a test keeps the two in agreement. Numbers
+//! in keys are big-endian so scans come back in numeric order. `0xff` never starts a key, so the
+//! range of a prefix `P` is `[P, P+1)`.
+
+pub mod records;
+
+use crate::kv::Cf;
+
+/// Inode numbers. 1 is the root directory; 0 is never used.
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+/// SHA-256 of a block's content.
+pub type Hash = [u8; 32];
+
+/// Number of refcount shards per block: concurrent writers of the same block add to different
+/// keys and so do not conflict. Part of the format (the sweeper reads all shards).
+pub const REF_SHARDS: u8 = 16;
+
+/// The prefix registry: every key kind, its leading byte and its column family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefix {
+    Meta,
+    Inode,
+    Dirent,
+    Garbage,
+    Process,
+    Fmap,
+    Block,
+    BlockInfo,
+    Refcount,
+    BlockGarbage,
+}
+
+impl Prefix {
+    pub const ALL: [Prefix; 10] = [
+        Prefix::Meta,
+        Prefix::Inode,
+        Prefix::Dirent,
+        Prefix::Garbage,
+        Prefix::Process,
+        Prefix::Fmap,
+        Prefix::Block,
+        Prefix::BlockInfo,
+        Prefix::Refcount,
+        Prefix::BlockGarbage,
+    ];
+
+    pub const fn byte(self) -> u8 {
+        match self {
+            Prefix::Meta => b'M',
+            Prefix::Inode => b'i',
+            Prefix::Dirent => b'd',
+            Prefix::Garbage => b'g',
+            Prefix::Process => b'p',
+            Prefix::Fmap => b'f',
+            Prefix::Block => b'B',
+            Prefix::BlockInfo => b'b',
+            Prefix::Refcount => b'r',
+            Prefix::BlockGarbage => b'G',
+        }
+    }
+
+    pub const fn cf(self) -> Cf {
+        match self {
+            Prefix::Meta | Prefix::Inode | Prefix::Dirent | Prefix::Garbage | Prefix::Process => {
+                Cf::Meta
+            }
+            Prefix::Fmap => Cf::Fmap,
+            Prefix::Block => Cf::Blocks,
+            Prefix::BlockInfo | Prefix::Refcount | Prefix::BlockGarbage => Cf::Bidx,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Prefix::Meta => "metadata",
+            Prefix::Inode => "inode",
+            Prefix::Dirent => "dirent",
+            Prefix::Garbage => "garbage-inode",
+            Prefix::Process => "process",
+            Prefix::Fmap => "block-map",
+            Prefix::Block => "block",
+            Prefix::BlockInfo => "block-info",
+            Prefix::Refcount => "refcount",
+            Prefix::BlockGarbage => "garbage-block",
+        }
+    }
+
+    pub fn from_byte(b: u8) -> Option<Prefix> {
+        Prefix::ALL.into_iter().find(|p| p.byte() == b)
+    }
+
+    /// `[P, P+1)`: every key of this prefix.
+    pub fn range(self) -> (Vec<u8>, Vec<u8>) {
+        (vec![self.byte()], vec![self.byte() + 1])
+    }
+}
+
+/// Sub-key tags after `i ino` (the seed's scheme).
+pub mod inode_sub {
+    /// `i ino \x00 owner ...`: record locks (next issue).
+    pub const LOCK: u8 = 0x00;
+    /// `i ino \x01 mount-id`: per-mount open count (next issue).
+    pub const OPEN: u8 = 0x01;
+    /// `i ino \x02 name`: extended attribute.
+    pub const XATTR: u8 = 0x02;
+    /// `i ino \xfe attr`: conflict pseudo-keys (reserved).
+    pub const PSEUDO: u8 = 0xfe;
+}
+
+/// `M` keys.
+pub const META_FORMAT: &[u8] = b"Mformat";
+pub const META_NEXT_INO: &[u8] = b"Mnext_ino";
+
+fn with_ino(p: Prefix, ino: Ino, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + extra);
+    k.push(p.byte());
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+/// `i ino`
+pub fn inode_key(ino: Ino) -> Vec<u8> {
+    with_ino(Prefix::Inode, ino, 0)
+}
+
+/// `i ino \x02 name`
+pub fn xattr_key(ino: Ino, name: &[u8]) -> Vec<u8> {
+    let mut k = with_ino(Prefix::Inode, ino, 1 + name.len());
+    k.push(inode_sub::XATTR);
+    k.extend_from_slice(name);
+    k
+}
+
+/// Range of all xattrs of `ino`.
+pub fn xattr_range(ino: Ino) -> (Vec<u8>, Vec<u8>) {
+    let mut s = with_ino(Prefix::Inode, ino, 1);
+    s.push(inode_sub::XATTR);
+    let mut e = with_ino(Prefix::Inode, ino, 1);
+    e.push(inode_sub::XATTR + 1);
+    (s, e)
+}
+
+/// Range of every sub-key of `ino` (locks, open counts, xattrs, pseudo-keys), not the record.
+pub fn inode_sub_range(ino: Ino) -> (Vec<u8>, Vec<u8>) {
+    let mut s = inode_key(ino);
+    s.push(0x00);
+    let e = inode_key(ino + 1);
+    (s, e)
+}
+
+/// `d parent name`
+pub fn dirent_key(parent: Ino, name: &[u8]) -> Vec<u8> {
+    let mut k = with_ino(Prefix::Dirent, parent, name.len());
+    k.extend_from_slice(name);
+    k
+}
+
+/// Range of every entry of directory `parent`.
+pub fn dirent_range(parent: Ino) -> (Vec<u8>, Vec<u8>) {
+    (
+        with_ino(Prefix::Dirent, parent, 0),
+        with_ino(Prefix::Dirent, parent + 1, 0),
+    )
+}
+
+/// The name part of a dirent key.
+pub fn dirent_name(key: &[u8]) -> &[u8] {
+    key.get(9..).unwrap_or(&[])
+}
+
+/// `g ino`
+pub fn garbage_key(ino: Ino) -> Vec<u8> {
+    with_ino(Prefix::Garbage, ino, 0)
+}
+
+/// `f ino blockno`
+pub fn fmap_key(ino: Ino, blockno: u64) -> Vec<u8> {
+    let mut k = with_ino(Prefix::Fmap, ino, 8);
+    k.extend_from_slice(&blockno.to_be_bytes());
+    k
+}
+
+/// Block numbers `[from, to)` of `ino`'s map.
+pub fn fmap_range(ino: Ino, from: u64, to: u64) -> (Vec<u8>, Vec<u8>) {
+    let end = if to == u64::MAX {
+        with_ino(Prefix::Fmap, ino + 1, 0)
+    } else {
+        fmap_key(ino, to)
+    };
+    (fmap_key(ino, from), end)
+}
+
+/// Block number of an `f` key.
+pub fn fmap_blockno(key: &[u8]) -> Option<u64> {
+    key.get(9..17)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+}
+
+/// Inode number of any `i`, `d`, `g`, `f` key.
+pub fn key_ino(key: &[u8]) -> Option<Ino> {
+    key.get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+}
+
+fn with_hash(p: Prefix, h: &Hash, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33 + extra);
+    k.push(p.byte());
+    k.extend_from_slice(h);
+    k
+}
+
+/// `B hash`
+pub fn block_key(h: &Hash) -> Vec<u8> {
+    with_hash(Prefix::Block, h, 0)
+}
+
+/// `b hash`
+pub fn block_info_key(h: &Hash) -> Vec<u8> {
+    with_hash(Prefix::BlockInfo, h, 0)
+}
+
+/// `r hash shard`
+pub fn refcount_key(h: &Hash, shard: u8) -> Vec<u8> {
+    let mut k = with_hash(Prefix::Refcount, h, 1);
+    k.push(shard);
+    k
+}
+
+/// `G hash shard`
+pub fn block_garbage_key(h: &Hash, shard: u8) -> Vec<u8> {
+    let mut k = with_hash(Prefix::BlockGarbage, h, 1);
+    k.push(shard);
+    k
+}
+
+/// The hash inside a `B`, `b`, `r` or `G` key.
+pub fn key_hash(key: &[u8]) -> Option<Hash> {
+    key.get(1..33).and_then(|b| Hash::try_from(b).ok())
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A key rendered for logs: prefix letter, then decoded numbers and hex.
+pub fn describe_key(key: &[u8]) -> String {
+    match key.first().copied().and_then(Prefix::from_byte) {
+        Some(Prefix::Inode | Prefix::Dirent | Prefix::Garbage | Prefix::Fmap) if key.len() >= 9 => {
+            let ino = key_ino(key).unwrap_or(0);
+            let rest = &key[9..];
+            let tail = match key[0] {
+                b'd' => format!(" {:?}", String::from_utf8_lossy(rest)),
+                b'f' => format!(" block {}", fmap_blockno(key).unwrap_or(0)),
+                _ if rest.is_empty() => String::new(),
+                _ => format!(" {}", hex(rest)),
+            };
+            format!("{} {ino}{tail}", key[0] as char)
+        }
+        Some(Prefix::Block | Prefix::BlockInfo | Prefix::Refcount | Prefix::BlockGarbage)
+            if key.len() >= 33 =>
+        {
+            format!("{} {}{}", key[0] as char, hex(&key[1..33]), if key.len() > 33 { format!(" {}", hex(&key[33..])) } else { String::new() })
+        }
+        _ => format!("{:?}", String::from_utf8_lossy(key)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_unique_and_never_0xff() {
+        for (i, a) in Prefix::ALL.iter().enumerate() {
+            assert_ne!(a.byte(), 0xff);
+            assert_eq!(Prefix::from_byte(a.byte()), Some(*a));
+            for b in &Prefix::ALL[i + 1..] {
+                assert_ne!(a.byte(), b.byte());
+            }
+        }
+    }
+
+    #[test]
+    fn fmap_keys_sort_by_block_number() {
+        let a = fmap_key(7, 1);
+        let b = fmap_key(7, 256);
+        let c = fmap_key(8, 0);
+        assert!(a < b && b < c);
+        let (s, e) = fmap_range(7, 0, u64::MAX);
+        assert!(s <= a && b < e && c >= e);
+        assert_eq!(fmap_blockno(&b), Some(256));
+    }
+
+    #[test]
+    fn inode_sub_range_holds_xattrs_but_not_record_or_next_inode() {
+        let (s, e) = inode_sub_range(5);
+        let x = xattr_key(5, b"user.a");
+        assert!(s <= x && x < e);
+        assert!(inode_key(5) < s);
+        assert!(inode_key(6) >= e);
+    }
+
+    /// keyspace.md's registry table and the code's registry must agree.
+    #[test]
+    fn keyspace_md_matches_prefix_registry() {
+        let md = include_str!("../../keyspace.md");
+        let start = md.find("<!-- registry:start -->").expect("registry start marker");
+        let end = md.find("<!-- registry:end -->").expect("registry end marker");
+        let mut rows = Vec::new();
+        for line in md[start..end].lines() {
+            let cols: Vec<&str> = line.split('|').map(|c| c.trim()).collect();
+            if cols.len() < 5 || !cols[1].starts_with('`') {
+                continue;
+            }
+            let byte = cols[1].trim_matches('`');
+            rows.push((byte.to_string(), cols[2].to_string(), cols[3].to_string()));
+        }
+        let want: Vec<_> = Prefix::ALL
+            .iter()
+            .map(|p| {
+                (
+                    (p.byte() as char).to_string(),
+                    p.name().to_string(),
+                    p.cf().name().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(rows, want, "keyspace.md registry table differs from Prefix::ALL");
+    }
+}

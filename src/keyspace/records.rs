@@ -1,0 +1,336 @@
+//! Versioned value codecs. Every value is one version byte followed by a postcard body (or raw
+//! bytes where noted in keyspace.md), so a V2 record can be added beside V1 and decoded by tag.
+//! Decoding never panics: bad bytes give [`DecodeError`], which the fs layer turns into EIO and
+//! a log line naming the key.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::{Hash, Ino};
+use crate::util::Timestamp;
+
+/// The on-disk format this build writes. A store whose major differs is refused at open.
+pub const FORMAT_MAJOR: u32 = 1;
+pub const FORMAT_MINOR: u32 = 0;
+pub const FORMAT_PATCH: u32 = 0;
+
+/// Hash algorithm ids for [`FormatRecord::hash`].
+pub const HASH_SHA256: u8 = 1;
+
+/// Block encodings, carried in the block value header.
+pub const ENC_PLAIN: u8 = 0;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("cannot decode {what}: {reason}")]
+pub struct DecodeError {
+    pub what: &'static str,
+    pub reason: String,
+}
+
+fn err(what: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError {
+        what,
+        reason: reason.into(),
+    }
+}
+
+fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![1u8];
+    // postcard into a Vec cannot fail for these plain structs.
+    out.extend(postcard::to_allocvec(v).unwrap_or_default());
+    out
+}
+
+fn decode_v1<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, DecodeError> {
+    match b.split_first() {
+        None => Err(err(what, "empty value")),
+        Some((1, body)) => {
+            let (v, rest) =
+                postcard::take_from_bytes(body).map_err(|e| err(what, e.to_string()))?;
+            if !rest.is_empty() {
+                return Err(err(what, format!("{} trailing bytes", rest.len())));
+            }
+            Ok(v)
+        }
+        Some((t, _)) => Err(err(what, format!("unknown version tag {t}"))),
+    }
+}
+
+/// `M format`: what this store is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormatRecord {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+    pub block_size: u32,
+    pub hash: u8,
+    pub created: Timestamp,
+    pub fs_id: [u8; 16],
+}
+
+impl FormatRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("format record", b)
+    }
+    pub fn version(&self) -> String {
+        format!("{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// File kinds as stored in inodes and dirents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Kind {
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+    Fifo = 4,
+    Socket = 5,
+    CharDev = 6,
+    BlockDev = 7,
+}
+
+impl Kind {
+    /// The `S_IFMT` bits.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDev => libc::S_IFCHR,
+            Kind::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+/// `i ino`: the inode record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub kind: Kind,
+    /// Permission bits incl. setuid/setgid/sticky (`mode & 07777`).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    /// Bytes of block content this file maps (rounded up to 4 KiB per block), for st_blocks.
+    pub alloc: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub btime: Timestamp,
+    pub rdev: u32,
+    /// Directories: the one parent (root: itself). Others: 0.
+    pub parent: Ino,
+    /// Symlinks: the target bytes.
+    pub target: Vec<u8>,
+}
+
+impl Inode {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("inode", b)
+    }
+    pub fn mode(&self) -> u32 {
+        self.kind.mode_bits() | self.perm as u32
+    }
+}
+
+/// `d parent name`: a directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dirent {
+    pub ino: Ino,
+    pub kind: Kind,
+}
+
+impl Dirent {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("dirent", b)
+    }
+}
+
+/// `f ino blockno`: which block holds this part of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FmapEntry {
+    pub hash: Hash,
+    /// Content length (the block's trailing zeros are not stored).
+    pub len: u32,
+}
+
+impl FmapEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("block-map entry", b)
+    }
+}
+
+/// `b hash`: facts about a stored block (small, so existence checks stay cheap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockInfo {
+    /// Plain content length.
+    pub len: u32,
+    /// Bytes of the stored value's payload.
+    pub stored: u32,
+    pub encoding: u8,
+}
+
+impl BlockInfo {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("block info", b)
+    }
+}
+
+/// `B hash` value: `[1][encoding][payload]` (raw, no postcard: blocks are large).
+pub fn encode_block(encoding: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len() + 2);
+    v.push(1);
+    v.push(encoding);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// Split a `B` value into encoding and payload.
+pub fn decode_block(b: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
+    match b {
+        [1, enc, payload @ ..] => Ok((*enc, payload)),
+        [] | [_] => Err(err("block", "value too short")),
+        [t, ..] => Err(err("block", format!("unknown version tag {t}"))),
+    }
+}
+
+/// `g ino` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GarbageRecord {
+    pub since: Timestamp,
+}
+
+impl GarbageRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("garbage record", b)
+    }
+}
+
+/// `i ino \x02 name` value: `[1][raw bytes]`.
+pub fn encode_xattr(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() + 1);
+    out.push(1);
+    out.extend_from_slice(v);
+    out
+}
+
+pub fn decode_xattr(b: &[u8]) -> Result<&[u8], DecodeError> {
+    match b.split_first() {
+        Some((1, v)) => Ok(v),
+        Some((t, _)) => Err(err("xattr", format!("unknown version tag {t}"))),
+        None => Err(err("xattr", "empty value")),
+    }
+}
+
+/// `M next_ino` value: `[1][u64 big-endian]`.
+pub fn encode_counter(n: u64) -> Vec<u8> {
+    let mut v = vec![1u8];
+    v.extend_from_slice(&n.to_be_bytes());
+    v
+}
+
+pub fn decode_counter(b: &[u8]) -> Result<u64, DecodeError> {
+    match b {
+        [1, rest @ ..] if rest.len() == 8 => {
+            Ok(u64::from_be_bytes(rest.try_into().map_err(|_| err("counter", "length"))?))
+        }
+        _ => Err(err("counter", "expected [1][8 bytes]")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_inode() -> Inode {
+        Inode {
+            kind: Kind::File,
+            perm: 0o644,
+            uid: 1000,
+            gid: 100,
+            nlink: 1,
+            size: 12345,
+            alloc: 16384,
+            atime: Timestamp { secs: 1, nsecs: 2 },
+            mtime: Timestamp { secs: 3, nsecs: 4 },
+            ctime: Timestamp { secs: 5, nsecs: 6 },
+            btime: Timestamp { secs: 7, nsecs: 8 },
+            rdev: 0,
+            parent: 0,
+            target: vec![],
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let i = sample_inode();
+        assert_eq!(Inode::decode(&i.encode()).unwrap(), i);
+        let d = Dirent { ino: 9, kind: Kind::Dir };
+        assert_eq!(Dirent::decode(&d.encode()).unwrap(), d);
+        let f = FmapEntry { hash: [7; 32], len: 100 };
+        assert_eq!(FmapEntry::decode(&f.encode()).unwrap(), f);
+        assert_eq!(decode_counter(&encode_counter(77)).unwrap(), 77);
+        assert_eq!(decode_block(&encode_block(0, b"abc")).unwrap(), (0, &b"abc"[..]));
+    }
+
+    #[test]
+    fn unknown_version_tag_is_an_error_not_a_panic() {
+        let mut b = sample_inode().encode();
+        b[0] = 2;
+        assert!(Inode::decode(&b).unwrap_err().reason.contains("version"));
+        assert!(Inode::decode(&[]).is_err());
+        assert!(decode_block(&[9, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_decodes_or_errors_without_panic() {
+        let b = sample_inode().encode();
+        for n in 0..b.len() {
+            let _ = Inode::decode(&b[..n]);
+        }
+        for i in 0..b.len() {
+            for bit in 0..8 {
+                let mut c = b.clone();
+                c[i] ^= 1 << bit;
+                let _ = Inode::decode(&c);
+                let _ = Dirent::decode(&c);
+                let _ = FmapEntry::decode(&c);
+                let _ = FormatRecord::decode(&c);
+            }
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! The kv layer: the only code in kvfs that knows RocksDB.
+//!
+//! Everything above sees [`KvStore`], the [`Txn`] trait and the [`Cf`] enum. A store is one
+//! `OptimisticTransactionDB` with one column family per [`Cf`]. Every filesystem operation runs
+//! through [`KvStore::transact`]: the closure gets a fresh transaction, and when commit reports a
+//! conflict (RocksDB `Busy`/`TryAgain`) the whole closure runs again after a jittered backoff, a
+//! bounded number of times. No other error is retried.
+//!
+//! Conflict rule (optimistic): [`Txn::get`] tracks the key it read (RocksDB `GetForUpdate`), and
+//! every put, merge and delete is tracked; commit fails if any tracked key was written by
+//! someone else after this transaction first touched it. [`Txn::get_untracked`] and
+//! [`Txn::scan`] take no conflict, so callers use them only where a tracked key already covers
+//! the decision (a directory scan is covered by the directory's inode, which every dirent change
+//! rewrites).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, MergeOperands,
+    OptimisticTransactionDB, OptimisticTransactionOptions, Options, ReadOptions, WriteOptions,
+};
+
+/// Column families. The names are part of the on-disk format (keyspace.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// Metadata: `M`, `i`, `d`, `g`, `p` keys.
+    Meta,
+    /// Block maps: `f ino blockno`.
+    Fmap,
+    /// Block contents: `B hash`.
+    Blocks,
+    /// Block index: `b hash` info, `r hash shard` refcounts (merge), `G hash shard` garbage.
+    Bidx,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 4] = [Cf::Meta, Cf::Fmap, Cf::Blocks, Cf::Bidx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Fmap => "fmap",
+            Cf::Blocks => "blocks",
+            Cf::Bidx => "bidx",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// Another transaction wrote a key this one tracked; the caller may retry.
+    #[error("transaction conflict")]
+    Conflict,
+    /// The disk under the store is full.
+    #[error("no space left on the store's disk: {0}")]
+    NoSpace(String),
+    /// RocksDB reports corruption of its own files.
+    #[error("store corruption: {0}")]
+    Corruption(String),
+    /// The store is open in another process (RocksDB LOCK held).
+    #[error("store is in use by another process (already mounted?)")]
+    Locked,
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl From<rocksdb::Error> for KvError {
+    fn from(e: rocksdb::Error) -> Self {
+        let msg = e.to_string();
+        match e.kind() {
+            ErrorKind::Busy | ErrorKind::TryAgain => KvError::Conflict,
+            ErrorKind::Corruption => KvError::Corruption(msg),
+            _ if msg.contains("No space left") => KvError::NoSpace(msg),
+            _ if msg.contains("lock") && msg.contains("LOCK") => KvError::Locked,
+            _ => KvError::Other(msg),
+        }
+    }
+}
+
+/// Errors that [`KvStore::transact`] can inspect to decide on a retry.
+pub trait Retryable: From<KvError> {
+    fn is_conflict(&self) -> bool;
+}
+
+impl Retryable for KvError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, KvError::Conflict)
+    }
+}
+
+/// One key/value pair from a scan.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
+/// The operations a filesystem transaction may use. An engine other than RocksDB (the
+/// FoundationDB engine of phase 4) implements this same trait.
+pub trait Txn {
+    /// Read a key and track it for conflicts.
+    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    /// Read a key without tracking it (bulk data whose name already proves its content).
+    fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), KvError>;
+    fn delete(&mut self, cf: Cf, key: &[u8]) -> Result<(), KvError>;
+    /// Apply a merge operand (the `Bidx` family sums little-endian i64 counters).
+    fn merge(&mut self, cf: Cf, key: &[u8], operand: &[u8]) -> Result<(), KvError>;
+    /// Keys in `[start, end)`, in order, at most `limit`, seeing this transaction's own writes.
+    /// Untracked.
+    fn scan(
+        &mut self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Pair>, KvError>;
+}
+
+/// Options chosen at open time.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub create: bool,
+    /// Block cache in bytes shared by all families.
+    pub cache_bytes: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            create: false,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+pub struct KvStore {
+    db: OptimisticTransactionDB,
+}
+
+/// Most conflicts resolve in a few rounds; past this the caller gets EIO-class `Conflict`
+/// rather than spinning forever.
+const MAX_ATTEMPTS: u32 = 64;
+
+fn sum_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let mut total = existing.map(decode_i64).unwrap_or(0);
+    for op in operands {
+        total = total.wrapping_add(decode_i64(op));
+    }
+    Some(total.to_le_bytes().to_vec())
+}
+
+/// Decode a counter; malformed bytes count as 0 here and are reported by audit.
+pub fn decode_i64(b: &[u8]) -> i64 {
+    <[u8; 8]>::try_from(b).map(i64::from_le_bytes).unwrap_or(0)
+}
+
+impl KvStore {
+    pub fn open(path: &Path, o: &OpenOptions) -> Result<KvStore, KvError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(o.create);
+        db_opts.create_missing_column_families(o.create);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_bytes_per_sync(1 << 20);
+        db_opts.set_keep_log_file_num(4);
+        let cache = Cache::new_lru_cache(o.cache_bytes);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut opts = Options::default();
+            let mut bbo = BlockBasedOptions::default();
+            bbo.set_block_cache(&cache);
+            bbo.set_bloom_filter(10.0, false);
+            match cf {
+                Cf::Blocks => {
+                    // Block values are already named by content and mostly incompressible at
+                    // this layer (compression is chosen per block, above); large SST blocks.
+                    opts.set_compression_type(rocksdb::DBCompressionType::None);
+                    opts.set_write_buffer_size(64 << 20);
+                    bbo.set_block_size(64 << 10);
+                }
+                Cf::Bidx => {
+                    opts.set_merge_operator_associative("kvfs_sum_i64", sum_merge);
+                    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+                }
+                _ => opts.set_compression_type(rocksdb::DBCompressionType::Lz4),
+            }
+            opts.set_block_based_table_factory(&bbo);
+            ColumnFamilyDescriptor::new(cf.name(), opts)
+        });
+        let db = OptimisticTransactionDB::open_cf_descriptors(&db_opts, path, cfs)
+            .map_err(KvError::from)?;
+        Ok(KvStore { db })
+    }
+
+    fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, KvError> {
+        self.db
+            .cf_handle(cf.name())
+            .ok_or_else(|| KvError::Other(format!("column family {} missing", cf.name())))
+    }
+
+    /// Run `f` as one transaction, retrying the whole closure on conflict.
+    pub fn transact<T, E: Retryable>(
+        &self,
+        mut f: impl FnMut(&mut dyn Txn) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut attempt = 0;
+        loop {
+            let wo = WriteOptions::default();
+            let to = OptimisticTransactionOptions::default();
+            let txn = self.db.transaction_opt(&wo, &to);
+            let mut t = RocksTxn { store: self, txn };
+            let out = f(&mut t);
+            let res = match out {
+                Ok(v) => t.txn.commit().map(|_| v).map_err(|e| E::from(e.into())),
+                Err(e) => {
+                    let _ = t.txn.rollback();
+                    Err(e)
+                }
+            };
+            match res {
+                Err(e) if e.is_conflict() && attempt + 1 < MAX_ATTEMPTS => {
+                    attempt += 1;
+                    backoff(attempt);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Make every committed transaction durable (sync the WAL).
+    pub fn sync(&self) -> Result<(), KvError> {
+        self.db.flush_wal(true).map_err(KvError::from)
+    }
+
+    /// Flush memtables to SST files (used at clean shutdown so the WAL can be dropped).
+    pub fn flush_all(&self) -> Result<(), KvError> {
+        for cf in Cf::ALL {
+            self.db.flush_cf(self.cf(cf)?)?;
+        }
+        Ok(())
+    }
+
+    /// Read outside a transaction (tools, statistics).
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.db.get_cf(self.cf(cf)?, key)?)
+    }
+
+    /// Scan outside a transaction, calling `visit` for each pair in `[start, end)` until it
+    /// returns false.
+    pub fn for_each(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), KvError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
+        it.seek(start);
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !visit(k, v) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status().map_err(KvError::from)
+    }
+
+    /// Total bytes of live SST files and WAL, for statfs and reports.
+    pub fn disk_usage(&self) -> u64 {
+        let mut total = 0;
+        for cf in Cf::ALL {
+            if let Ok(h) = self.cf(cf) {
+                for prop in ["rocksdb.live-sst-files-size", "rocksdb.cur-size-all-mem-tables"] {
+                    total += self
+                        .db
+                        .property_int_value_cf(h, prop)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+}
+
+fn backoff(attempt: u32) {
+    // Exponential with full jitter, capped at ~20 ms.
+    let cap_us = (50u64 << attempt.min(9)).min(20_000);
+    let us = crate::util::rand_u64() % cap_us.max(1);
+    std::thread::sleep(Duration::from_micros(us));
+}
+
+struct RocksTxn<'a> {
+    store: &'a KvStore,
+    txn: rocksdb::Transaction<'a, OptimisticTransactionDB>,
+}
+
+impl Txn for RocksTxn<'_> {
+    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self
+            .txn
+            .get_for_update_cf(self.store.cf(cf)?, key, true)?)
+    }
+
+    fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.txn.get_cf(self.store.cf(cf)?, key)?)
+    }
+
+    fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        Ok(self.txn.put_cf(self.store.cf(cf)?, key, value)?)
+    }
+
+    fn delete(&mut self, cf: Cf, key: &[u8]) -> Result<(), KvError> {
+        Ok(self.txn.delete_cf(self.store.cf(cf)?, key)?)
+    }
+
+    fn merge(&mut self, cf: Cf, key: &[u8], operand: &[u8]) -> Result<(), KvError> {
+        Ok(self.txn.merge_cf(self.store.cf(cf)?, key, operand)?)
+    }
+
+    fn scan(
+        &mut self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Pair>, KvError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut it = self.txn.raw_iterator_cf_opt(self.store.cf(cf)?, ro);
+        it.seek(start);
+        let mut out = Vec::new();
+        while it.valid() && out.len() < limit {
+            if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_tmp() -> (tempfile::TempDir, KvStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let o = OpenOptions {
+            create: true,
+            ..Default::default()
+        };
+        let s = KvStore::open(dir.path(), &o).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn merge_sums_counters_inside_transactions() {
+        let (_d, s) = open_tmp();
+        for d in [1i64, 1, -1, 5] {
+            s.transact(|t| t.merge(Cf::Bidx, b"rX", &d.to_le_bytes()))
+                .unwrap();
+        }
+        let v = s.get(Cf::Bidx, b"rX").unwrap().unwrap();
+        assert_eq!(decode_i64(&v), 6);
+    }
+
+    #[test]
+    fn concurrent_read_modify_write_is_serialized_by_retry() {
+        let (_d, s) = open_tmp();
+        let s = std::sync::Arc::new(s);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        s.transact(|t| {
+                            let v = t.get(Cf::Meta, b"n")?.map(|v| decode_i64(&v)).unwrap_or(0);
+                            t.put(Cf::Meta, b"n", &(v + 1).to_le_bytes())
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(decode_i64(&s.get(Cf::Meta, b"n").unwrap().unwrap()), 800);
+    }
+
+    #[test]
+    fn scan_sees_own_writes_and_respects_bounds() {
+        let (_d, s) = open_tmp();
+        let got = s
+            .transact(|t| {
+                t.put(Cf::Meta, b"a1", b"x")?;
+                t.put(Cf::Meta, b"a2", b"y")?;
+                t.put(Cf::Meta, b"b1", b"z")?;
+                t.scan(Cf::Meta, b"a", b"b", 10)
+            })
+            .unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].0, b"a2");
+    }
+
+    #[test]
+    fn second_open_reports_locked() {
+        let (d, _s) = open_tmp();
+        let err = KvStore::open(d.path(), &OpenOptions::default()).err().unwrap();
+        assert!(matches!(err, KvError::Locked), "{err:?}");
+    }
+}

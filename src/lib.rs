@@ -1,0 +1,15 @@
+//! kvfs: a FUSE filesystem whose whole state (inodes, directory entries, xattrs and
+//! content-addressed, deduplicated blocks) lives as keys in one transactional RocksDB store.
+//!
+//! Layers, arrows pointing down only (see DESIGN.md):
+//! `cli` (src/main.rs) → [`mount`] → [`fuse`] (the only fuser code) → [`fs`] (one retried
+//! transaction per operation) → [`blocks`] → [`keyspace`] → [`kv`] (the only RocksDB code).
+
+pub mod blocks;
+pub mod fs;
+pub mod fuse;
+pub mod keyspace;
+pub mod kv;
+pub mod mount;
+pub mod store;
+pub mod util;

@@ -1,0 +1,228 @@
+//! Test harness: format a store in a temp dir and mount it with the real `kvfs` binary, then
+//! drive it with ordinary syscalls. Tests needing /dev/fuse fail when CI=true and it is
+//! missing; elsewhere they are skipped with a message.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KVFS: &str = env!("CARGO_BIN_EXE_kvfs");
+
+/// Whether FUSE mounts can run here; panics in CI when they cannot.
+pub fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists();
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("/dev/fuse is missing but CI=true: mount tests must run in CI");
+        }
+        eprintln!("skipping: /dev/fuse is missing");
+    }
+    ok
+}
+
+pub struct Mounted {
+    pub tmp: tempfile::TempDir,
+    pub store: PathBuf,
+    pub mnt: PathBuf,
+    child: Option<Child>,
+    pub opts: String,
+}
+
+/// Start a mount; `None` only when FUSE is unavailable outside CI.
+pub fn mount() -> Option<Mounted> {
+    mount_with("64K", "")
+}
+
+pub fn mount_with(block_size: &str, opts: &str) -> Option<Mounted> {
+    if !fuse_available() {
+        return None;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("kvfs-test")
+        .tempdir_in(std::env::var_os("KVFS_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir))
+        .unwrap();
+    // Other users (permission tests) must be able to reach the mount point.
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let store = tmp.path().join("store");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = Command::new(KVFS)
+        .args(["format", "--block-size", block_size])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "format failed: {:?}", out);
+    let mut m = Mounted {
+        tmp,
+        store,
+        mnt,
+        child: None,
+        opts: opts.to_string(),
+    };
+    m.start();
+    Some(m)
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mnt.to_string_lossy().to_string();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()) && l.contains("fuse.kvfs"))
+}
+
+impl Mounted {
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(KVFS);
+        cmd.arg("mount")
+            .arg(&self.store)
+            .arg(&self.mnt)
+            .arg("--foreground")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if !self.opts.is_empty() {
+            cmd.arg("-o").arg(&self.opts);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let t0 = Instant::now();
+        while !is_mounted(&self.mnt) {
+            if let Some(st) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("kvfs mount exited early ({st}): {err}");
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "mount not ready in 30s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Unmount and wait for the daemon; asserts it ended cleanly.
+    pub fn unmount(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let st = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "fusermount3 -u failed");
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                assert!(st.success(), "kvfs exited with {st}: {err}");
+                assert!(!err.contains("ERROR"), "errors logged: {err}");
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "kvfs did not exit after unmount");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn remount(&mut self) {
+        self.unmount();
+        self.start();
+    }
+
+    /// Kill the daemon with SIGKILL (a crash) and clear the dead mount.
+    pub fn crash(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+
+    /// Size in bytes of everything under the store directory.
+    pub fn store_bytes(&self) -> u64 {
+        du(&self.store)
+    }
+}
+
+pub fn du(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                total += du(&e.path());
+            } else {
+                total += md.len();
+            }
+        }
+    }
+    total
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
+            let t0 = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Errno of an io::Error (0 for success).
+pub fn errno<T>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+pub fn cstr(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// Run a libc call returning -1 on error; gives errno or 0.
+pub fn sys(r: libc::c_int) -> i32 {
+    if r == -1 {
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    } else {
+        0
+    }
+}
+
+/// Deterministic pseudo-random bytes (not compressible).
+pub fn pattern(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// A plain directory on the same disk as the mount's store, for differential tests.
+pub fn plain_dir(m: &Mounted) -> PathBuf {
+    let p = m.tmp.path().join(format!("plain{}", std::process::id() as u64 ^ rand_suffix()));
+    std::fs::create_dir(&p).unwrap();
+    p
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+}
