@@ -11,7 +11,11 @@ use kvfs::mount::{self, MountOpts};
 use kvfs::store;
 
 #[derive(Parser)]
-#[command(name = "kvfs", version, about = "A filesystem whose whole state lives in one transactional key-value store")]
+#[command(
+    name = "kvfs",
+    version,
+    about = "A filesystem whose whole state lives in one transactional key-value store"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -60,8 +64,17 @@ fn init_logging(to: Option<&Path>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt().with_env_filter(filter);
-    match to.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok()) {
-        Some(f) => b.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init(),
+    match to.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    }) {
+        Some(f) => b
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
         None => b.with_writer(std::io::stderr).init(),
     }
 }

@@ -35,8 +35,19 @@ impl MountOpts {
                 "noatime" => o.noatime = true,
                 "atime" | "relatime" => o.noatime = false,
                 "allow_other" | "allow_root" => o.acl = Some(opt.to_string()),
-                "default_permissions" | "defaults" | "dev" | "suid" | "exec" | "auto"
-                | "noauto" | "nofail" | "_netdev" | "user" | "nouser" | "nodev" | "nosuid"
+                "default_permissions"
+                | "defaults"
+                | "dev"
+                | "suid"
+                | "exec"
+                | "auto"
+                | "noauto"
+                | "nofail"
+                | "_netdev"
+                | "user"
+                | "nouser"
+                | "nodev"
+                | "nosuid"
                 | "noexec" => {}
                 _ => match opt.split_once('=') {
                     Some(("threads", n)) => {

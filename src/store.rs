@@ -32,7 +32,9 @@ pub enum StoreError {
          use a kvfs release that reads format {found}"
     )]
     Version { path: PathBuf, found: String },
-    #[error("{0}: block size must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}")]
+    #[error(
+        "{0}: block size must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+    )]
     BlockSize(u32),
     #[error("{path}: corrupt format record: {reason}")]
     Corrupt { path: PathBuf, reason: String },

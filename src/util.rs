@@ -34,7 +34,18 @@ pub fn rand_u64() -> u64 {
 }
 
 /// A point in time as stored in records: seconds and nanoseconds since the epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Timestamp {
     pub secs: i64,
     pub nsecs: u32,
@@ -73,7 +84,8 @@ impl Timestamp {
         if self.secs >= 0 {
             UNIX_EPOCH + Duration::new(self.secs as u64, self.nsecs)
         } else {
-            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs()) + Duration::from_nanos(self.nsecs as u64)
+            UNIX_EPOCH - Duration::from_secs(self.secs.unsigned_abs())
+                + Duration::from_nanos(self.nsecs as u64)
         }
     }
 }
@@ -84,7 +96,12 @@ mod tests {
 
     #[test]
     fn timestamps_round_trip_before_and_after_epoch() {
-        for (s, n) in [(0i64, 0u32), (1_700_000_000, 123_456_789), (-1, 500), (-10, 0)] {
+        for (s, n) in [
+            (0i64, 0u32),
+            (1_700_000_000, 123_456_789),
+            (-1, 500),
+            (-10, 0),
+        ] {
             let t = Timestamp { secs: s, nsecs: n };
             assert_eq!(Timestamp::from_system(t.to_system()), t);
         }

@@ -66,10 +66,18 @@ pub fn add_ref(t: &mut dyn Txn, b: &Prepared) -> Result<(), KvError> {
             stored: b.data.len() as u32,
             encoding: ENC_PLAIN,
         };
-        t.put(Cf::Blocks, &ks::block_key(&b.hash), &encode_block(ENC_PLAIN, &b.data))?;
+        t.put(
+            Cf::Blocks,
+            &ks::block_key(&b.hash),
+            &encode_block(ENC_PLAIN, &b.data),
+        )?;
         t.put(Cf::Bidx, &info_key, &info.encode())?;
     }
-    t.merge(Cf::Bidx, &ks::refcount_key(&b.hash, shard()), &1i64.to_le_bytes())
+    t.merge(
+        Cf::Bidx,
+        &ks::refcount_key(&b.hash, shard()),
+        &1i64.to_le_bytes(),
+    )
 }
 
 /// Drop one reference; the block becomes a garbage candidate.
@@ -185,11 +193,20 @@ mod tests {
             s.transact(|t| drop_ref(t, &p.hash)).unwrap();
         }
         assert_eq!(collect_garbage(&s, 100).unwrap(), 0);
-        assert!(s.get(Cf::Blocks, &ks::block_key(&p.hash)).unwrap().is_some());
+        assert!(s
+            .get(Cf::Blocks, &ks::block_key(&p.hash))
+            .unwrap()
+            .is_some());
         s.transact(|t| drop_ref(t, &p.hash)).unwrap();
         assert_eq!(collect_garbage(&s, 100).unwrap(), 1);
-        assert!(s.get(Cf::Blocks, &ks::block_key(&p.hash)).unwrap().is_none());
-        assert!(s.get(Cf::Bidx, &ks::block_info_key(&p.hash)).unwrap().is_none());
+        assert!(s
+            .get(Cf::Blocks, &ks::block_key(&p.hash))
+            .unwrap()
+            .is_none());
+        assert!(s
+            .get(Cf::Bidx, &ks::block_info_key(&p.hash))
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -200,7 +217,11 @@ mod tests {
         s.transact(|t| {
             let mut bad = p.data.clone();
             bad[10] ^= 0x40;
-            t.put(Cf::Blocks, &ks::block_key(&p.hash), &encode_block(ENC_PLAIN, &bad))
+            t.put(
+                Cf::Blocks,
+                &ks::block_key(&p.hash),
+                &encode_block(ENC_PLAIN, &bad),
+            )
         })
         .unwrap();
         let e = s

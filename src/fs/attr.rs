@@ -249,7 +249,7 @@ impl Fs {
     pub fn statfs(&self, store_dir: &std::path::Path) -> Result<StatFs> {
         let frsize: u64 = 4096;
         let used = self.store.disk_usage();
-        let (avail, free_files) = disk_free(store_dir).map_err(|e| FsError::Errno(e))?;
+        let (avail, free_files) = disk_free(store_dir).map_err(FsError::Errno)?;
         let next = self
             .store
             .get(Cf::Meta, ks::META_NEXT_INO)?

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use super::attr::Attr;
 use super::{
-    check_name, corrupt, drop_last_link, errno, free_inode, load_dir, load_inode, lock,
-    save_inode, Caller, Fs, FsError, Result,
+    check_name, corrupt, drop_last_link, errno, free_inode, load_dir, load_inode, lock, save_inode,
+    Caller, Fs, FsError, Result,
 };
 use crate::keyspace::records::{Dirent, Inode, Kind};
 use crate::keyspace::{self as ks, Ino, ROOT_INO};
@@ -56,13 +56,10 @@ struct Touched {
 
 impl Touched {
     fn get(&mut self, t: &mut dyn Txn, ino: Ino) -> Result<&mut Inode> {
-        if !self.map.contains_key(&ino) {
-            let i = load_inode(t, ino)?;
-            self.map.insert(ino, i);
+        match self.map.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(load_inode(t, ino)?)),
         }
-        self.map
-            .get_mut(&ino)
-            .ok_or(FsError::Errno(libc::ENOENT))
     }
 
     fn save(self, t: &mut dyn Txn) -> Result<()> {
@@ -93,7 +90,10 @@ impl Fs {
             match load_inode(t, ino) {
                 Err(FsError::Errno(libc::ENOENT)) => Err(FsError::Corrupt {
                     key: ks::describe_key(&ks::dirent_key(parent, name)),
-                    reason: format!("entry points to missing inode {ino} ({})", ks::describe_key(&key)),
+                    reason: format!(
+                        "entry points to missing inode {ino} ({})",
+                        ks::describe_key(&key)
+                    ),
                 }),
                 r => r.map(|i| (ino, i)),
             }

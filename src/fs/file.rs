@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use super::attr::Attr;
 use super::{
-    charge, corrupt, errno, free_inode, load_inode, load_inode_opt, lock, save_inode, Fs,
-    FsError, Result,
+    charge, corrupt, errno, free_inode, load_inode, load_inode_opt, lock, save_inode, Fs, FsError,
+    Result,
 };
 use crate::blocks;
 use crate::keyspace::records::{FmapEntry, Kind};
@@ -253,10 +253,8 @@ impl Fs {
             }
             save_inode(t, ino, &inode)
         });
-        if let Err(e) = res {
-            // Keep the data buffered: a later flush may succeed (e.g. after ENOSPC clears).
-            return Err(e);
-        }
+        // On error the data stays buffered: a later flush may succeed (ENOSPC cleared).
+        res?;
         self.dirty_total.fetch_sub(s.dirty_bytes, Ordering::Relaxed);
         s.dirty.clear();
         s.dirty_bytes = 0;

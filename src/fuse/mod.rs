@@ -495,6 +495,12 @@ impl Filesystem for KvFuse {
         );
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let fh = try_reply!(reply, "create", self.fs.open(a.ino, write));
-        reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+        reply.created(
+            &TTL,
+            &attr(&a),
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::empty(),
+        )
     }
 }

@@ -266,7 +266,16 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(Prefix::Block | Prefix::BlockInfo | Prefix::Refcount | Prefix::BlockGarbage)
             if key.len() >= 33 =>
         {
-            format!("{} {}{}", key[0] as char, hex(&key[1..33]), if key.len() > 33 { format!(" {}", hex(&key[33..])) } else { String::new() })
+            format!(
+                "{} {}{}",
+                key[0] as char,
+                hex(&key[1..33]),
+                if key.len() > 33 {
+                    format!(" {}", hex(&key[33..]))
+                } else {
+                    String::new()
+                }
+            )
         }
         _ => format!("{:?}", String::from_utf8_lossy(key)),
     }
@@ -311,8 +320,12 @@ mod tests {
     #[test]
     fn keyspace_md_matches_prefix_registry() {
         let md = include_str!("../../keyspace.md");
-        let start = md.find("<!-- registry:start -->").expect("registry start marker");
-        let end = md.find("<!-- registry:end -->").expect("registry end marker");
+        let start = md
+            .find("<!-- registry:start -->")
+            .expect("registry start marker");
+        let end = md
+            .find("<!-- registry:end -->")
+            .expect("registry end marker");
         let mut rows = Vec::new();
         for line in md[start..end].lines() {
             let cols: Vec<&str> = line.split('|').map(|c| c.trim()).collect();
@@ -332,6 +345,9 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(rows, want, "keyspace.md registry table differs from Prefix::ALL");
+        assert_eq!(
+            rows, want,
+            "keyspace.md registry table differs from Prefix::ALL"
+        );
     }
 }

@@ -265,9 +265,9 @@ pub fn encode_counter(n: u64) -> Vec<u8> {
 
 pub fn decode_counter(b: &[u8]) -> Result<u64, DecodeError> {
     match b {
-        [1, rest @ ..] if rest.len() == 8 => {
-            Ok(u64::from_be_bytes(rest.try_into().map_err(|_| err("counter", "length"))?))
-        }
+        [1, rest @ ..] if rest.len() == 8 => Ok(u64::from_be_bytes(
+            rest.try_into().map_err(|_| err("counter", "length"))?,
+        )),
         _ => Err(err("counter", "expected [1][8 bytes]")),
     }
 }
@@ -299,12 +299,21 @@ mod tests {
     fn records_round_trip() {
         let i = sample_inode();
         assert_eq!(Inode::decode(&i.encode()).unwrap(), i);
-        let d = Dirent { ino: 9, kind: Kind::Dir };
+        let d = Dirent {
+            ino: 9,
+            kind: Kind::Dir,
+        };
         assert_eq!(Dirent::decode(&d.encode()).unwrap(), d);
-        let f = FmapEntry { hash: [7; 32], len: 100 };
+        let f = FmapEntry {
+            hash: [7; 32],
+            len: 100,
+        };
         assert_eq!(FmapEntry::decode(&f.encode()).unwrap(), f);
         assert_eq!(decode_counter(&encode_counter(77)).unwrap(), 77);
-        assert_eq!(decode_block(&encode_block(0, b"abc")).unwrap(), (0, &b"abc"[..]));
+        assert_eq!(
+            decode_block(&encode_block(0, b"abc")).unwrap(),
+            (0, &b"abc"[..])
+        );
     }
 
     #[test]

@@ -272,7 +272,10 @@ impl KvStore {
         let mut total = 0;
         for cf in Cf::ALL {
             if let Ok(h) = self.cf(cf) {
-                for prop in ["rocksdb.live-sst-files-size", "rocksdb.cur-size-all-mem-tables"] {
+                for prop in [
+                    "rocksdb.live-sst-files-size",
+                    "rocksdb.cur-size-all-mem-tables",
+                ] {
                     total += self
                         .db
                         .property_int_value_cf(h, prop)
@@ -300,9 +303,7 @@ struct RocksTxn<'a> {
 
 impl Txn for RocksTxn<'_> {
     fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self
-            .txn
-            .get_for_update_cf(self.store.cf(cf)?, key, true)?)
+        Ok(self.txn.get_for_update_cf(self.store.cf(cf)?, key, true)?)
     }
 
     fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
@@ -411,7 +412,9 @@ mod tests {
     #[test]
     fn second_open_reports_locked() {
         let (d, _s) = open_tmp();
-        let err = KvStore::open(d.path(), &OpenOptions::default()).err().unwrap();
+        let err = KvStore::open(d.path(), &OpenOptions::default())
+            .err()
+            .unwrap();
         assert!(matches!(err, KvError::Locked), "{err:?}");
     }
 }

@@ -31,7 +31,10 @@ fn mount_refuses_missing_store_non_store_and_other_major() {
     std::fs::create_dir(&plain).unwrap();
     let (ok, out) = run(&[os("mount"), plain.as_os_str(), mnt.as_os_str()]);
     assert!(!ok && out.contains("not a kvfs store"), "{out}");
-    assert!(std::fs::read_dir(&plain).unwrap().next().is_none(), "touched a non-store");
+    assert!(
+        std::fs::read_dir(&plain).unwrap().next().is_none(),
+        "touched a non-store"
+    );
 
     let store = tmp.path().join("store");
     let (ok, out) = run(&[os("format"), store.as_os_str()]);
@@ -41,11 +44,20 @@ fn mount_refuses_missing_store_non_store_and_other_major() {
     {
         let (kv, mut rec) = kvfs::store::open(&store).unwrap();
         rec.major += 1;
-        kv.transact(|t| t.put(kvfs::kv::Cf::Meta, kvfs::keyspace::META_FORMAT, &rec.encode()))
-            .unwrap();
+        kv.transact(|t| {
+            t.put(
+                kvfs::kv::Cf::Meta,
+                kvfs::keyspace::META_FORMAT,
+                &rec.encode(),
+            )
+        })
+        .unwrap();
     }
     let (ok, out) = run(&[os("mount"), store.as_os_str(), mnt.as_os_str()]);
-    assert!(!ok && out.contains("format 2.0.0") && out.contains("not supported"), "{out}");
+    assert!(
+        !ok && out.contains("format 2.0.0") && out.contains("not supported"),
+        "{out}"
+    );
     assert_eq!(out.trim().lines().count(), 1, "one line: {out}");
 }
 
@@ -63,7 +75,10 @@ fn background_mount_returns_ready_refuses_second_mount_and_stops_on_sigterm() {
     assert!(run(&[os("format"), store.as_os_str()]).0);
     let (ok, out) = run(&[os("mount"), store.as_os_str(), mnt.as_os_str()]);
     assert!(ok, "{out}");
-    assert!(is_mounted(&mnt), "mount returned before the mount was ready");
+    assert!(
+        is_mounted(&mnt),
+        "mount returned before the mount was ready"
+    );
     std::fs::write(mnt.join("hello"), b"world").unwrap();
     let (ok, out) = run(&[os("mount"), store.as_os_str(), mnt2.as_os_str()]);
     assert!(!ok && out.contains("in use"), "{out}");
@@ -84,11 +99,15 @@ fn background_mount_returns_ready_refuses_second_mount_and_stops_on_sigterm() {
 /// The background daemon serving `store` (found through /proc).
 fn daemon_pid(store: &Path) -> Option<i32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args.iter().any(|a| *a == b"--daemon-child")
-            && args.iter().any(|a| *a == store.as_os_str().as_encoded_bytes())
+        if args.contains(&&b"--daemon-child"[..])
+            && args.contains(&store.as_os_str().as_encoded_bytes())
         {
             return Some(pid);
         }
@@ -104,7 +123,10 @@ fn wait_gone(pid: i32, mnt: &Path) {
         if stat.contains(") Z ") && !is_mounted(mnt) {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "daemon {pid} did not exit");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "daemon {pid} did not exit"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -40,10 +40,18 @@ pub fn mount_with(block_size: &str, opts: &str) -> Option<Mounted> {
     }
     let tmp = tempfile::Builder::new()
         .prefix("kvfs-test")
-        .tempdir_in(std::env::var_os("KVFS_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir))
+        .tempdir_in(
+            std::env::var_os("KVFS_TEST_TMP")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
+        )
         .unwrap();
     // Other users (permission tests) must be able to reach the mount point.
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let store = tmp.path().join("store");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -67,8 +75,10 @@ pub fn mount_with(block_size: &str, opts: &str) -> Option<Mounted> {
 pub fn is_mounted(mnt: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = mnt.to_string_lossy().to_string();
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()) && l.contains("fuse.kvfs"))
+    info.lines().any(|l| {
+        let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next());
+        l.split(' ').nth(4) == Some(want.as_str()) && fstype.is_some_and(|t| t.starts_with("fuse"))
+    })
 }
 
 impl Mounted {
@@ -88,10 +98,18 @@ impl Mounted {
         while !is_mounted(&self.mnt) {
             if let Some(st) = child.try_wait().unwrap() {
                 let mut err = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 panic!("kvfs mount exited early ({st}): {err}");
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "mount not ready in 30s");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "mount not ready in 30s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
@@ -116,12 +134,20 @@ impl Mounted {
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 let mut err = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 assert!(st.success(), "kvfs exited with {st}: {err}");
                 assert!(!err.contains("ERROR"), "errors logged: {err}");
                 return;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "kvfs did not exit after unmount");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "kvfs did not exit after unmount"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -138,7 +164,11 @@ impl Mounted {
         };
         child.kill().unwrap();
         child.wait().unwrap();
-        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mnt)
+            .status();
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 
@@ -166,7 +196,11 @@ pub fn du(p: &Path) -> u64 {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mnt).status();
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mnt)
+                .status();
             let t0 = Instant::now();
             while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(20) {
                 std::thread::sleep(Duration::from_millis(20));
@@ -215,7 +249,10 @@ pub fn pattern(seed: u64, n: usize) -> Vec<u8> {
 
 /// A plain directory on the same disk as the mount's store, for differential tests.
 pub fn plain_dir(m: &Mounted) -> PathBuf {
-    let p = m.tmp.path().join(format!("plain{}", std::process::id() as u64 ^ rand_suffix()));
+    let p = m.tmp.path().join(format!(
+        "plain{}",
+        std::process::id() as u64 ^ rand_suffix()
+    ));
     std::fs::create_dir(&p).unwrap();
     p
 }

@@ -35,7 +35,11 @@ fn bytes_survive_remount() {
     std::os::unix::fs::symlink("a/b", m.path("ln")).unwrap();
     m.remount();
     for (i, n) in sizes.iter().enumerate() {
-        assert_eq!(fs::read(m.path(&format!("f{i}"))).unwrap(), pattern(i as u64, *n), "f{i}");
+        assert_eq!(
+            fs::read(m.path(&format!("f{i}"))).unwrap(),
+            pattern(i as u64, *n),
+            "f{i}"
+        );
     }
     assert_eq!(fs::read(m.path("ln/c/deep")).unwrap(), b"deep");
 }
@@ -45,10 +49,12 @@ fn random_overwrites_read_back_like_a_plain_file() {
     let Some(mut m) = mount() else { return };
     let plain = plain_dir(&m).join("ref");
     let kv = m.path("f");
-    let (mut a, mut b) = (File::create(&plain).unwrap(), File::create(&kv).unwrap());
+    let (a, b) = (File::create(&plain).unwrap(), File::create(&kv).unwrap());
     let mut x = 12345u64;
     for i in 0..400 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let off = (x >> 20) % (3 << 20);
         let len = ((x >> 8) % 20_000) as usize + 1;
         let data = pattern(i, len);
@@ -132,10 +138,16 @@ fn corrupt_block_gives_eio_and_the_rest_keeps_working() {
     {
         let (kv, _) = kvfs::store::open(&m.store).unwrap();
         let bad_ino = {
-            let v = kv.get(Cf::Meta, &ks::dirent_key(1, b"bad")).unwrap().unwrap();
+            let v = kv
+                .get(Cf::Meta, &ks::dirent_key(1, b"bad"))
+                .unwrap()
+                .unwrap();
             kvfs::keyspace::records::Dirent::decode(&v).unwrap().ino
         };
-        let v = kv.get(Cf::Fmap, &ks::fmap_key(bad_ino, 1)).unwrap().unwrap();
+        let v = kv
+            .get(Cf::Fmap, &ks::fmap_key(bad_ino, 1))
+            .unwrap()
+            .unwrap();
         let ent = kvfs::keyspace::records::FmapEntry::decode(&v).unwrap();
         let key = ks::block_key(&ent.hash);
         let mut blk = kv.get(Cf::Blocks, &key).unwrap().unwrap();
@@ -178,7 +190,10 @@ fn concurrent_writers_in_one_directory() {
     assert_eq!(n, 4 * (200 - 67));
     for t in 0..4u64 {
         for i in (1..200u64).filter(|i| i % 3 != 0) {
-            assert_eq!(fs::read(root.join(format!("t{t}-{i}"))).unwrap(), pattern(t * 1000 + i, 5000));
+            assert_eq!(
+                fs::read(root.join(format!("t{t}-{i}"))).unwrap(),
+                pattern(t * 1000 + i, 5000)
+            );
         }
     }
 }

@@ -16,11 +16,23 @@ fn new_fs() -> (tempfile::TempDir, Fs) {
     (d, Fs::new(kv, rec, FsOptions::default()))
 }
 
-const ME: Caller = Caller { uid: 0, gid: 0, pid: 1 };
+const ME: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: 1,
+};
 
 fn file(fs: &Fs, name: &str) -> u64 {
-    let node = NewNode { kind: Kind::File, mode: 0o644, umask: 0, rdev: 0, target: &[] };
-    fs.create_node(ROOT_INO, name.as_bytes(), &node, ME).unwrap().ino
+    let node = NewNode {
+        kind: Kind::File,
+        mode: 0o644,
+        umask: 0,
+        rdev: 0,
+        target: &[],
+    };
+    fs.create_node(ROOT_INO, name.as_bytes(), &node, ME)
+        .unwrap()
+        .ino
 }
 
 fn count(fs: &Fs, p: Prefix) -> usize {
@@ -43,8 +55,16 @@ fn one_byte_writes_commit_nothing_until_flush_then_one_block() {
     for i in 0..20_000u64 {
         fs.write(fh, i, &[b'a' + (i % 26) as u8]).unwrap();
     }
-    assert_eq!(count(&fs, Prefix::Fmap), 0, "writes were committed before any flush");
-    assert_eq!(fs.getattr(ino).unwrap().size, 20_000, "buffered size must show in getattr");
+    assert_eq!(
+        count(&fs, Prefix::Fmap),
+        0,
+        "writes were committed before any flush"
+    );
+    assert_eq!(
+        fs.getattr(ino).unwrap().size,
+        20_000,
+        "buffered size must show in getattr"
+    );
     assert_eq!(fs.read(fh, 19_990, 100).unwrap().len(), 10);
     fs.flush(fh).unwrap();
     assert_eq!(count(&fs, Prefix::Fmap), 1);

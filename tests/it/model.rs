@@ -45,7 +45,11 @@ impl Model {
 
     fn children(&self, p: &str) -> Vec<String> {
         let pre = format!("{p}/");
-        self.nodes.keys().filter(|k| k.starts_with(&pre)).cloned().collect()
+        self.nodes
+            .keys()
+            .filter(|k| k.starts_with(&pre))
+            .cloned()
+            .collect()
     }
 
     fn write(&mut self, p: &str, off: usize, data: &[u8], create: bool) -> i32 {
@@ -153,9 +157,7 @@ impl Model {
             match (&src, &dst) {
                 (Node::Dir, Node::File(_)) => return libc::ENOTDIR,
                 (Node::File(_), Node::Dir) => return libc::EISDIR,
-                (Node::Dir, Node::Dir) if !self.children(b).is_empty() => {
-                    return libc::ENOTEMPTY
-                }
+                (Node::Dir, Node::Dir) if !self.children(b).is_empty() => return libc::ENOTEMPTY,
                 _ => {}
             }
         }
@@ -175,7 +177,11 @@ fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
     for e in fs::read_dir(root.join(rel)).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().into_owned();
-        let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+        let r = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
         if e.file_type().unwrap().is_dir() {
             out.insert(r.clone(), Node::Dir);
             walk(root, &r, out);
@@ -201,7 +207,10 @@ impl Rng {
 fn random_path(r: &mut Rng) -> String {
     const N: [&str; 4] = ["a", "b", "c", "d"];
     let depth = 1 + r.below(3);
-    (0..depth).map(|_| N[r.below(4) as usize]).collect::<Vec<_>>().join("/")
+    (0..depth)
+        .map(|_| N[r.below(4) as usize])
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn check_tree(m: &Mounted, model: &Model, when: &str) {
@@ -225,7 +234,9 @@ fn random_operations_match_the_model_across_remounts() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1500);
     // A small block size so files span many blocks.
-    let Some(mut m) = mount_with("4K", "") else { return };
+    let Some(mut m) = mount_with("4K", "") else {
+        return;
+    };
     let mut r = Rng(seed | 1);
     let mut model = Model::default();
     for step in 0..ops {
@@ -235,7 +246,11 @@ fn random_operations_match_the_model_across_remounts() {
             0..=4 => {
                 let off = r.below(20_000) as usize;
                 let data = pattern(r.next(), r.below(10_000) as usize + 1);
-                let res = OpenOptions::new().write(true).create(true).open(&full);
+                let res = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&full);
                 let got = match res {
                     Ok(f) => errno(f.write_all_at(&data, off as u64)),
                     Err(e) => e.raw_os_error().unwrap(),
@@ -270,8 +285,14 @@ fn random_operations_match_the_model_across_remounts() {
                 };
                 match (got, want) {
                     (Ok(a), Ok(b)) => assert!(a == b, "step {step}: content of {p} differs"),
-                    (Err(e), Err(w)) => assert_eq!(e.raw_os_error().unwrap(), w, "step {step}: read {p}"),
-                    (g, w) => panic!("step {step}: read {p}: got {:?} want {:?}", g.map(|v| v.len()), w.map(|v| v.len())),
+                    (Err(e), Err(w)) => {
+                        assert_eq!(e.raw_os_error().unwrap(), w, "step {step}: read {p}")
+                    }
+                    (g, w) => panic!(
+                        "step {step}: read {p}: got {:?} want {:?}",
+                        g.map(|v| v.len()),
+                        w.map(|v| v.len())
+                    ),
                 }
                 ("read", 0, 0)
             }

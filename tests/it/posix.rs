@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use crate::common::*;
@@ -32,13 +32,16 @@ fn read_all(p: &Path) -> String {
 }
 
 fn crc(b: &[u8]) -> u64 {
-    b.iter()
-        .fold(0xcbf29ce484222325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100000001b3))
+    b.iter().fold(0xcbf29ce484222325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn ls(p: &Path) -> String {
     let mut v: Vec<String> = match fs::read_dir(p) {
-        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
         Err(e) => return format!("err={}", e.raw_os_error().unwrap_or(-1)),
     };
     v.sort();
@@ -49,7 +52,13 @@ fn rename2(a: &Path, b: &Path, flags: u32) -> i32 {
     let (a, b) = (cstr(a), cstr(b));
     // SAFETY: valid C strings.
     sys(unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
     })
 }
 
@@ -64,7 +73,10 @@ fn differential(name: &str, f: impl Fn(&Path, &mut Log)) {
     f(&plain, &mut a);
     f(&kv, &mut b);
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert_eq!(x, y, "{name}: step {i} differs (plain vs kvfs)\nplain: {a:#?}\nkvfs: {b:#?}");
+        assert_eq!(
+            x, y,
+            "{name}: step {i} differs (plain vs kvfs)\nplain: {a:#?}\nkvfs: {b:#?}"
+        );
     }
     assert_eq!(a.len(), b.len(), "{name}: transcript lengths differ");
 }
@@ -80,7 +92,10 @@ fn files_create_exclusive_and_errors_match_ext4() {
         let r = OpenOptions::new().write(true).create_new(true).open(&f);
         log.push(format!("excl {}", errno(r)));
         log.push(format!("mkdir over file {}", errno(fs::create_dir(&f))));
-        log.push(format!("open dir for write {}", errno(OpenOptions::new().write(true).open(d))));
+        log.push(format!(
+            "open dir for write {}",
+            errno(OpenOptions::new().write(true).open(d))
+        ));
         log.push(format!("file as dir {}", errno(File::open(f.join("x")))));
         log.push(format!("rmdir file {}", errno(fs::remove_dir(&f))));
         log.push(format!("unlink dir {}", errno(fs::remove_file(d))));
@@ -100,16 +115,31 @@ fn directories_nlink_and_rmdir_errors_match_ext4() {
         fs::create_dir(d.join("a/b")).unwrap();
         fs::create_dir(d.join("a/c")).unwrap();
         log.push(st(&d.join("a")));
-        log.push(format!("mkdir exists {}", errno(fs::create_dir(d.join("a")))));
-        log.push(format!("rmdir nonempty {}", errno(fs::remove_dir(d.join("a")))));
+        log.push(format!(
+            "mkdir exists {}",
+            errno(fs::create_dir(d.join("a")))
+        ));
+        log.push(format!(
+            "rmdir nonempty {}",
+            errno(fs::remove_dir(d.join("a")))
+        ));
         fs::write(d.join("a/b/f"), b"x").unwrap();
-        log.push(format!("rmdir nonempty2 {}", errno(fs::remove_dir(d.join("a/b")))));
+        log.push(format!(
+            "rmdir nonempty2 {}",
+            errno(fs::remove_dir(d.join("a/b")))
+        ));
         fs::remove_file(d.join("a/b/f")).unwrap();
         log.push(format!("rmdir {}", errno(fs::remove_dir(d.join("a/b")))));
         log.push(st(&d.join("a")));
-        log.push(format!("rmdir missing {}", errno(fs::remove_dir(d.join("a/zz")))));
+        log.push(format!(
+            "rmdir missing {}",
+            errno(fs::remove_dir(d.join("a/zz")))
+        ));
         log.push(ls(&d.join("a")));
-        log.push(format!("readdir file {}", errno(fs::read_dir(d.join("nope")))));
+        log.push(format!(
+            "readdir file {}",
+            errno(fs::read_dir(d.join("nope")))
+        ));
     });
 }
 
@@ -123,31 +153,76 @@ fn rename_cases_match_ext4() {
         fs::create_dir(d.join("full")).unwrap();
         fs::write(d.join("full/x"), b"x").unwrap();
         let p = |s: &str| d.join(s);
-        log.push(format!("file over file {}", errno(fs::rename(p("f1"), p("f2")))));
+        log.push(format!(
+            "file over file {}",
+            errno(fs::rename(p("f1"), p("f2")))
+        ));
         log.push(read_all(&p("f2")));
         log.push(st(&p("f1")));
-        log.push(format!("dir over empty dir {}", errno(fs::rename(p("d1"), p("d2")))));
-        log.push(format!("dir over full dir {}", errno(fs::rename(p("d2"), p("full")))));
-        log.push(format!("dir over file {}", errno(fs::rename(p("d2"), p("f2")))));
-        log.push(format!("file over dir {}", errno(fs::rename(p("f2"), p("d2")))));
-        log.push(format!("into own subtree {}", errno(fs::rename(p("full"), p("full/x/y")))));
+        log.push(format!(
+            "dir over empty dir {}",
+            errno(fs::rename(p("d1"), p("d2")))
+        ));
+        log.push(format!(
+            "dir over full dir {}",
+            errno(fs::rename(p("d2"), p("full")))
+        ));
+        log.push(format!(
+            "dir over file {}",
+            errno(fs::rename(p("d2"), p("f2")))
+        ));
+        log.push(format!(
+            "file over dir {}",
+            errno(fs::rename(p("f2"), p("d2")))
+        ));
+        log.push(format!(
+            "into own subtree {}",
+            errno(fs::rename(p("full"), p("full/x/y")))
+        ));
         fs::create_dir(p("full/sub")).unwrap();
-        log.push(format!("into own child {}", errno(fs::rename(p("full"), p("full/sub/n")))));
-        log.push(format!("missing src {}", errno(fs::rename(p("nope"), p("n2")))));
-        log.push(format!("noreplace {}", rename2(&p("f2"), &p("full/x"), libc::RENAME_NOREPLACE)));
-        log.push(format!("noreplace ok {}", rename2(&p("f2"), &p("f3"), libc::RENAME_NOREPLACE)));
-        log.push(format!("exchange {}", rename2(&p("f3"), &p("full/x"), libc::RENAME_EXCHANGE)));
+        log.push(format!(
+            "into own child {}",
+            errno(fs::rename(p("full"), p("full/sub/n")))
+        ));
+        log.push(format!(
+            "missing src {}",
+            errno(fs::rename(p("nope"), p("n2")))
+        ));
+        log.push(format!(
+            "noreplace {}",
+            rename2(&p("f2"), &p("full/x"), libc::RENAME_NOREPLACE)
+        ));
+        log.push(format!(
+            "noreplace ok {}",
+            rename2(&p("f2"), &p("f3"), libc::RENAME_NOREPLACE)
+        ));
+        log.push(format!(
+            "exchange {}",
+            rename2(&p("f3"), &p("full/x"), libc::RENAME_EXCHANGE)
+        ));
         log.push(read_all(&p("f3")));
         log.push(read_all(&p("full/x")));
-        log.push(format!("exchange dir/file {}", rename2(&p("d2"), &p("f3"), libc::RENAME_EXCHANGE)));
+        log.push(format!(
+            "exchange dir/file {}",
+            rename2(&p("d2"), &p("f3"), libc::RENAME_EXCHANGE)
+        ));
         log.push(st(&p("d2")));
         log.push(st(&p("f3")));
-        log.push(format!("exchange missing {}", rename2(&p("d2"), &p("zz"), libc::RENAME_EXCHANGE)));
-        log.push(format!("across dirs {}", errno(fs::rename(p("f3"), p("full/sub/moved")))));
+        log.push(format!(
+            "exchange missing {}",
+            rename2(&p("d2"), &p("zz"), libc::RENAME_EXCHANGE)
+        ));
+        log.push(format!(
+            "across dirs {}",
+            errno(fs::rename(p("f3"), p("full/sub/moved")))
+        ));
         log.push(st(&p("full")));
         log.push(st(&p("full/sub")));
         fs::create_dir(p("mv")).unwrap();
-        log.push(format!("dir across {}", errno(fs::rename(p("mv"), p("full/sub/mv")))));
+        log.push(format!(
+            "dir across {}",
+            errno(fs::rename(p("mv"), p("full/sub/mv")))
+        ));
         log.push(st(&p("full/sub")));
         log.push(st(d));
         log.push(ls(d));
@@ -167,19 +242,34 @@ fn hard_links_share_attributes_through_every_name() {
             log.push(st(&d.join(n)));
         }
         let ia = fs::metadata(&a).unwrap().ino();
-        log.push(format!("same ino {}", fs::metadata(d.join("sub/c")).unwrap().ino() == ia));
-        log.push(format!("link exists {}", errno(fs::hard_link(&a, d.join("b")))));
-        log.push(format!("link dir {}", errno(fs::hard_link(d.join("sub"), d.join("sd")))));
+        log.push(format!(
+            "same ino {}",
+            fs::metadata(d.join("sub/c")).unwrap().ino() == ia
+        ));
+        log.push(format!(
+            "link exists {}",
+            errno(fs::hard_link(&a, d.join("b")))
+        ));
+        log.push(format!(
+            "link dir {}",
+            errno(fs::hard_link(d.join("sub"), d.join("sd")))
+        ));
         fs::remove_file(d.join("b")).unwrap();
         log.push(st(&a));
         fs::write(d.join("other"), b"zz").unwrap();
         // rename over one of the links
-        log.push(format!("rename over link {}", errno(fs::rename(d.join("other"), d.join("sub/c")))));
+        log.push(format!(
+            "rename over link {}",
+            errno(fs::rename(d.join("other"), d.join("sub/c")))
+        ));
         log.push(st(&a));
         log.push(read_all(&d.join("sub/c")));
         // rename a link onto another link of the same inode: nothing happens
         fs::hard_link(&a, d.join("a2")).unwrap();
-        log.push(format!("rename same inode {}", errno(fs::rename(&a, d.join("a2")))));
+        log.push(format!(
+            "rename same inode {}",
+            errno(fs::rename(&a, d.join("a2")))
+        ));
         log.push(st(&a));
         log.push(ls(d));
     });
@@ -195,7 +285,10 @@ fn symlinks_and_special_files() {
         log.push(format!("dangling {}", errno(fs::metadata(d.join("l")))));
         let fifo = cstr(&d.join("fifo"));
         // SAFETY: valid C string.
-        log.push(format!("mkfifo {}", sys(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) })));
+        log.push(format!(
+            "mkfifo {}",
+            sys(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) })
+        ));
         log.push(st(&d.join("fifo")));
         let sock = std::os::unix::net::UnixListener::bind(d.join("sock"));
         log.push(format!("socket {}", errno(sock)));
@@ -204,7 +297,10 @@ fn symlinks_and_special_files() {
         // SAFETY: valid C string.
         let r = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
         log.push(format!("mknod chr {}", sys(r)));
-        log.push(format!("rdev {}", fs::symlink_metadata(d.join("chr")).unwrap().rdev()));
+        log.push(format!(
+            "rdev {}",
+            fs::symlink_metadata(d.join("chr")).unwrap().rdev()
+        ));
         log.push(ls(d));
     });
 }
@@ -220,37 +316,80 @@ fn chmod_chown_and_times() {
         log.push(st(&f));
         let c = cstr(&f);
         let ts = [
-            libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 123_456_789 },
-            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            libc::timespec {
+                tv_sec: 1_000_000_000,
+                tv_nsec: 123_456_789,
+            },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
         ];
         // SAFETY: valid pointers.
-        log.push(format!("utimensat {}", sys(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) })));
+        log.push(format!(
+            "utimensat {}",
+            sys(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) })
+        ));
         let m = fs::metadata(&f).unwrap();
         log.push(format!("atime {}.{}", m.atime(), m.atime_nsec()));
         let mtime_before = (m.mtime(), m.mtime_nsec());
         let ts = [
-            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-            libc::timespec { tv_sec: 1_500_000_000, tv_nsec: 1 },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: 1_500_000_000,
+                tv_nsec: 1,
+            },
         ];
         // SAFETY: valid pointers.
         unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) };
         let m = fs::metadata(&f).unwrap();
-        log.push(format!("mtime {}.{} atime kept {}", m.mtime(), m.mtime_nsec(), m.atime()));
-        log.push(format!("mtime changed {}", mtime_before != (m.mtime(), m.mtime_nsec())));
+        log.push(format!(
+            "mtime {}.{} atime kept {}",
+            m.mtime(),
+            m.mtime_nsec(),
+            m.atime()
+        ));
+        log.push(format!(
+            "mtime changed {}",
+            mtime_before != (m.mtime(), m.mtime_nsec())
+        ));
         let before = std::time::SystemTime::now();
         let ts = [
-            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
         ];
         // SAFETY: valid pointers.
         unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) };
         let m = fs::metadata(&f).unwrap();
-        log.push(format!("now is recent {}", m.modified().unwrap() >= before - std::time::Duration::from_millis(10)));
-        log.push(format!("ctime >= mtime {}", (m.ctime(), m.ctime_nsec()) >= (m.mtime(), m.mtime_nsec())));
+        log.push(format!(
+            "now is recent {}",
+            m.modified().unwrap() >= before - std::time::Duration::from_millis(10)
+        ));
+        log.push(format!(
+            "ctime >= mtime {}",
+            (m.ctime(), m.ctime_nsec()) >= (m.mtime(), m.mtime_nsec())
+        ));
         // a write moves mtime and ctime
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let (m0, c0) = (m.mtime_nsec() + m.mtime() * 1_000_000_000, m.ctime_nsec() + m.ctime() * 1_000_000_000);
-        fs::OpenOptions::new().append(true).open(&f).unwrap().write_all(b"more").unwrap();
+        let (m0, c0) = (
+            m.mtime_nsec() + m.mtime() * 1_000_000_000,
+            m.ctime_nsec() + m.ctime() * 1_000_000_000,
+        );
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&f)
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
         let m = fs::metadata(&f).unwrap();
         log.push(format!(
             "write moves mtime {} ctime {}",
@@ -259,7 +398,10 @@ fn chmod_chown_and_times() {
         ));
         // chmod moves ctime, not mtime
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let (m1, c1) = (m.mtime_nsec() + m.mtime() * 1_000_000_000, m.ctime_nsec() + m.ctime() * 1_000_000_000);
+        let (m1, c1) = (
+            m.mtime_nsec() + m.mtime() * 1_000_000_000,
+            m.ctime_nsec() + m.ctime() * 1_000_000_000,
+        );
         fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
         let m = fs::metadata(&f).unwrap();
         log.push(format!(
@@ -272,7 +414,10 @@ fn chmod_chown_and_times() {
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(d.join("g"), b"").unwrap();
         let dm2 = fs::metadata(d).unwrap();
-        log.push(format!("dir mtime moves {}", (dm2.mtime(), dm2.mtime_nsec()) > (dm.mtime(), dm.mtime_nsec())));
+        log.push(format!(
+            "dir mtime moves {}",
+            (dm2.mtime(), dm2.mtime_nsec()) > (dm.mtime(), dm.mtime_nsec())
+        ));
     });
 }
 
@@ -290,12 +435,19 @@ fn truncate_append_and_sparse_files() {
         log.push(st(&f));
         let back = fs::read(&f).unwrap();
         log.push(format!("prefix kept {}", back[..70_000] == data[..70_000]));
-        log.push(format!("tail zero {}", back[70_000..].iter().all(|&b| b == 0)));
+        log.push(format!(
+            "tail zero {}",
+            back[70_000..].iter().all(|&b| b == 0)
+        ));
         drop(h);
         let mut a = OpenOptions::new().append(true).open(&f).unwrap();
         a.write_all(b"APPENDED").unwrap();
         log.push(st(&f));
-        let mut t = OpenOptions::new().write(true).truncate(true).open(&f).unwrap();
+        let mut t = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&f)
+            .unwrap();
         log.push(st(&f));
         t.write_all(b"abc").unwrap();
         t.seek(SeekFrom::Start(10)).unwrap();
@@ -309,7 +461,11 @@ fn truncate_append_and_sparse_files() {
         h.write_all(b"!").unwrap();
         drop(h);
         let m = fs::metadata(&s).unwrap();
-        log.push(format!("sparse size {} small {}", m.size(), m.blocks() <= 64));
+        log.push(format!(
+            "sparse size {} small {}",
+            m.size(),
+            m.blocks() <= 64
+        ));
         let mut h = File::open(&s).unwrap();
         let mut buf = vec![1u8; 8192];
         h.seek(SeekFrom::Start(50 << 20)).unwrap();
@@ -318,7 +474,10 @@ fn truncate_append_and_sparse_files() {
         // read past EOF
         h.seek(SeekFrom::Start((100 << 20) + 1)).unwrap();
         log.push(format!("eof read {}", h.read(&mut buf).unwrap()));
-        log.push(format!("truncate dir {}", errno(OpenOptions::new().write(true).open(d))));
+        log.push(format!(
+            "truncate dir {}",
+            errno(OpenOptions::new().write(true).open(d))
+        ));
     });
 }
 
@@ -337,17 +496,33 @@ fn xattrs_match_ext4() {
             let n = std::ffi::CString::new(n).unwrap();
             let mut buf = vec![0u8; size];
             // SAFETY: valid pointers and lengths.
-            let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), size) };
+            let r =
+                unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), size) };
             if r < 0 {
-                format!("err={}", std::io::Error::last_os_error().raw_os_error().unwrap())
+                format!(
+                    "err={}",
+                    std::io::Error::last_os_error().raw_os_error().unwrap()
+                )
             } else {
-                format!("{r} {:?}", String::from_utf8_lossy(&buf[..(r as usize).min(size)]))
+                format!(
+                    "{r} {:?}",
+                    String::from_utf8_lossy(&buf[..(r as usize).min(size)])
+                )
             }
         };
         log.push(format!("set {}", set("user.a", b"alpha", 0)));
-        log.push(format!("create dup {}", set("user.a", b"x", libc::XATTR_CREATE)));
-        log.push(format!("replace missing {}", set("user.b", b"x", libc::XATTR_REPLACE)));
-        log.push(format!("replace {}", set("user.a", b"beta", libc::XATTR_REPLACE)));
+        log.push(format!(
+            "create dup {}",
+            set("user.a", b"x", libc::XATTR_CREATE)
+        ));
+        log.push(format!(
+            "replace missing {}",
+            set("user.b", b"x", libc::XATTR_REPLACE)
+        ));
+        log.push(format!(
+            "replace {}",
+            set("user.a", b"beta", libc::XATTR_REPLACE)
+        ));
         log.push(format!("set b {}", set("user.b", b"", 0)));
         log.push(get("user.a", 100));
         log.push(get("user.a", 0));
@@ -366,11 +541,20 @@ fn xattrs_match_ext4() {
         log.push(format!("list {names:?}"));
         let n = std::ffi::CString::new("user.a").unwrap();
         // SAFETY: valid pointers.
-        log.push(format!("remove {}", sys(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) })));
+        log.push(format!(
+            "remove {}",
+            sys(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) })
+        ));
         // SAFETY: valid pointers.
-        log.push(format!("remove again {}", sys(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) })));
+        log.push(format!(
+            "remove again {}",
+            sys(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) })
+        ));
         log.push(get("user.a", 10));
-        log.push(format!("big value {}", set("user.big", &vec![7u8; 4000], 0)));
+        log.push(format!(
+            "big value {}",
+            set("user.big", &vec![7u8; 4000], 0)
+        ));
         log.push(get("user.big", 0));
     });
 }
@@ -404,13 +588,25 @@ fn permissions_are_checked_for_other_users() {
         let s = |p: &Path| p.to_str().unwrap().to_string();
         log.push(format!("cat secret {}", run(&["cat", &s(&f)])));
         log.push(format!("cat public {}", run(&["cat", &s(&pubf)])));
-        log.push(format!("write public {}", run(&["sh", "-c", &format!("echo x >> {}", s(&pubf))])));
-        log.push(format!("create in dir {}", run(&["touch", &s(&d.join("new"))])));
-        log.push(format!("chmod not owner {}", run(&["chmod", "777", &s(&pubf)])));
+        log.push(format!(
+            "write public {}",
+            run(&["sh", "-c", &format!("echo x >> {}", s(&pubf))])
+        ));
+        log.push(format!(
+            "create in dir {}",
+            run(&["touch", &s(&d.join("new"))])
+        ));
+        log.push(format!(
+            "chmod not owner {}",
+            run(&["chmod", "777", &s(&pubf)])
+        ));
         log.push(format!("rm not owner {}", run(&["rm", "-f", &s(&pubf)])));
         fs::set_permissions(d, fs::Permissions::from_mode(0o1777)).unwrap();
         log.push(format!("sticky rm {}", run(&["rm", "-f", &s(&pubf)])));
-        log.push(format!("own file in sticky {}", run(&["sh", "-c", &format!("touch {0}/mine && rm {0}/mine", s(d))])));
+        log.push(format!(
+            "own file in sticky {}",
+            run(&["sh", "-c", &format!("touch {0}/mine && rm {0}/mine", s(d))])
+        ));
         log.push(ls(d));
     });
 }
@@ -461,9 +657,17 @@ fn statfs_reports_real_figures() {
     let hc = cstr(&m.store);
     assert_eq!(sys(unsafe { libc::statvfs(hc.as_ptr(), &mut host) }), 0);
     assert_eq!(s.f_namemax, 255);
-    assert!(s.f_blocks > s.f_bfree, "used space must show: {} {}", s.f_blocks, s.f_bfree);
+    assert!(
+        s.f_blocks > s.f_bfree,
+        "used space must show: {} {}",
+        s.f_blocks,
+        s.f_bfree
+    );
     let ours = s.f_bavail * s.f_frsize;
     let theirs = host.f_bavail * host.f_frsize;
-    assert!(ours.abs_diff(theirs) < theirs / 20 + (64 << 20), "free {ours} vs disk {theirs}");
+    assert!(
+        ours.abs_diff(theirs) < theirs / 20 + (64 << 20),
+        "free {ours} vs disk {theirs}"
+    );
     assert!(s.f_files > 0 && s.f_ffree > 0);
 }
