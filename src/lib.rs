@@ -4,12 +4,19 @@
 //! Layers, arrows pointing down only (see DESIGN.md):
 //! `cli` (src/main.rs) → [`mount`] → [`fuse`] (the only fuser code) → [`fs`] (one retried
 //! transaction per operation) → [`blocks`] → [`keyspace`] → [`kv`] (the only RocksDB code).
+//! Beside them, the operator's tools: [`gc`] (process table and sweeper), [`audit`] (fsck),
+//! [`dump`] and [`status`].
 
+pub mod audit;
+pub mod bench;
 pub mod blocks;
+pub mod dump;
 pub mod fs;
 pub mod fuse;
+pub mod gc;
 pub mod keyspace;
 pub mod kv;
 pub mod mount;
+pub mod status;
 pub mod store;
 pub mod util;

@@ -1,14 +1,18 @@
-//! The `kvfs` command: format a store, mount it. Errors end here as one line and an exit code.
+//! The `kvfs` command: format, mount, and the operator's tools (gc, audit, dump, status).
+//! Errors end here as one line and an exit code. Run as `mount.kvfs` (a link to this binary),
+//! it speaks mount(8)'s helper protocol so `mount -t kvfs` and /etc/fstab work.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use kvfs::mount::{self, MountOpts};
-use kvfs::store;
+use kvfs::store::{self, FormatOptions};
+use kvfs::{audit, dump, gc, status};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +33,57 @@ enum Cmd {
         /// Block size in bytes (power of two, 4K..4M; suffixes K and M accepted).
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         block_size: u32,
+        /// Compression tried on each new block, kept only when it saves space: none, lz4,
+        /// zstd or zstd:LEVEL (1..19).
+        #[arg(long, default_value = "none")]
+        compression: String,
+        /// Store 512 bytes of parity and per-sector checksums with each block, so one damaged
+        /// 512-byte sector per block is rebuilt on read and by `audit --repair`.
+        #[arg(long)]
+        parity: bool,
+    },
+    /// Sweep: reap dead mounts (process entry, open counts, locks), free unlinked inodes no
+    /// one has open and unreferenced blocks. On a mounted store, the mount does it.
+    Gc {
+        store: PathBuf,
+        /// Report what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seconds without a heartbeat after which a mount counts as dead.
+        #[arg(long, default_value_t = gc::DEFAULT_TIMEOUT.as_secs())]
+        timeout: u64,
+    },
+    /// Check every invariant of the keyspace and every block's hash (fsck). Exit 0: clean;
+    /// 1: problems found; 2: could not run.
+    Audit {
+        store: PathBuf,
+        /// Fix what is safe to fix (refcounts, link counts, orphans to /lost+found, blocks
+        /// from parity, stale keys); the store must not be mounted.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Print every key with its decoded value (works on a mounted store).
+    Dump {
+        store: PathBuf,
+        /// Only this prefix: a letter (i, d, f, B, ...) or a name (inode, dirent, block-map...).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only keys of this inode (its record, sub-keys, entries if a directory, block map).
+        #[arg(long)]
+        inode: Option<u64>,
+    },
+    /// Mounted or not, live mounts and heartbeats, logical vs stored bytes, ratios.
+    Status { store: PathBuf },
+    /// Measure each block encoding (speed, space) on the files under PATHS.
+    BenchEncodings {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Block size to cut the sample into.
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        block_size: u32,
+        /// Bytes of sample to read at most.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        limit: u32,
     },
     /// Mount STORE on MOUNTPOINT. Returns once the mount is ready and keeps serving in the
     /// background; end it with `umount MOUNTPOINT` (or `fusermount3 -u`), SIGTERM or SIGINT.
@@ -80,18 +135,44 @@ fn init_logging(to: Option<&Path>) {
 }
 
 fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name() == Some("mount.kvfs".as_ref()) {
+        return finish(mount_helper());
+    }
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Format { store, block_size } => store::format(&store, block_size)
-            .map(|rec| {
-                println!(
-                    "formatted {} (format {}, block size {})",
-                    store.display(),
-                    rec.version(),
-                    rec.block_size
-                );
-            })
-            .map_err(anyhow::Error::from),
+        Cmd::Format {
+            store,
+            block_size,
+            compression,
+            parity,
+        } => format_cmd(&store, block_size, &compression, parity),
+        Cmd::Gc {
+            store,
+            dry_run,
+            timeout,
+        } => gc_cmd(&store, dry_run, timeout),
+        Cmd::Audit { store, repair } => return audit_cmd(&store, repair),
+        Cmd::Dump {
+            store,
+            prefix,
+            inode,
+        } => dump_cmd(&store, prefix.as_deref(), inode),
+        Cmd::Status { store } => status_cmd(&store),
+        Cmd::BenchEncodings {
+            paths,
+            block_size,
+            limit,
+        } => {
+            let p: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+            let data = kvfs::bench::sample(&p, limit as usize);
+            println!("sample: {} bytes, block size {block_size}", data.len());
+            print!(
+                "{}",
+                kvfs::bench::table(&kvfs::bench::run(&data, block_size as usize))
+            );
+            Ok(())
+        }
         Cmd::Mount {
             store,
             mountpoint,
@@ -101,6 +182,10 @@ fn main() -> ExitCode {
             daemon_child,
         } => mount_cmd(&store, &mountpoint, &options, foreground, log, daemon_child),
     };
+    finish(r)
+}
+
+fn finish(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -108,6 +193,168 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn format_cmd(dir: &Path, block_size: u32, compression: &str, parity: bool) -> anyhow::Result<()> {
+    let (compression, level) =
+        FormatOptions::parse_compression(compression).map_err(anyhow::Error::msg)?;
+    let o = FormatOptions {
+        block_size,
+        compression,
+        level,
+        parity,
+    };
+    let rec = store::format_with(dir, &o)?;
+    println!(
+        "formatted {} (format {}, block size {}, encoding {})",
+        dir.display(),
+        rec.version(),
+        rec.block_size,
+        rec.encoding_name()
+    );
+    Ok(())
+}
+
+/// Log to stderr for the tools (warnings and up unless KVFS_LOG says otherwise).
+fn tool_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
+    tool_logging();
+    match store::open(dir) {
+        Ok((kv, _)) => {
+            let o = gc::SweepOptions {
+                dry_run,
+                timeout: Duration::from_secs(timeout),
+                own: None,
+            };
+            let r = gc::sweep(&kv, &o)?;
+            if !dry_run {
+                kv.sync()?;
+            }
+            println!("{r}");
+            Ok(())
+        }
+        Err(store::StoreError::InUse(_)) => {
+            let mut req = format!("gc timeout={timeout}");
+            if dry_run {
+                req.push_str(" dry-run");
+            }
+            let reply = mount::control_request(dir, &req)?;
+            println!(
+                "(swept by the mount serving this store)\n{}",
+                reply.trim_end()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn audit_cmd(dir: &Path, repair: bool) -> ExitCode {
+    tool_logging();
+    let opened = if repair {
+        store::open(dir).map_err(|e| match e {
+            store::StoreError::InUse(p) => anyhow::anyhow!(
+                "{}: the store is mounted; unmount it before `audit --repair` (a plain `audit` works while mounted)",
+                p.display()
+            ),
+            e => e.into(),
+        })
+    } else {
+        store::open_read_only(dir).map_err(anyhow::Error::from)
+    };
+    let (kv, _) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("kvfs: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let o = audit::AuditOptions {
+        repair,
+        progress: std::io::stderr().is_terminal(),
+        timeout: None,
+    };
+    match audit::audit(&kv, &o) {
+        Ok(r) => {
+            println!("{r}");
+            if r.unrepaired() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("kvfs: audit could not run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dump_cmd(dir: &Path, prefix: Option<&str>, inode: Option<u64>) -> anyhow::Result<()> {
+    tool_logging();
+    let prefix = match prefix {
+        None => None,
+        Some(p) => Some(dump::parse_prefix(p).ok_or_else(|| {
+            anyhow::anyhow!("unknown prefix {p:?} (see the registry in keyspace.md)")
+        })?),
+    };
+    let (kv, _) = store::open_read_only(dir)?;
+    let f = dump::DumpFilter { prefix, inode };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let (_, bad) = dump::dump(&kv, &f, &mut out)?;
+    let _ = out.flush();
+    if bad > 0 {
+        anyhow::bail!("{bad} value(s) do not decode (marked !! above)");
+    }
+    Ok(())
+}
+
+fn status_cmd(dir: &Path) -> anyhow::Result<()> {
+    tool_logging();
+    let mounted = store::in_use(dir);
+    let (kv, rec) = store::open_read_only(dir)?;
+    let s = status::status(dir, &kv, &rec, mounted, gc::DEFAULT_TIMEOUT)?;
+    println!("{s}");
+    Ok(())
+}
+
+/// `mount.kvfs STORE DIR [-sfnv] [-o OPTIONS]`, as mount(8) calls a helper. Options mount(8)
+/// adds (`rw`, `defaults`, `noauto`...) are accepted by the option parser.
+fn mount_helper() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut pos = Vec::new();
+    let mut opts = String::new();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-o" => opts = args.next().unwrap_or_default(),
+            "-s" | "-f" | "-n" | "-v" => {}
+            "-t" | "-N" => {
+                args.next();
+            }
+            _ if a.starts_with("-o") => opts = a[2..].to_string(),
+            _ => pos.push(a),
+        }
+    }
+    let [store_dir, mountpoint] = pos.as_slice() else {
+        anyhow::bail!("usage: mount.kvfs STORE MOUNTPOINT [-o OPTIONS]");
+    };
+    mount_cmd(
+        Path::new(store_dir),
+        Path::new(mountpoint),
+        &opts,
+        false,
+        None,
+        false,
+    )
 }
 
 fn mount_cmd(

@@ -1,17 +1,23 @@
-//! Running a mount: open the store, recover what a previous mount left, serve FUSE requests
-//! on several threads, flush on a timer, and end cleanly (everything flushed and synced) on
-//! unmount, SIGTERM, SIGINT or SIGHUP.
+//! Running a mount: open the store, register in the process table and sweep what dead mounts
+//! left, serve FUSE requests on several threads, flush on a timer, beat the heartbeat, sweep
+//! in the background, answer the tools on the control socket, and end cleanly (everything
+//! flushed and synced, open counts and locks dropped, process entry removed) on unmount,
+//! SIGTERM, SIGINT or SIGHUP.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::fs::{Fs, FsOptions};
 use crate::fuse::KvFuse;
+use crate::gc::{self, SweepOptions};
 use crate::store;
+use crate::util::Timestamp;
 
 /// `-o` options of `kvfs mount`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -120,10 +126,25 @@ pub fn run(
             ..Default::default()
         },
     ));
+    let started = Timestamp::now();
     if !opts.read_only {
-        let (inodes, blocks) = fs.recover()?;
-        if inodes + blocks > 0 {
-            tracing::info!(inodes, blocks, "freed what the previous mount left behind");
+        gc::register(fs.store(), fs.mount_id())?;
+        let report = gc::sweep(
+            fs.store(),
+            &SweepOptions {
+                own: Some(fs.mount_id()),
+                ..Default::default()
+            },
+        )?;
+        if !report.is_empty() {
+            tracing::info!(
+                dead_mounts = report.dead_mounts,
+                open_counts = report.open_counts,
+                locks = report.locks,
+                inodes = report.inodes_freed,
+                blocks = report.blocks_freed,
+                "swept what earlier mounts left behind"
+            );
         }
     }
 
@@ -161,29 +182,65 @@ pub fn run(
             }
         })?;
     let stop = Arc::new(AtomicBool::new(false));
-    let flusher = {
-        let fs = fs.clone();
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("kvfs-flusher".into())
-            .spawn(move || maintenance(&fs, &stop))?
-    };
+    let mut workers = Vec::new();
+    {
+        let (fs, stop) = (fs.clone(), stop.clone());
+        workers.push(
+            std::thread::Builder::new()
+                .name("kvfs-maint".into())
+                .spawn(move || maintenance(&fs, &stop, started))?,
+        );
+    }
+    let sock = store::control_socket(&store_dir);
+    if !opts.read_only {
+        match bind_control(&sock) {
+            Ok(listener) => {
+                let (fs, stop) = (fs.clone(), stop.clone());
+                workers.push(
+                    std::thread::Builder::new()
+                        .name("kvfs-control".into())
+                        .spawn(move || serve_control(&fs, listener, &stop))?,
+                );
+            }
+            Err(e) => tracing::warn!(
+                socket = %sock.display(),
+                error = %e,
+                "no control socket; `kvfs gc` cannot reach this mount"
+            ),
+        }
+    }
     tracing::info!(store = %store_dir.display(), mountpoint = %mountpoint.display(), "mounted");
     ready();
     let served = session.run();
     stop.store(true, Ordering::Relaxed);
-    let _ = flusher.join();
+    for w in workers {
+        let _ = w.join();
+    }
     fs.sync_all()?;
     if !opts.read_only {
-        fs.collect_garbage()?;
+        let _ = std::fs::remove_file(&sock);
+        fs.release_all()?;
+        gc::sweep(
+            fs.store(),
+            &SweepOptions {
+                own: Some(fs.mount_id()),
+                ..Default::default()
+            },
+        )?;
+        gc::unregister(fs.store(), fs.mount_id())?;
+        fs.store().sync()?;
         fs.store().flush_all()?;
     }
     tracing::info!("unmounted cleanly");
     served.map_err(|e| anyhow::anyhow!("FUSE session ended with an error: {e}"))
 }
 
-/// The timer of the write-back buffer and the block sweeper.
-fn maintenance(fs: &Fs, stop: &AtomicBool) {
+/// How often the mount sweeps garbage in the background.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The timer of the write-back buffer, the heartbeat and the background sweeper.
+fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
+    let (mut beat, mut swept) = (Instant::now(), Instant::now());
     let mut tick = 0u64;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
@@ -193,11 +250,113 @@ fn maintenance(fs: &Fs, stop: &AtomicBool) {
                 tracing::error!(error = %e, "timed flush failed");
             }
         }
-        if tick % 25 == 0 && !fs.read_only() {
-            if let Err(e) = fs.collect_garbage() {
-                tracing::error!(error = %e, "block sweep failed");
+        if fs.read_only() {
+            continue;
+        }
+        if beat.elapsed() >= gc::HEARTBEAT {
+            beat = Instant::now();
+            match gc::heartbeat(fs.store(), fs.mount_id(), started) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("this mount's process entry had been reaped; registered again");
+                    if let Err(e) = fs.restore_open_counts() {
+                        tracing::error!(error = %e, "restoring open counts failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "heartbeat failed"),
             }
         }
+        if swept.elapsed() >= SWEEP_EVERY {
+            swept = Instant::now();
+            let o = SweepOptions {
+                own: Some(fs.mount_id()),
+                ..Default::default()
+            };
+            if let Err(e) = gc::sweep(fs.store(), &o) {
+                tracing::error!(error = %e, "background sweep failed");
+            }
+        }
+    }
+}
+
+fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    // We hold the store's lock, so a socket file left there belongs to a dead mount.
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Answer the tools: one request line, a reply, close. Requests: `gc [dry-run] [timeout=S]`.
+fn serve_control(fs: &Fs, listener: UnixListener, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                if let Err(e) = answer(fs, conn) {
+                    tracing::warn!(error = %e, "control request failed");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "control socket failed");
+                return;
+            }
+        }
+    }
+}
+
+fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let reply = match words.next() {
+        Some("gc") => {
+            let mut o = SweepOptions {
+                own: Some(fs.mount_id()),
+                ..Default::default()
+            };
+            for w in words {
+                match w.split_once('=') {
+                    None if w == "dry-run" => o.dry_run = true,
+                    Some(("timeout", n)) => {
+                        o.timeout = Duration::from_secs(n.parse().unwrap_or(o.timeout.as_secs()))
+                    }
+                    _ => {}
+                }
+            }
+            // Buffered writes first, so the sweep sees what the user sees.
+            match fs.flush_all().and_then(|_| gc::sweep(fs.store(), &o)) {
+                Ok(r) => format!("ok\n{r}\n"),
+                Err(e) => format!("error: {e}\n"),
+            }
+        }
+        _ => format!("error: unknown request {:?}\n", line.trim()),
+    };
+    (&conn).write_all(reply.as_bytes())
+}
+
+/// Ask the mount serving `store_dir` to run a request; its reply, without the status line.
+pub fn control_request(store_dir: &Path, request: &str) -> anyhow::Result<String> {
+    let sock = store::control_socket(store_dir);
+    let mut conn = UnixStream::connect(&sock).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: the store is in use but its mount does not answer on {} ({e})",
+            store_dir.display(),
+            sock.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(600)))?;
+    conn.write_all(format!("{request}\n").as_bytes())?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut reply)?;
+    match reply.split_once('\n') {
+        Some(("ok", rest)) => Ok(rest.to_string()),
+        _ => anyhow::bail!("{}", reply.trim().trim_start_matches("error: ")),
     }
 }
 

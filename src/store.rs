@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::keyspace::records::{
-    encode_counter, FormatRecord, Inode, Kind, FORMAT_MAJOR, FORMAT_MINOR, FORMAT_PATCH,
-    HASH_SHA256,
+    encode_counter, FormatRecord, Inode, Kind, COMP_LZ4, COMP_NONE, COMP_ZSTD, FORMAT_MAJOR,
+    FORMAT_MINOR, FORMAT_PATCH, HASH_SHA256, UPGRADABLE_MAJORS,
 };
 use crate::keyspace::{self as ks, ROOT_INO};
 use crate::kv::{Cf, KvError, KvStore, OpenOptions};
@@ -51,8 +51,82 @@ pub fn db_path(store: &Path) -> PathBuf {
     store.join("db")
 }
 
-/// Create a new store at `path` (the directory may exist if empty).
+/// Where a mount listens for requests from the tools (`kvfs gc` on a mounted store).
+pub fn control_socket(store: &Path) -> PathBuf {
+    store.join("kvfs.sock")
+}
+
+/// Whether another process has the store open for writing (a mount): RocksDB holds a POSIX
+/// lock on `db/LOCK` while open; asking about it takes nothing.
+pub fn in_use(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(db_path(path).join("LOCK")) else {
+        return false;
+    };
+    // SAFETY: a zeroed flock is a valid argument; F_GETLK only fills it in.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) };
+    r == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
+}
+
+/// What `format` records: fixed for the life of the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FormatOptions {
+    pub block_size: u32,
+    /// `COMP_NONE`, `COMP_ZSTD` or `COMP_LZ4`.
+    pub compression: u8,
+    /// zstd level, 1..=19.
+    pub level: i8,
+    pub parity: bool,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        FormatOptions {
+            block_size: DEFAULT_BLOCK_SIZE,
+            compression: COMP_NONE,
+            level: 0,
+            parity: false,
+        }
+    }
+}
+
+impl FormatOptions {
+    /// Parse `none`, `lz4`, `zstd` or `zstd:LEVEL`.
+    pub fn parse_compression(s: &str) -> Result<(u8, i8), String> {
+        match s.split_once(':') {
+            None if s == "none" => Ok((COMP_NONE, 0)),
+            None if s == "lz4" => Ok((COMP_LZ4, 0)),
+            None if s == "zstd" => Ok((COMP_ZSTD, 1)),
+            Some(("zstd", l)) => l
+                .parse::<i8>()
+                .ok()
+                .filter(|l| (1..=19).contains(l))
+                .map(|l| (COMP_ZSTD, l))
+                .ok_or_else(|| format!("zstd level must be 1..19, not {l:?}")),
+            _ => Err(format!(
+                "unknown compression {s:?} (none, lz4, zstd or zstd:LEVEL)"
+            )),
+        }
+    }
+}
+
+/// Create a new store at `path` with default settings but the block size.
 pub fn format(path: &Path, block_size: u32) -> Result<FormatRecord, StoreError> {
+    format_with(
+        path,
+        &FormatOptions {
+            block_size,
+            ..Default::default()
+        },
+    )
+}
+
+/// Create a new store at `path` (the directory may exist if empty).
+pub fn format_with(path: &Path, o: &FormatOptions) -> Result<FormatRecord, StoreError> {
+    let block_size = o.block_size;
     if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(StoreError::BlockSize(block_size));
     }
@@ -86,6 +160,9 @@ pub fn format(path: &Path, block_size: u32) -> Result<FormatRecord, StoreError> 
         hash: HASH_SHA256,
         created: Timestamp::now(),
         fs_id,
+        compression: o.compression,
+        level: o.level,
+        parity: o.parity,
     };
     let now = Timestamp::now();
     // SAFETY: geteuid/getegid cannot fail.
@@ -119,15 +196,43 @@ pub fn format(path: &Path, block_size: u32) -> Result<FormatRecord, StoreError> 
     Ok(rec)
 }
 
-/// Open an existing store.
+/// Open an existing store for reading and writing, alone. A format 1 store is upgraded to
+/// this build's format (its bytes mean the same; only the format record changes).
 pub fn open(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
+    let (kv, mut rec) = open_with(path, false)?;
+    if rec.major != FORMAT_MAJOR {
+        let from = rec.version();
+        rec.major = FORMAT_MAJOR;
+        rec.minor = FORMAT_MINOR;
+        rec.patch = FORMAT_PATCH;
+        kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()))
+            .and_then(|_| kv.sync())
+            .map_err(|source| StoreError::Kv {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        tracing::info!(from, to = %rec.version(), "upgraded the store's format");
+    }
+    Ok((kv, rec))
+}
+
+/// Open an existing store for reading only, without its lock: works while it is mounted.
+pub fn open_read_only(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
+    open_with(path, true)
+}
+
+fn open_with(path: &Path, read_only: bool) -> Result<(KvStore, FormatRecord), StoreError> {
     if !path.is_dir() {
         return Err(StoreError::Missing(path.to_path_buf()));
     }
     if !db_path(path).join("CURRENT").exists() {
         return Err(StoreError::NotAStore(path.to_path_buf()));
     }
-    let kv = KvStore::open(&db_path(path), &OpenOptions::default()).map_err(|e| match e {
+    let oo = OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    let kv = KvStore::open(&db_path(path), &oo).map_err(|e| match e {
         KvError::Locked => StoreError::InUse(path.to_path_buf()),
         source => StoreError::Kv {
             path: path.to_path_buf(),
@@ -155,7 +260,7 @@ pub fn open(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
             }
         }
     })?;
-    if rec.major != FORMAT_MAJOR {
+    if rec.major != FORMAT_MAJOR && !UPGRADABLE_MAJORS.contains(&rec.major) {
         return Err(StoreError::Version {
             path: path.to_path_buf(),
             found: rec.version(),
@@ -164,12 +269,13 @@ pub fn open(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
     if !rec.block_size.is_power_of_two()
         || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&rec.block_size)
         || rec.hash != HASH_SHA256
+        || rec.compression > COMP_LZ4
     {
         return Err(StoreError::Corrupt {
             path: path.to_path_buf(),
             reason: format!(
-                "block size {} / hash id {} out of range",
-                rec.block_size, rec.hash
+                "block size {} / hash id {} / compression id {} out of range",
+                rec.block_size, rec.hash, rec.compression
             ),
         });
     }
@@ -207,6 +313,49 @@ mod tests {
         }
         let e = open(d.path()).err().unwrap();
         assert!(matches!(e, StoreError::Version { .. }), "{e}");
+    }
+
+    #[test]
+    fn format_1_store_is_upgraded_in_place_and_keeps_its_data() {
+        use crate::keyspace::records::FormatRecordV1;
+        let d = tempfile::tempdir().unwrap();
+        let rec = format(d.path(), 128 << 10).unwrap();
+        {
+            let (kv, _) = open(d.path()).unwrap();
+            let v1 = FormatRecordV1 {
+                major: 1,
+                minor: 0,
+                patch: 0,
+                block_size: rec.block_size,
+                hash: rec.hash,
+                created: rec.created,
+                fs_id: rec.fs_id,
+            };
+            kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &v1.encode()))
+                .unwrap();
+        }
+        let (ro, got) = open_read_only(d.path()).unwrap();
+        assert_eq!(got.version(), "1.0.0", "a read-only open changes nothing");
+        drop(ro);
+        let (_kv, got) = open(d.path()).unwrap();
+        assert_eq!(got.major, FORMAT_MAJOR);
+        assert_eq!((got.block_size, got.fs_id), (rec.block_size, rec.fs_id));
+        assert_eq!(got.compression, COMP_NONE);
+        assert!(!got.parity);
+    }
+
+    #[test]
+    fn read_only_open_works_beside_a_writer() {
+        let d = tempfile::tempdir().unwrap();
+        format(d.path(), DEFAULT_BLOCK_SIZE).unwrap();
+        let (kv, _) = open(d.path()).unwrap();
+        kv.transact(|t| t.put(Cf::Meta, b"Mtest", b"1")).unwrap();
+        let (ro, _) = open_read_only(d.path()).unwrap();
+        assert_eq!(
+            ro.get(Cf::Meta, b"Mtest").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert!(ro.transact(|t| t.put(Cf::Meta, b"Mx", b"1")).is_err());
     }
 
     #[test]

@@ -7,10 +7,15 @@
 //! block in parallel touch different keys. Dropping a reference writes a `G hash shard`
 //! candidate; [`collect_garbage`] later frees blocks whose shards sum to zero, reading every
 //! shard with conflict tracking so a concurrent new reference makes one side retry.
+//! How the content is stored (plain, compressed, with parity) is [`encode`]'s business.
+
+pub mod encode;
 
 use sha2::{Digest, Sha256};
 
-use crate::keyspace::records::{decode_block, encode_block, BlockInfo, ENC_PLAIN};
+pub use encode::Codec;
+
+use crate::keyspace::records::BlockInfo;
 use crate::keyspace::{self as ks, Hash, REF_SHARDS};
 use crate::kv::{decode_i64, Cf, KvError, KvStore, Txn};
 
@@ -22,11 +27,13 @@ pub enum BlockError {
     Corrupt { hash: Hash, reason: String },
 }
 
-/// A block ready to be referenced: its name and content.
+/// A block ready to be referenced: its name, content length and encoded value.
 #[derive(Clone, Debug)]
 pub struct Prepared {
     pub hash: Hash,
-    pub data: Vec<u8>,
+    /// Plain content length.
+    pub len: u32,
+    pub encoded: encode::Encoded,
 }
 
 /// Content of a slot: `buf` without trailing zeros. `None` for a hole.
@@ -39,17 +46,18 @@ pub fn hash(data: &[u8]) -> Hash {
     Sha256::digest(data).into()
 }
 
-/// Trim and hash a slot outside any transaction (hashing is the expensive part, so it must not
-/// be redone when a transaction retries). `None` means the slot is all zeros.
-pub fn prepare(mut slot: Vec<u8>) -> Option<Prepared> {
-    let n = content(&slot).len();
-    if n == 0 {
+/// Trim, hash and encode a slot outside any transaction (hashing and compression are the
+/// expensive part, so they must not be redone when a transaction retries). `None` means the
+/// slot is all zeros.
+pub fn prepare(slot: &[u8], codec: &Codec) -> Option<Prepared> {
+    let data = content(slot);
+    if data.is_empty() {
         return None;
     }
-    slot.truncate(n);
     Some(Prepared {
-        hash: hash(&slot),
-        data: slot,
+        hash: hash(data),
+        len: data.len() as u32,
+        encoded: encode::encode(codec, data),
     })
 }
 
@@ -62,15 +70,11 @@ pub fn add_ref(t: &mut dyn Txn, b: &Prepared) -> Result<(), KvError> {
     let info_key = ks::block_info_key(&b.hash);
     if t.get(Cf::Bidx, &info_key)?.is_none() {
         let info = BlockInfo {
-            len: b.data.len() as u32,
-            stored: b.data.len() as u32,
-            encoding: ENC_PLAIN,
+            len: b.len,
+            stored: b.encoded.value.len() as u32,
+            encoding: b.encoded.info,
         };
-        t.put(
-            Cf::Blocks,
-            &ks::block_key(&b.hash),
-            &encode_block(ENC_PLAIN, &b.data),
-        )?;
+        t.put(Cf::Blocks, &ks::block_key(&b.hash), &b.encoded.value)?;
         t.put(Cf::Bidx, &info_key, &info.encode())?;
     }
     t.merge(
@@ -87,26 +91,23 @@ pub fn drop_ref(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
     t.put(Cf::Bidx, &ks::block_garbage_key(h, s), &[])
 }
 
-/// Read and verify a block's content (`len` bytes expected).
+/// Read and verify a block's content (`len` bytes expected). A damaged block with parity is
+/// rebuilt in memory (and logged; `kvfs audit --repair` rewrites it); without parity it is an
+/// error naming the block.
 pub fn read(t: &mut dyn Txn, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
     let corrupt = |reason: String| BlockError::Corrupt { hash: *h, reason };
     let v = t
         .get_untracked(Cf::Blocks, &ks::block_key(h))?
         .ok_or_else(|| corrupt("block missing".into()))?;
-    let (enc, payload) = decode_block(&v).map_err(|e| corrupt(e.to_string()))?;
-    if enc != ENC_PLAIN {
-        return Err(corrupt(format!("unknown encoding {enc}")));
+    let d = encode::decode(&v, h, len).map_err(corrupt)?;
+    if let Some((sector, _)) = d.repaired {
+        tracing::warn!(
+            key = %ks::describe_key(&ks::block_key(h)),
+            sector,
+            "damaged block rebuilt from parity; run `kvfs audit --repair` to rewrite it"
+        );
     }
-    if payload.len() != len as usize {
-        return Err(corrupt(format!(
-            "length {} but the block map says {len}",
-            payload.len()
-        )));
-    }
-    if hash(payload) != *h {
-        return Err(corrupt("content does not match its SHA-256 name".into()));
-    }
-    Ok(payload.to_vec())
+    Ok(d.content)
 }
 
 /// Sum of a block's refcount shards, each read with conflict tracking.
@@ -118,6 +119,31 @@ pub fn refcount(t: &mut dyn Txn, h: &Hash) -> Result<i64, KvError> {
         }
     }
     Ok(total)
+}
+
+/// How many garbage-candidate blocks [`collect_garbage`] would free now (a dry run).
+pub fn count_garbage(store: &KvStore) -> Result<u64, KvError> {
+    let (start, end) = ks::Prefix::BlockGarbage.range();
+    let mut hashes: Vec<Hash> = Vec::new();
+    store.for_each(Cf::Bidx, &start, &end, |k, _| {
+        if let Some(h) = ks::key_hash(k) {
+            if hashes.last() != Some(&h) {
+                hashes.push(h);
+            }
+        }
+        true
+    })?;
+    let mut n = 0;
+    for h in hashes {
+        let mut total = 0;
+        for s in 0..REF_SHARDS {
+            if let Some(v) = store.get(Cf::Bidx, &ks::refcount_key(&h, s))? {
+                total += decode_i64(&v);
+            }
+        }
+        n += (total <= 0) as u64;
+    }
+    Ok(n)
 }
 
 /// Free every garbage-candidate block whose references reached zero. Returns blocks freed.
@@ -175,16 +201,16 @@ mod tests {
 
     #[test]
     fn trailing_zeros_are_not_content_and_zero_slots_are_holes() {
-        assert!(prepare(vec![0; 4096]).is_none());
-        let p = prepare(b"ab\0\0".to_vec()).unwrap();
-        assert_eq!(p.data, b"ab");
+        assert!(prepare(&[0; 4096], &Codec::default()).is_none());
+        let p = prepare(b"ab\0\0", &Codec::default()).unwrap();
+        assert_eq!(p.len, 2);
         assert_eq!(p.hash, hash(b"ab"));
     }
 
     #[test]
     fn same_content_is_stored_once_and_freed_after_last_reference() {
         let (_d, s) = store();
-        let p = prepare(vec![7u8; 1000]).unwrap();
+        let p = prepare(&[7u8; 1000], &Codec::default()).unwrap();
         for _ in 0..3 {
             s.transact(|t| add_ref(t, &p)).unwrap();
         }
@@ -212,16 +238,12 @@ mod tests {
     #[test]
     fn corrupt_block_is_reported_not_returned() {
         let (_d, s) = store();
-        let p = prepare(vec![1u8; 100]).unwrap();
+        let p = prepare(&[1u8; 100], &Codec::default()).unwrap();
         s.transact(|t| add_ref(t, &p)).unwrap();
         s.transact(|t| {
-            let mut bad = p.data.clone();
+            let mut bad = p.encoded.value.clone();
             bad[10] ^= 0x40;
-            t.put(
-                Cf::Blocks,
-                &ks::block_key(&p.hash),
-                &encode_block(ENC_PLAIN, &bad),
-            )
+            t.put(Cf::Blocks, &ks::block_key(&p.hash), &bad)
         })
         .unwrap();
         let e = s

@@ -243,7 +243,7 @@ impl Fs {
             t.delete(Cf::Meta, &ks::dirent_key(parent, name))?;
             child.ctime = now;
             if child.nlink == 0 {
-                drop_last_link(t, ent.ino, &child, self.is_open(ent.ino))?;
+                drop_last_link(t, ent.ino, &child)?;
             } else {
                 save_inode(t, ent.ino, &child)?;
             }
@@ -335,7 +335,7 @@ impl Fs {
                             v.nlink -= 1;
                             v.ctime = now;
                             if v.nlink == 0 {
-                                drop_last_link(t, d.ino, &v, self.is_open(d.ino))?;
+                                drop_last_link(t, d.ino, &v)?;
                             } else {
                                 save_inode(t, d.ino, &v)?;
                             }

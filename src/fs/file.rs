@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use super::attr::Attr;
 use super::{
-    charge, corrupt, errno, free_inode, load_inode, load_inode_opt, lock, save_inode, Fs, FsError,
-    Result,
+    charge, corrupt, errno, free_if_unused, load_inode, load_inode_opt, lock, save_inode, Fs,
+    FsError, Result,
 };
 use crate::blocks;
-use crate::keyspace::records::{FmapEntry, Kind};
+use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Kind};
 use crate::keyspace::{self as ks, Ino};
 use crate::kv::{Cf, Txn};
 use crate::util::Timestamp;
@@ -61,17 +61,30 @@ impl FileState {
 }
 
 impl Fs {
-    /// Open `ino`; returns the handle number.
+    /// Open `ino`; returns the handle number. A writable mount counts the handle in the
+    /// keyspace (`i ino \x01 mount-id`), so an unlink from anywhere keeps the inode alive.
     pub fn open(&self, ino: Ino, write: bool) -> Result<u64> {
         if write {
             self.writable()?;
         }
-        let inode = self.txn(|t| load_inode(t, ino))?;
-        match inode.kind {
-            Kind::Dir if write => return errno(libc::EISDIR),
-            Kind::File | Kind::Dir => {}
-            _ => {}
-        }
+        let inode = self.txn(|t| {
+            let inode = load_inode(t, ino)?;
+            if inode.kind == Kind::Dir && write {
+                return errno(libc::EISDIR);
+            }
+            if !self.opts.read_only {
+                let key = ks::open_key(ino, self.mount_id);
+                let n = match t.get(Cf::Meta, &key)? {
+                    Some(v) => decode_counter(&v).map_err(|e| corrupt(&key, e))?,
+                    None => {
+                        t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+                        0
+                    }
+                };
+                t.put(Cf::Meta, &key, &encode_counter(n + 1))?;
+            }
+            Ok(inode)
+        })?;
         let state = {
             let mut files = lock(&self.files);
             let st = files
@@ -231,7 +244,7 @@ impl Fs {
         let prepared: Vec<(u64, Option<blocks::Prepared>)> = s
             .dirty
             .iter()
-            .map(|(bn, img)| (*bn, blocks::prepare(img.clone())))
+            .map(|(bn, img)| (*bn, blocks::prepare(img, &self.codec)))
             .collect();
         let size = s.size;
         let mtime = s.mtime;
@@ -314,29 +327,41 @@ impl Fs {
         let Some(st) = lock(&self.handles).files.remove(&fh) else {
             return errno(libc::EBADF);
         };
+        let ino = st.ino;
+        let unlocked = self.unlock_handle(ino, fh);
         let _ns = lock(&self.ns_lock);
         let flushed = {
             let mut s = lock(&st.inner);
-            let r = self.flush_locked(st.ino, &mut s);
+            let r = self.flush_locked(ino, &mut s);
             s.open -= 1;
             r
         };
+        // The count goes down, and the last close anywhere of an unlinked file frees it.
+        if !self.opts.read_only {
+            self.txn(|t| {
+                let key = ks::open_key(ino, self.mount_id);
+                let n = match t.get(Cf::Meta, &key)? {
+                    Some(v) => decode_counter(&v).map_err(|e| corrupt(&key, e))?,
+                    None => 0,
+                };
+                if n > 1 {
+                    t.put(Cf::Meta, &key, &encode_counter(n - 1))?;
+                } else {
+                    t.delete(Cf::Meta, &key)?;
+                    t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+                }
+                free_if_unused(t, ino).map(|_| ())
+            })?;
+        }
         let mut files = lock(&self.files);
         let last = {
             let s = lock(&st.inner);
             s.open == 0 && s.dirty_since.is_none()
         };
         if last {
-            files.remove(&st.ino);
-            drop(files);
-            // The last close of an unlinked file frees it.
-            let ino = st.ino;
-            self.txn(|t| match load_inode_opt(t, ino)? {
-                Some(i) if i.nlink == 0 => free_inode(t, ino, &i),
-                _ => Ok(()),
-            })?;
+            files.remove(&ino);
         }
-        flushed
+        flushed.and(unlocked)
     }
 
     /// Set the size of `ino`: cut blocks past it (zeroing the tail of the last one) or extend
@@ -378,7 +403,7 @@ impl Fs {
                         if ent.len as usize > tail {
                             let mut data = blocks::read(t, &ent.hash, ent.len)?;
                             data.truncate(tail);
-                            let p = blocks::prepare(data);
+                            let p = blocks::prepare(&data, &self.codec);
                             replace_block(t, ino, &mut inode.alloc, bn, p.as_ref())?;
                         }
                     }
@@ -426,7 +451,7 @@ fn replace_block(
             blocks::add_ref(t, n)?;
             let ent = FmapEntry {
                 hash: n.hash,
-                len: n.data.len() as u32,
+                len: n.len,
             };
             t.put(Cf::Fmap, &key, &ent.encode())?;
             *alloc += charge(ent.len);

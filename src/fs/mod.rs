@@ -12,22 +12,24 @@
 mod attr;
 mod dir;
 mod file;
+mod lock;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::blocks::{self, BlockError};
+use crate::blocks::{self, BlockError, Codec};
 use crate::keyspace::records::{
     decode_counter, encode_counter, DecodeError, FormatRecord, GarbageRecord, Inode, Kind,
 };
-use crate::keyspace::{self as ks, Ino};
+use crate::keyspace::{self as ks, Ino, MountId};
 use crate::kv::{Cf, KvError, KvStore, Retryable, Txn};
 use crate::util::Timestamp;
 
 pub use attr::{Attr, SetAttr, SetTime, StatFs, XattrReply};
 pub use dir::{DirEntry, NewNode};
 pub use file::FileState;
+pub use lock::{LockKind, LockQuery, LockSpec};
 
 /// Longest name a directory entry may have.
 pub const NAME_MAX: usize = 255;
@@ -100,8 +102,12 @@ const INO_BATCH: u64 = 1024;
 pub struct Fs {
     store: KvStore,
     format: FormatRecord,
+    codec: Codec,
     bs: u64,
     opts: FsOptions,
+    /// This mount's id: the key of its `p` record and the owner of its open counts and locks.
+    mount_id: MountId,
+    locks: lock::LockTable,
     ino_pool: Mutex<(u64, u64)>,
     ns_lock: Mutex<()>,
     files: Mutex<HashMap<Ino, Arc<FileState>>>,
@@ -128,8 +134,11 @@ impl Fs {
         let bs = format.block_size as u64;
         Fs {
             store,
+            codec: Codec::from_format(&format),
             format,
             bs,
+            mount_id: crate::util::rand_u64().max(1),
+            locks: lock::LockTable::default(),
             file_limit: opts.file_buffer_limit.unwrap_or(64 << 20),
             total_limit: opts.total_buffer_limit.unwrap_or(128 << 20),
             opts,
@@ -158,6 +167,10 @@ impl Fs {
 
     pub fn read_only(&self) -> bool {
         self.opts.read_only
+    }
+
+    pub fn mount_id(&self) -> MountId {
+        self.mount_id
     }
 
     fn writable(&self) -> Result<()> {
@@ -195,32 +208,6 @@ impl Fs {
         Ok(ino)
     }
 
-    /// Called once after mount: free inodes left unlinked-but-open by a previous mount that
-    /// ended (cleanly or not) before their last close, and blocks that lost their last
-    /// reference. Only one mount may hold a store, so nothing can still use them.
-    pub fn recover(&self) -> Result<(u64, u64)> {
-        let (start, end) = ks::Prefix::Garbage.range();
-        let mut inos = Vec::new();
-        self.store.for_each(Cf::Meta, &start, &end, |k, _| {
-            if let Some(i) = ks::key_ino(k) {
-                inos.push(i);
-            }
-            true
-        })?;
-        let n = inos.len() as u64;
-        for ino in inos {
-            self.txn(|t| {
-                t.delete(Cf::Meta, &ks::garbage_key(ino))?;
-                match load_inode_opt(t, ino)? {
-                    Some(inode) if inode.nlink == 0 => free_inode(t, ino, &inode),
-                    _ => Ok(()),
-                }
-            })?;
-        }
-        let blocks = self.collect_garbage()?;
-        Ok((n, blocks))
-    }
-
     /// Free unreferenced blocks.
     pub fn collect_garbage(&self) -> Result<u64> {
         let mut total = 0;
@@ -237,9 +224,72 @@ impl Fs {
         lock(&self.files).get(&ino).cloned()
     }
 
-    /// Whether `ino` has open handles in this mount.
-    fn is_open(&self, ino: Ino) -> bool {
-        self.file_state(ino).is_some_and(|s| s.open_count() > 0)
+    /// Inodes this mount holds open (for re-registering after its `p` record vanished, and
+    /// for the clean-shutdown release).
+    pub fn open_inodes(&self) -> Vec<(Ino, u32)> {
+        lock(&self.files)
+            .iter()
+            .map(|(i, s)| (*i, s.open_count()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Write this mount's open counts again (after its process entry was reaped by mistake).
+    pub fn restore_open_counts(&self) -> Result<()> {
+        for (ino, n) in self.open_inodes() {
+            self.txn(|t| {
+                if load_inode_opt(t, ino)?.is_some() {
+                    t.put(
+                        Cf::Meta,
+                        &ks::open_key(ino, self.mount_id),
+                        &encode_counter(n as u64),
+                    )?;
+                    t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Clean shutdown: drop this mount's open counts and locks from the keyspace, freeing
+    /// inodes whose last user it was. The kernel has released every handle by now, except
+    /// after a lazy or forced unmount.
+    pub fn release_all(&self) -> Result<()> {
+        let _ns = lock(&self.ns_lock);
+        let inos: Vec<Ino> = lock(&self.files).keys().copied().collect();
+        for ino in inos.into_iter().chain(self.locks.inodes()) {
+            self.txn(|t| {
+                t.delete(Cf::Meta, &ks::open_key(ino, self.mount_id))?;
+                lock::drop_mount_locks(t, ino, self.mount_id)?;
+                free_if_unused(t, ino)
+            })?;
+        }
+        lock(&self.files).clear();
+        Ok(())
+    }
+}
+
+/// Whether any mount has `ino` open. Open-set changes write the `i ino \xfe 'o'` pseudo-key,
+/// read here with tracking, so the untracked scan of the counts cannot miss a concurrent open.
+pub(crate) fn any_open(t: &mut dyn Txn, ino: Ino) -> Result<bool> {
+    t.get(Cf::Meta, &ks::open_pseudo_key(ino))?;
+    let (s, e) = ks::open_range(ino);
+    Ok(!t.scan(Cf::Meta, &s, &e, 1)?.is_empty())
+}
+
+/// Free `ino` if it has no names and no mount has it open.
+pub fn free_if_unused(t: &mut dyn Txn, ino: Ino) -> Result<bool> {
+    match load_inode_opt(t, ino)? {
+        Some(i) if i.nlink == 0 && !any_open(t, ino)? => {
+            free_inode(t, ino, &i)?;
+            Ok(true)
+        }
+        Some(_) => Ok(false),
+        None => {
+            t.delete(Cf::Meta, &ks::garbage_key(ino))?;
+            Ok(false)
+        }
     }
 }
 
@@ -286,9 +336,9 @@ pub(crate) fn charge(len: u32) -> u64 {
     (len as u64).div_ceil(4096) * 4096
 }
 
-/// Drop the last name of `ino`: free it now, or mark it garbage while it is open.
-pub(crate) fn drop_last_link(t: &mut dyn Txn, ino: Ino, inode: &Inode, open: bool) -> Result<()> {
-    if open {
+/// Drop the last name of `ino`: free it now, or mark it garbage while a mount has it open.
+pub(crate) fn drop_last_link(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
+    if any_open(t, ino)? {
         save_inode(t, ino, inode)?;
         let g = GarbageRecord {
             since: Timestamp::now(),
@@ -300,7 +350,7 @@ pub(crate) fn drop_last_link(t: &mut dyn Txn, ino: Ino, inode: &Inode, open: boo
 }
 
 /// Delete an inode with everything under it, dropping its block references.
-pub(crate) fn free_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
+pub fn free_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
     if inode.kind == Kind::File {
         let (s, e) = ks::fmap_range(ino, 0, u64::MAX);
         for (k, v) in t.scan(Cf::Fmap, &s, &e, usize::MAX)? {

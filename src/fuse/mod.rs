@@ -10,12 +10,14 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, Caller, Fs, FsError, NewNode, SetAttr, SetTime, XattrReply};
+use crate::fs::{
+    Attr, Caller, Fs, FsError, LockKind, LockSpec, NewNode, SetAttr, SetTime, XattrReply,
+};
 use crate::keyspace::records::Kind;
 use crate::kv::KvError;
 use crate::util::Timestamp;
@@ -36,6 +38,7 @@ pub fn errno(op: &str, e: &FsError) -> Errno {
             tracing::error!(op, reason = %m, "store disk full; answering ENOSPC");
             Errno::ENOSPC
         }
+        FsError::Kv(KvError::ReadOnly) => Errno::EROFS,
         FsError::Kv(k) => {
             tracing::error!(op, reason = %k, "store error; answering EIO");
             Errno::EIO
@@ -104,6 +107,30 @@ fn set_time(t: TimeOrNow) -> SetTime {
     }
 }
 
+fn lock_spec(owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32) -> Option<LockSpec> {
+    let kind = match typ {
+        libc::F_RDLCK => LockKind::Read,
+        libc::F_WRLCK => LockKind::Write,
+        libc::F_UNLCK => LockKind::Unlock,
+        _ => return None,
+    };
+    Some(LockSpec {
+        owner: owner.0,
+        start,
+        end,
+        kind,
+        pid,
+    })
+}
+
+fn lock_type(k: LockKind) -> i32 {
+    match k {
+        LockKind::Read => libc::F_RDLCK,
+        LockKind::Write => libc::F_WRLCK,
+        LockKind::Unlock => libc::F_UNLCK,
+    }
+}
+
 macro_rules! try_reply {
     ($reply:expr, $op:expr, $e:expr) => {
         match $e {
@@ -147,6 +174,13 @@ impl KvFuse {
 impl Filesystem for KvFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        // Record locks go to us (and so into the keyspace), not to the kernel's local table.
+        if config
+            .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)
+            .is_err()
+        {
+            tracing::warn!("kernel lacks FUSE_POSIX_LOCKS; record locks stay local to the kernel");
+        }
         Ok(())
     }
 
@@ -346,12 +380,74 @@ impl Filesystem for KvFuse {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.empty(reply, "flush", self.fs.flush(fh.0))
+        // A close: POSIX drops the closing process's record locks on the file.
+        let unlocked = self.fs.unlock_owner(ino.0, lock_owner.0);
+        self.empty(reply, "flush", self.fs.flush(fh.0).and(unlocked))
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let Some(want) = lock_spec(lock_owner, start, end, typ, pid) else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self.fs.getlk(ino.0, &want) {
+            Ok(Some(l)) => reply.locked(l.start, l.end, lock_type(l.kind), l.pid),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(errno("getlk", &e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(want) = lock_spec(lock_owner, start, end, typ, pid) else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self.fs.setlk(ino.0, fh.0, &want, None) {
+            Err(FsError::Errno(libc::EAGAIN)) if sleep => {
+                // Wait off the worker threads: they must stay free to serve the unlock.
+                let fs = self.fs.clone();
+                let thread = req.pid();
+                let spawned = std::thread::Builder::new()
+                    .name("kvfs-lockwait".into())
+                    .spawn(move || {
+                        let r = fs.setlk(ino.0, fh.0, &want, Some(thread));
+                        match r {
+                            Ok(()) => reply.ok(),
+                            Err(e) => reply.error(errno("setlk", &e)),
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a lock waiter");
+                }
+            }
+            r => self.empty(reply, "setlk", r),
+        }
     }
 
     fn release(

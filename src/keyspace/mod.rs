@@ -100,16 +100,23 @@ impl Prefix {
     }
 }
 
+/// A mount's random id: the `p` key and the owner part of open counts and locks.
+pub type MountId = u64;
+
 /// Sub-key tags after `i ino` (the seed's scheme).
 pub mod inode_sub {
-    /// `i ino \x00 owner ...`: record locks (next issue).
+    /// `i ino \x00 mount-id owner start`: record locks.
     pub const LOCK: u8 = 0x00;
-    /// `i ino \x01 mount-id`: per-mount open count (next issue).
+    /// `i ino \x01 mount-id`: per-mount open count.
     pub const OPEN: u8 = 0x01;
     /// `i ino \x02 name`: extended attribute.
     pub const XATTR: u8 = 0x02;
-    /// `i ino \xfe attr`: conflict pseudo-keys (reserved).
+    /// `i ino \xfe attr`: conflict pseudo-keys.
     pub const PSEUDO: u8 = 0xfe;
+    /// `i ino \xfe 'l'`: every lock change of the inode reads and writes it.
+    pub const PSEUDO_LOCKS: u8 = b'l';
+    /// `i ino \xfe 'o'`: written when a mount's open count appears or disappears.
+    pub const PSEUDO_OPEN: u8 = b'o';
 }
 
 /// `M` keys.
@@ -151,6 +158,115 @@ pub fn inode_sub_range(ino: Ino) -> (Vec<u8>, Vec<u8>) {
     s.push(0x00);
     let e = inode_key(ino + 1);
     (s, e)
+}
+
+fn inode_sub_key(ino: Ino, tag: u8, extra: usize) -> Vec<u8> {
+    let mut k = with_ino(Prefix::Inode, ino, 1 + extra);
+    k.push(tag);
+    k
+}
+
+fn inode_sub_tag_range(ino: Ino, tag: u8) -> (Vec<u8>, Vec<u8>) {
+    (inode_sub_key(ino, tag, 0), inode_sub_key(ino, tag + 1, 0))
+}
+
+/// `i ino \x01 mount-id`
+pub fn open_key(ino: Ino, mount: MountId) -> Vec<u8> {
+    let mut k = inode_sub_key(ino, inode_sub::OPEN, 8);
+    k.extend_from_slice(&mount.to_be_bytes());
+    k
+}
+
+/// Every open count of `ino`.
+pub fn open_range(ino: Ino) -> (Vec<u8>, Vec<u8>) {
+    inode_sub_tag_range(ino, inode_sub::OPEN)
+}
+
+/// `i ino \x00 mount-id owner start`
+pub fn lock_key(ino: Ino, mount: MountId, owner: u64, start: u64) -> Vec<u8> {
+    let mut k = inode_sub_key(ino, inode_sub::LOCK, 24);
+    k.extend_from_slice(&mount.to_be_bytes());
+    k.extend_from_slice(&owner.to_be_bytes());
+    k.extend_from_slice(&start.to_be_bytes());
+    k
+}
+
+/// Every lock of `ino`.
+pub fn lock_range(ino: Ino) -> (Vec<u8>, Vec<u8>) {
+    inode_sub_tag_range(ino, inode_sub::LOCK)
+}
+
+/// `(mount, owner, start)` of a lock key.
+pub fn parse_lock_key(key: &[u8]) -> Option<(MountId, u64, u64)> {
+    if key.len() != 34 || key[0] != Prefix::Inode.byte() || key[9] != inode_sub::LOCK {
+        return None;
+    }
+    let n = |i: usize| {
+        <[u8; 8]>::try_from(&key[i..i + 8])
+            .ok()
+            .map(u64::from_be_bytes)
+    };
+    Some((n(10)?, n(18)?, n(26)?))
+}
+
+/// `i ino \xfe 'l'`: the lock-table pseudo-key.
+pub fn lock_pseudo_key(ino: Ino) -> Vec<u8> {
+    let mut k = inode_sub_key(ino, inode_sub::PSEUDO, 1);
+    k.push(inode_sub::PSEUDO_LOCKS);
+    k
+}
+
+/// `i ino \xfe 'o'`: the open-set pseudo-key.
+pub fn open_pseudo_key(ino: Ino) -> Vec<u8> {
+    let mut k = inode_sub_key(ino, inode_sub::PSEUDO, 1);
+    k.push(inode_sub::PSEUDO_OPEN);
+    k
+}
+
+/// What an `i` key is: the record itself or one of its sub-keys.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InodeKey<'a> {
+    Record(Ino),
+    Lock(Ino, MountId, u64, u64),
+    Open(Ino, MountId),
+    Xattr(Ino, &'a [u8]),
+    Pseudo(Ino, &'a [u8]),
+    Unknown,
+}
+
+pub fn parse_inode_key(key: &[u8]) -> InodeKey<'_> {
+    let Some(ino) = key_ino(key).filter(|_| key[0] == Prefix::Inode.byte()) else {
+        return InodeKey::Unknown;
+    };
+    let rest = &key[9..];
+    match rest.split_first() {
+        None => InodeKey::Record(ino),
+        Some((&inode_sub::LOCK, _)) => match parse_lock_key(key) {
+            Some((m, o, s)) => InodeKey::Lock(ino, m, o, s),
+            None => InodeKey::Unknown,
+        },
+        Some((&inode_sub::OPEN, m)) => match <[u8; 8]>::try_from(m) {
+            Ok(m) => InodeKey::Open(ino, u64::from_be_bytes(m)),
+            Err(_) => InodeKey::Unknown,
+        },
+        Some((&inode_sub::XATTR, name)) if !name.is_empty() => InodeKey::Xattr(ino, name),
+        Some((&inode_sub::PSEUDO, a)) => InodeKey::Pseudo(ino, a),
+        _ => InodeKey::Unknown,
+    }
+}
+
+/// `p mount-id`
+pub fn process_key(mount: MountId) -> Vec<u8> {
+    let mut k = vec![Prefix::Process.byte()];
+    k.extend_from_slice(&mount.to_be_bytes());
+    k
+}
+
+/// The mount id of a `p` key.
+pub fn process_key_id(key: &[u8]) -> Option<MountId> {
+    (key.len() == 9 && key[0] == Prefix::Process.byte())
+        .then(|| key_ino(key))
+        .flatten()
 }
 
 /// `d parent name`
@@ -252,6 +368,21 @@ pub fn hex(b: &[u8]) -> String {
 /// A key rendered for logs: prefix letter, then decoded numbers and hex.
 pub fn describe_key(key: &[u8]) -> String {
     match key.first().copied().and_then(Prefix::from_byte) {
+        Some(Prefix::Process) if key.len() == 9 => {
+            format!("p {:016x}", key_ino(key).unwrap_or(0))
+        }
+        Some(Prefix::Inode) if key.len() > 9 => {
+            let ino = key_ino(key).unwrap_or(0);
+            match parse_inode_key(key) {
+                InodeKey::Lock(_, m, o, s) => {
+                    format!("i {ino} lock mount {m:016x} owner {o:x} start {s}")
+                }
+                InodeKey::Open(_, m) => format!("i {ino} open mount {m:016x}"),
+                InodeKey::Xattr(_, n) => format!("i {ino} xattr {:?}", String::from_utf8_lossy(n)),
+                InodeKey::Pseudo(_, a) => format!("i {ino} pseudo {}", hex(a)),
+                _ => format!("i {ino} {}", hex(&key[9..])),
+            }
+        }
         Some(Prefix::Inode | Prefix::Dirent | Prefix::Garbage | Prefix::Fmap) if key.len() >= 9 => {
             let ino = key_ino(key).unwrap_or(0);
             let rest = &key[9..];
@@ -305,6 +436,26 @@ mod tests {
         let (s, e) = fmap_range(7, 0, u64::MAX);
         assert!(s <= a && b < e && c >= e);
         assert_eq!(fmap_blockno(&b), Some(256));
+    }
+
+    #[test]
+    fn sub_keys_parse_back_and_stay_inside_their_inode() {
+        let k = lock_key(5, 0xabc, 7, 100);
+        assert_eq!(parse_inode_key(&k), InodeKey::Lock(5, 0xabc, 7, 100));
+        assert_eq!(parse_inode_key(&open_key(5, 9)), InodeKey::Open(5, 9));
+        assert_eq!(
+            parse_inode_key(&xattr_key(5, b"user.x")),
+            InodeKey::Xattr(5, b"user.x")
+        );
+        assert_eq!(parse_inode_key(&inode_key(5)), InodeKey::Record(5));
+        let (s, e) = inode_sub_range(5);
+        for k in [k, open_key(5, 9), lock_pseudo_key(5)] {
+            assert!(s <= k && k < e);
+        }
+        let (ls, le) = lock_range(5);
+        assert!(ls <= lock_key(5, u64::MAX, u64::MAX, u64::MAX));
+        assert!(lock_key(5, u64::MAX, u64::MAX, u64::MAX) < le && le <= open_key(5, 0));
+        assert_eq!(process_key_id(&process_key(42)), Some(42));
     }
 
     #[test]

@@ -8,16 +8,28 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use super::{Hash, Ino};
 use crate::util::Timestamp;
 
-/// The on-disk format this build writes. A store whose major differs is refused at open.
-pub const FORMAT_MAJOR: u32 = 1;
+/// The on-disk format this build writes. A store of another major is refused at open, except
+/// format 1 stores, which this build upgrades in place (see keyspace.md, "Upgrades").
+pub const FORMAT_MAJOR: u32 = 2;
 pub const FORMAT_MINOR: u32 = 0;
 pub const FORMAT_PATCH: u32 = 0;
+/// Older majors this build reads and upgrades.
+pub const UPGRADABLE_MAJORS: &[u32] = &[1];
 
 /// Hash algorithm ids for [`FormatRecord::hash`].
 pub const HASH_SHA256: u8 = 1;
 
-/// Block encodings, carried in the block value header.
+/// Block encodings, carried in the block value header (`B hash` = `01` encoding ...).
 pub const ENC_PLAIN: u8 = 0;
+/// `z` + algorithm id + compressed content.
+pub const ENC_COMPRESSED: u8 = b'z';
+/// `p` + sector checksums + parity + an inner plain or compressed encoding.
+pub const ENC_PARITY: u8 = b'p';
+
+/// Compression algorithm ids (after `z`, and in [`FormatRecord::compression`]; 0 = none).
+pub const COMP_NONE: u8 = 0;
+pub const COMP_ZSTD: u8 = 1;
+pub const COMP_LZ4: u8 = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("cannot decode {what}: {reason}")]
@@ -33,29 +45,34 @@ fn err(what: &'static str, reason: impl Into<String>) -> DecodeError {
     }
 }
 
-fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = vec![1u8];
+fn encode_tagged<T: Serialize>(tag: u8, v: &T) -> Vec<u8> {
+    let mut out = vec![tag];
     // postcard into a Vec cannot fail for these plain structs.
     out.extend(postcard::to_allocvec(v).unwrap_or_default());
     out
 }
 
+fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
+    encode_tagged(1, v)
+}
+
+fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, DecodeError> {
+    let (v, rest) = postcard::take_from_bytes(body).map_err(|e| err(what, e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(err(what, format!("{} trailing bytes", rest.len())));
+    }
+    Ok(v)
+}
+
 fn decode_v1<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, DecodeError> {
     match b.split_first() {
         None => Err(err(what, "empty value")),
-        Some((1, body)) => {
-            let (v, rest) =
-                postcard::take_from_bytes(body).map_err(|e| err(what, e.to_string()))?;
-            if !rest.is_empty() {
-                return Err(err(what, format!("{} trailing bytes", rest.len())));
-            }
-            Ok(v)
-        }
+        Some((1, body)) => decode_body(what, body),
         Some((t, _)) => Err(err(what, format!("unknown version tag {t}"))),
     }
 }
 
-/// `M format`: what this store is.
+/// `M format`: what this store is. Version tag 2 (tag 1, [`FormatRecordV1`], is read too).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FormatRecord {
     pub major: u32,
@@ -65,17 +82,74 @@ pub struct FormatRecord {
     pub hash: u8,
     pub created: Timestamp,
     pub fs_id: [u8; 16],
+    /// Compression tried on every new block: [`COMP_NONE`], [`COMP_ZSTD`] or [`COMP_LZ4`].
+    pub compression: u8,
+    /// zstd level (ignored for the others).
+    pub level: i8,
+    /// Whether new blocks carry 512-byte-sector parity.
+    pub parity: bool,
+}
+
+/// The format record of format 1.x stores (version tag 1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormatRecordV1 {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+    pub block_size: u32,
+    pub hash: u8,
+    pub created: Timestamp,
+    pub fs_id: [u8; 16],
+}
+
+impl FormatRecordV1 {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
 }
 
 impl FormatRecord {
     pub fn encode(&self) -> Vec<u8> {
-        encode_v1(self)
+        encode_tagged(2, self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        decode_v1("format record", b)
+        const WHAT: &str = "format record";
+        match b.split_first() {
+            None => Err(err(WHAT, "empty value")),
+            Some((1, body)) => {
+                let v: FormatRecordV1 = decode_body(WHAT, body)?;
+                Ok(FormatRecord {
+                    major: v.major,
+                    minor: v.minor,
+                    patch: v.patch,
+                    block_size: v.block_size,
+                    hash: v.hash,
+                    created: v.created,
+                    fs_id: v.fs_id,
+                    compression: COMP_NONE,
+                    level: 0,
+                    parity: false,
+                })
+            }
+            Some((2, body)) => decode_body(WHAT, body),
+            Some((t, _)) => Err(err(WHAT, format!("unknown version tag {t}"))),
+        }
     }
     pub fn version(&self) -> String {
         format!("{}.{}.{}", self.major, self.minor, self.patch)
+    }
+    /// The encoding settings as words, for reports.
+    pub fn encoding_name(&self) -> String {
+        let c = match self.compression {
+            COMP_ZSTD => format!("zstd:{}", self.level),
+            COMP_LZ4 => "lz4".into(),
+            _ => "none".into(),
+        };
+        if self.parity {
+            format!("{c}+parity")
+        } else {
+            c
+        }
     }
 }
 
@@ -193,8 +267,9 @@ impl FmapEntry {
 pub struct BlockInfo {
     /// Plain content length.
     pub len: u32,
-    /// Bytes of the stored value's payload.
+    /// Bytes of the whole stored `B` value.
     pub stored: u32,
+    /// Compression used (`COMP_*`), plus 0x80 when the block carries parity.
     pub encoding: u8,
 }
 
@@ -204,24 +279,6 @@ impl BlockInfo {
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         decode_v1("block info", b)
-    }
-}
-
-/// `B hash` value: `[1][encoding][payload]` (raw, no postcard: blocks are large).
-pub fn encode_block(encoding: u8, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(payload.len() + 2);
-    v.push(1);
-    v.push(encoding);
-    v.extend_from_slice(payload);
-    v
-}
-
-/// Split a `B` value into encoding and payload.
-pub fn decode_block(b: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
-    match b {
-        [1, enc, payload @ ..] => Ok((*enc, payload)),
-        [] | [_] => Err(err("block", "value too short")),
-        [t, ..] => Err(err("block", format!("unknown version tag {t}"))),
     }
 }
 
@@ -237,6 +294,47 @@ impl GarbageRecord {
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         decode_v1("garbage record", b)
+    }
+}
+
+/// `p mount-id`: one running (or dead, not yet reaped) mount.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub host: String,
+    /// OS process id of the mount daemon.
+    pub pid: u32,
+    pub started: Timestamp,
+    /// Bumped every few seconds while the mount lives.
+    pub heartbeat: Timestamp,
+    pub beats: u64,
+}
+
+impl ProcessRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("process record", b)
+    }
+}
+
+/// `i ino \x00 mount-id owner start`: one POSIX record lock (byte range `start..=end`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// Last byte covered, inclusive (`u64::MAX`: to end of file and beyond).
+    pub end: u64,
+    /// Exclusive (F_WRLCK) or shared (F_RDLCK).
+    pub write: bool,
+    /// Process that took it, for F_GETLK.
+    pub pid: u32,
+}
+
+impl LockRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("lock", b)
     }
 }
 
@@ -310,10 +408,6 @@ mod tests {
         };
         assert_eq!(FmapEntry::decode(&f.encode()).unwrap(), f);
         assert_eq!(decode_counter(&encode_counter(77)).unwrap(), 77);
-        assert_eq!(
-            decode_block(&encode_block(0, b"abc")).unwrap(),
-            (0, &b"abc"[..])
-        );
     }
 
     #[test]
@@ -322,7 +416,6 @@ mod tests {
         b[0] = 2;
         assert!(Inode::decode(&b).unwrap_err().reason.contains("version"));
         assert!(Inode::decode(&[]).is_err());
-        assert!(decode_block(&[9, 0, 1]).is_err());
     }
 
     #[test]

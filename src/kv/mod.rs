@@ -62,6 +62,9 @@ pub enum KvError {
     /// The store is open in another process (RocksDB LOCK held).
     #[error("store is in use by another process (already mounted?)")]
     Locked,
+    /// A write on a store opened read-only (tools inspecting a mounted store).
+    #[error("store is open read-only")]
+    ReadOnly,
     #[error("store error: {0}")]
     Other(String),
 }
@@ -119,6 +122,10 @@ pub trait Txn {
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
     pub create: bool,
+    /// Open without taking the store's lock, for reading only: works while another process
+    /// has the store open, and sees what that process had committed at this moment (its WAL
+    /// is replayed into memory, nothing is written).
+    pub read_only: bool,
     /// Block cache in bytes shared by all families.
     pub cache_bytes: usize,
 }
@@ -127,13 +134,29 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             create: false,
+            read_only: false,
             cache_bytes: 64 << 20,
         }
     }
 }
 
+enum Db {
+    Rw(OptimisticTransactionDB),
+    Ro(rocksdb::DB),
+}
+
+/// Run the same expression on whichever RocksDB handle the store has.
+macro_rules! with_db {
+    ($self:expr, $d:ident => $e:expr) => {
+        match &$self.db {
+            Db::Rw($d) => $e,
+            Db::Ro($d) => $e,
+        }
+    };
+}
+
 pub struct KvStore {
-    db: OptimisticTransactionDB,
+    db: Db,
 }
 
 /// Most conflicts resolve in a few rounds; past this the caller gets EIO-class `Conflict`
@@ -184,15 +207,40 @@ impl KvStore {
             opts.set_block_based_table_factory(&bbo);
             ColumnFamilyDescriptor::new(cf.name(), opts)
         });
-        let db = OptimisticTransactionDB::open_cf_descriptors(&db_opts, path, cfs)
-            .map_err(KvError::from)?;
+        let db = if o.read_only {
+            Db::Ro(
+                rocksdb::DB::open_cf_descriptors_read_only(&db_opts, path, cfs, false)
+                    .map_err(KvError::from)?,
+            )
+        } else {
+            Db::Rw(
+                OptimisticTransactionDB::open_cf_descriptors(&db_opts, path, cfs)
+                    .map_err(KvError::from)?,
+            )
+        };
         Ok(KvStore { db })
     }
 
+    /// Whether this process holds the store alone (a read-write RocksDB open takes its lock),
+    /// so that any other mount recorded in it cannot be alive.
+    pub fn is_exclusive(&self) -> bool {
+        matches!(self.db, Db::Rw(_))
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        matches!(self.db, Db::Ro(_))
+    }
+
     fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, KvError> {
-        self.db
-            .cf_handle(cf.name())
+        with_db!(self, d => d.cf_handle(cf.name()))
             .ok_or_else(|| KvError::Other(format!("column family {} missing", cf.name())))
+    }
+
+    fn rw(&self) -> Result<&OptimisticTransactionDB, KvError> {
+        match &self.db {
+            Db::Rw(d) => Ok(d),
+            Db::Ro(_) => Err(KvError::ReadOnly),
+        }
     }
 
     /// Run `f` as one transaction, retrying the whole closure on conflict.
@@ -200,11 +248,12 @@ impl KvStore {
         &self,
         mut f: impl FnMut(&mut dyn Txn) -> Result<T, E>,
     ) -> Result<T, E> {
+        let db = self.rw().map_err(E::from)?;
         let mut attempt = 0;
         loop {
             let wo = WriteOptions::default();
             let to = OptimisticTransactionOptions::default();
-            let txn = self.db.transaction_opt(&wo, &to);
+            let txn = db.transaction_opt(&wo, &to);
             let mut t = RocksTxn { store: self, txn };
             let out = f(&mut t);
             let res = match out {
@@ -226,20 +275,22 @@ impl KvStore {
 
     /// Make every committed transaction durable (sync the WAL).
     pub fn sync(&self) -> Result<(), KvError> {
-        self.db.flush_wal(true).map_err(KvError::from)
+        self.rw()?.flush_wal(true).map_err(KvError::from)
     }
 
     /// Flush memtables to SST files (used at clean shutdown so the WAL can be dropped).
     pub fn flush_all(&self) -> Result<(), KvError> {
+        let db = self.rw()?;
         for cf in Cf::ALL {
-            self.db.flush_cf(self.cf(cf)?)?;
+            db.flush_cf(self.cf(cf)?)?;
         }
         Ok(())
     }
 
     /// Read outside a transaction (tools, statistics).
     pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self.db.get_cf(self.cf(cf)?, key)?)
+        let h = self.cf(cf)?;
+        Ok(with_db!(self, d => d.get_cf(h, key))?)
     }
 
     /// Scan outside a transaction, calling `visit` for each pair in `[start, end)` until it
@@ -251,20 +302,23 @@ impl KvStore {
         end: &[u8],
         mut visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), KvError> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end.to_vec());
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
-        it.seek(start);
-        while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                break;
-            };
-            if !visit(k, v) {
-                return Ok(());
+        let h = self.cf(cf)?;
+        with_db!(self, d => {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(end.to_vec());
+            let mut it = d.raw_iterator_cf_opt(h, ro);
+            it.seek(start);
+            while it.valid() {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                if !visit(k, v) {
+                    return Ok(());
+                }
+                it.next();
             }
-            it.next();
-        }
-        it.status().map_err(KvError::from)
+            it.status().map_err(KvError::from)
+        })
     }
 
     /// Total bytes of live SST files and WAL, for statfs and reports.
@@ -276,9 +330,7 @@ impl KvStore {
                     "rocksdb.live-sst-files-size",
                     "rocksdb.cur-size-all-mem-tables",
                 ] {
-                    total += self
-                        .db
-                        .property_int_value_cf(h, prop)
+                    total += with_db!(self, d => d.property_int_value_cf(h, prop))
                         .ok()
                         .flatten()
                         .unwrap_or(0);

@@ -35,6 +35,11 @@ pub fn mount() -> Option<Mounted> {
 }
 
 pub fn mount_with(block_size: &str, opts: &str) -> Option<Mounted> {
+    mount_with_format(&["--block-size", block_size], opts)
+}
+
+/// Format with these `kvfs format` arguments, then mount with `-o opts`.
+pub fn mount_with_format(format_args: &[&str], opts: &str) -> Option<Mounted> {
     if !fuse_available() {
         return None;
     }
@@ -56,7 +61,8 @@ pub fn mount_with(block_size: &str, opts: &str) -> Option<Mounted> {
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let out = Command::new(KVFS)
-        .args(["format", "--block-size", block_size])
+        .arg("format")
+        .args(format_args)
         .arg(&store)
         .output()
         .unwrap();
@@ -88,6 +94,8 @@ impl Mounted {
             .arg(&self.store)
             .arg(&self.mnt)
             .arg("--foreground")
+            .arg("--log")
+            .arg(self.log_path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if !self.opts.is_empty() {
@@ -119,6 +127,15 @@ impl Mounted {
         self.mnt.join(rel)
     }
 
+    /// Where the mount daemon logs (appended to across remounts).
+    pub fn log_path(&self) -> PathBuf {
+        self.tmp.path().join("daemon.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// Unmount and wait for the daemon; asserts it ended cleanly.
     pub fn unmount(&mut self) {
         let Some(mut child) = self.child.take() else {
@@ -140,8 +157,9 @@ impl Mounted {
                     .unwrap()
                     .read_to_string(&mut err)
                     .unwrap();
-                assert!(st.success(), "kvfs exited with {st}: {err}");
-                assert!(!err.contains("ERROR"), "errors logged: {err}");
+                let log = self.log();
+                assert!(st.success(), "kvfs exited with {st}: {err}\n{log}");
+                assert!(!log.contains("ERROR"), "errors logged: {log}");
                 return;
             }
             assert!(
@@ -169,7 +187,11 @@ impl Mounted {
             .arg("-z")
             .arg(&self.mnt)
             .status();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
     }
 
     /// Size in bytes of everything under the store directory.

@@ -2,7 +2,11 @@
 
 mod cli;
 mod common;
+mod crash;
 mod data;
 mod fsapi;
+mod fuzz;
+mod locks;
 mod model;
 mod posix;
+mod tools;

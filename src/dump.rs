@@ -1,0 +1,178 @@
+//! `kvfs dump`: every key of a store with its decoded value, one per line, for people
+//! debugging a store. Works on a mounted store (read-only open, no lock taken). The value
+//! decoder here is also audit's "does every record decode" check.
+
+use std::io::Write;
+
+use crate::blocks::encode::INFO_PARITY;
+use crate::keyspace::records::{
+    decode_counter, decode_xattr, BlockInfo, Dirent, FmapEntry, FormatRecord, GarbageRecord, Inode,
+    LockRecord, ProcessRecord,
+};
+use crate::keyspace::{self as ks, Ino, InodeKey, Prefix};
+use crate::kv::{decode_i64, KvError, KvStore};
+
+/// Longest raw value shown in full (hex); longer ones are cut.
+const SHOW_BYTES: usize = 48;
+
+fn hex_cut(b: &[u8]) -> String {
+    if b.len() <= SHOW_BYTES {
+        ks::hex(b)
+    } else {
+        format!("{}... ({} bytes)", ks::hex(&b[..SHOW_BYTES]), b.len())
+    }
+}
+
+fn printable(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) if !s.chars().any(char::is_control) => format!("{s:?}"),
+        _ => format!("hex {}", hex_cut(b)),
+    }
+}
+
+fn pseudo_value(v: &[u8]) -> Result<String, String> {
+    match v {
+        [1] => Ok("01".into()),
+        _ => Err(format!("expected 01, found {}", hex_cut(v))),
+    }
+}
+
+/// The value of `key` in human-readable form, or why it does not decode.
+pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
+    let e = |e: crate::keyspace::records::DecodeError| e.to_string();
+    match key.first().copied().and_then(Prefix::from_byte) {
+        Some(Prefix::Meta) => match key {
+            ks::META_FORMAT => FormatRecord::decode(v).map(|r| format!("{r:?}")).map_err(e),
+            ks::META_NEXT_INO => decode_counter(v).map(|n| n.to_string()).map_err(e),
+            _ => Err(format!("unknown metadata key, value {}", hex_cut(v))),
+        },
+        Some(Prefix::Inode) => match ks::parse_inode_key(key) {
+            InodeKey::Record(_) => Inode::decode(v).map(|i| format!("{i:?}")).map_err(e),
+            InodeKey::Lock(..) => LockRecord::decode(v).map(|l| format!("{l:?}")).map_err(e),
+            InodeKey::Open(..) => decode_counter(v)
+                .map(|n| format!("{n} open handle(s)"))
+                .map_err(e),
+            InodeKey::Xattr(..) => decode_xattr(v).map(printable).map_err(e),
+            InodeKey::Pseudo(..) => pseudo_value(v),
+            InodeKey::Unknown => Err(format!("unknown inode sub-key, value {}", hex_cut(v))),
+        },
+        Some(Prefix::Dirent) if key.len() > 9 => {
+            Dirent::decode(v).map(|d| format!("{d:?}")).map_err(e)
+        }
+        Some(Prefix::Garbage) if key.len() == 9 => GarbageRecord::decode(v)
+            .map(|g| format!("{g:?}"))
+            .map_err(e),
+        Some(Prefix::Process) if key.len() == 9 => ProcessRecord::decode(v)
+            .map(|p| format!("{p:?}"))
+            .map_err(e),
+        Some(Prefix::Fmap) if key.len() == 17 => FmapEntry::decode(v)
+            .map(|f| format!("block {} len {}", ks::hex(&f.hash), f.len))
+            .map_err(e),
+        Some(Prefix::Block) if key.len() == 33 => match v {
+            [1, enc, ..] => Ok(format!(
+                "encoding {} ({} bytes stored)",
+                match *enc {
+                    0 => "plain".to_string(),
+                    b'z' => format!("z{}", v.get(2).copied().unwrap_or(0)),
+                    b'p' => "parity".to_string(),
+                    x => format!("unknown {x:#04x}"),
+                },
+                v.len()
+            )),
+            _ => Err(format!("bad block header {}", hex_cut(v))),
+        },
+        Some(Prefix::BlockInfo) if key.len() == 33 => BlockInfo::decode(v)
+            .map(|b| {
+                format!(
+                    "len {} stored {} compression {}{}",
+                    b.len,
+                    b.stored,
+                    b.encoding & !INFO_PARITY,
+                    if b.encoding & INFO_PARITY != 0 {
+                        " +parity"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .map_err(e),
+        Some(Prefix::Refcount) if key.len() == 34 => {
+            if v.len() == 8 {
+                Ok(format!("{:+}", decode_i64(v)))
+            } else {
+                Err(format!("counter is {} bytes, expected 8", v.len()))
+            }
+        }
+        Some(Prefix::BlockGarbage) if key.len() == 34 => {
+            if v.is_empty() {
+                Ok("candidate".into())
+            } else {
+                Err(format!("expected empty, found {}", hex_cut(v)))
+            }
+        }
+        _ => Err(format!("unknown key kind, value {}", hex_cut(v))),
+    }
+}
+
+/// What to dump.
+#[derive(Clone, Debug, Default)]
+pub struct DumpFilter {
+    /// Only keys of this prefix.
+    pub prefix: Option<Prefix>,
+    /// Only keys about this inode (`i`, `d` as parent, `f`, `g`).
+    pub inode: Option<Ino>,
+}
+
+/// Find a prefix by its letter or its name (`i`, `inode`, `block-map`...).
+pub fn parse_prefix(s: &str) -> Option<Prefix> {
+    Prefix::ALL
+        .into_iter()
+        .find(|p| p.name() == s || (s.len() == 1 && s.as_bytes()[0] == p.byte()))
+}
+
+/// Write the dump; returns (keys, undecodable values).
+pub fn dump(store: &KvStore, f: &DumpFilter, out: &mut dyn Write) -> Result<(u64, u64), KvError> {
+    let (mut n, mut bad) = (0u64, 0u64);
+    let mut io_err = None;
+    for p in Prefix::ALL {
+        if f.prefix.is_some_and(|want| want != p) {
+            continue;
+        }
+        let (s, e) = match f.inode {
+            Some(ino) => match p {
+                Prefix::Inode | Prefix::Dirent | Prefix::Garbage | Prefix::Fmap => {
+                    let mut s = vec![p.byte()];
+                    s.extend_from_slice(&ino.to_be_bytes());
+                    let mut e = vec![p.byte()];
+                    e.extend_from_slice(&(ino + 1).to_be_bytes());
+                    (s, e)
+                }
+                _ => continue,
+            },
+            None => p.range(),
+        };
+        store.for_each(p.cf(), &s, &e, |k, v| {
+            n += 1;
+            let line = match describe_value(k, v) {
+                Ok(d) => format!("{}  =>  {d}", ks::describe_key(k)),
+                Err(why) => {
+                    bad += 1;
+                    format!("{}  =>  !! {why}", ks::describe_key(k))
+                }
+            };
+            if let Err(e) = writeln!(out, "{line}") {
+                io_err = Some(e);
+                return false;
+            }
+            true
+        })?;
+        if let Some(e) = io_err.take() {
+            // A closed pipe (`kvfs dump | head`) ends the dump quietly.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok((n, bad));
+            }
+            return Err(KvError::Other(e.to_string()));
+        }
+    }
+    Ok((n, bad))
+}

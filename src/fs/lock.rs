@@ -1,0 +1,376 @@
+//! POSIX record locks (F_GETLK, F_SETLK, F_SETLKW and their OFD forms) kept in the keyspace.
+//!
+//! A lock is `i ino \x00 mount-id owner start` → `LockRecord { end, write, pid }`, byte range
+//! `start..=end`. The kernel names the owner: the process's file table for POSIX locks, the open
+//! file description for OFD locks; both arrive the same way. Locks of one (mount, owner) pair
+//! never overlap: a new lock replaces what the owner held in its range, splitting ranges it cuts
+//! and merging with adjacent ranges of the same type, as POSIX says. Every lock change reads
+//! (tracked) and writes the inode's `i ino \xfe 'l'` pseudo-key, so the untracked scan of the
+//! lock table cannot miss a concurrent change from any mount.
+//!
+//! Release: closing any descriptor of a file releases its process's POSIX locks on it (the
+//! kernel's FUSE flush carries the owner); the last close of an open file description releases
+//! the locks taken through it (OFD); a mount's clean exit drops its locks, and the sweeper drops
+//! those of a dead mount. Blocking waits ([`Fs::setlk`] with `wait`) poll the table, woken early
+//! by any change in this mount, and give up with EINTR when the waiting process has a signal
+//! pending (the kernel cannot interrupt a FUSE request on its own).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use super::{corrupt, errno, load_inode, lock, Fs, FsError, Result};
+use crate::keyspace::records::LockRecord;
+use crate::keyspace::{self as ks, Ino, MountId};
+use crate::kv::{Cf, Txn};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    Read,
+    Write,
+    Unlock,
+}
+
+/// A lock request or a lock found: owner, inclusive byte range, kind, process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockSpec {
+    pub owner: u64,
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+    pub pid: u32,
+}
+
+/// The answer to F_GETLK: the first conflicting lock, or none.
+pub type LockQuery = Option<LockSpec>;
+
+/// This mount's view: which inodes it holds locks on, which owners used which handle, and the
+/// condition variable blocked waiters sleep on.
+#[derive(Default)]
+pub struct LockTable {
+    held: Mutex<HashSet<Ino>>,
+    by_handle: Mutex<HashMap<u64, HashSet<u64>>>,
+    changed: Condvar,
+    gen: Mutex<u64>,
+}
+
+impl LockTable {
+    pub fn inodes(&self) -> Vec<Ino> {
+        lock(&self.held).iter().copied().collect()
+    }
+
+    fn notify(&self) {
+        *lock(&self.gen) += 1;
+        self.changed.notify_all();
+    }
+
+    fn wait(&self, d: Duration) {
+        let g = lock(&self.gen);
+        let _ = self.changed.wait_timeout(g, d);
+    }
+}
+
+/// One held lock as read from the table.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    mount: MountId,
+    owner: u64,
+    start: u64,
+    rec: LockRecord,
+}
+
+fn read_locks(t: &mut dyn Txn, ino: Ino) -> Result<Vec<Held>> {
+    t.get(Cf::Meta, &ks::lock_pseudo_key(ino))?;
+    let (s, e) = ks::lock_range(ino);
+    let mut out = Vec::new();
+    for (k, v) in t.scan(Cf::Meta, &s, &e, usize::MAX)? {
+        let (mount, owner, start) = ks::parse_lock_key(&k).ok_or_else(|| FsError::Corrupt {
+            key: ks::describe_key(&k),
+            reason: "malformed lock key".into(),
+        })?;
+        let rec = LockRecord::decode(&v).map_err(|e| corrupt(&k, e))?;
+        out.push(Held {
+            mount,
+            owner,
+            start,
+            rec,
+        });
+    }
+    Ok(out)
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+/// New ranges of one owner after applying `(start, end, kind)` to its current ranges.
+fn apply(
+    mut own: Vec<(u64, u64, bool)>,
+    start: u64,
+    end: u64,
+    kind: LockKind,
+) -> Vec<(u64, u64, bool)> {
+    let mut out = Vec::with_capacity(own.len() + 2);
+    for (a, b, w) in own.drain(..) {
+        if !overlaps((a, b), (start, end)) {
+            out.push((a, b, w));
+            continue;
+        }
+        if a < start {
+            out.push((a, start - 1, w));
+        }
+        if b > end {
+            out.push((end + 1, b, w));
+        }
+    }
+    if kind != LockKind::Unlock {
+        out.push((start, end, kind == LockKind::Write));
+    }
+    out.sort_unstable();
+    let mut merged: Vec<(u64, u64, bool)> = Vec::with_capacity(out.len());
+    for r in out {
+        match merged.last_mut() {
+            Some(l) if l.2 == r.2 && l.1.checked_add(1).is_none_or(|n| n >= r.0) => {
+                l.1 = l.1.max(r.1)
+            }
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// Rewrite one owner's locks on `ino`; returns whether it still holds any.
+fn set_owner_locks(
+    t: &mut dyn Txn,
+    ino: Ino,
+    mount: MountId,
+    owner: u64,
+    old: &[Held],
+    new: &[(u64, u64, bool)],
+    pid: u32,
+) -> Result<bool> {
+    for h in old {
+        if !new.iter().any(|n| n.0 == h.start) {
+            t.delete(Cf::Meta, &ks::lock_key(ino, mount, owner, h.start))?;
+        }
+    }
+    for &(start, end, write) in new {
+        let keep_pid = old.iter().find(|h| h.start == start).map_or(pid, |h| {
+            if h.rec.end == end && h.rec.write == write {
+                h.rec.pid
+            } else {
+                pid
+            }
+        });
+        let rec = LockRecord {
+            end,
+            write,
+            pid: keep_pid,
+        };
+        if old.iter().any(|h| h.start == start && h.rec == rec) {
+            continue;
+        }
+        t.put(
+            Cf::Meta,
+            &ks::lock_key(ino, mount, owner, start),
+            &rec.encode(),
+        )?;
+    }
+    t.put(Cf::Meta, &ks::lock_pseudo_key(ino), &[1])?;
+    Ok(!new.is_empty())
+}
+
+/// Drop every lock `mount` holds on `ino` (clean exit, sweeper).
+pub fn drop_mount_locks(t: &mut dyn Txn, ino: Ino, mount: MountId) -> Result<u64> {
+    let mut n = 0;
+    for h in read_locks(t, ino)? {
+        if h.mount == mount {
+            t.delete(Cf::Meta, &ks::lock_key(ino, mount, h.owner, h.start))?;
+            n += 1;
+        }
+    }
+    if n > 0 {
+        t.put(Cf::Meta, &ks::lock_pseudo_key(ino), &[1])?;
+    }
+    Ok(n)
+}
+
+fn conflict(locks: &[Held], me: MountId, want: &LockSpec) -> Option<LockSpec> {
+    let write = want.kind == LockKind::Write;
+    locks
+        .iter()
+        .find(|h| {
+            !(h.mount == me && h.owner == want.owner)
+                && (write || h.rec.write)
+                && overlaps((h.start, h.rec.end), (want.start, want.end))
+        })
+        .map(|h| LockSpec {
+            owner: h.owner,
+            start: h.start,
+            end: h.rec.end,
+            kind: if h.rec.write {
+                LockKind::Write
+            } else {
+                LockKind::Read
+            },
+            pid: h.rec.pid,
+        })
+}
+
+/// Whether thread `tid` has a signal pending that it does not block (its own or its
+/// process's): a blocked F_SETLKW must then give up with EINTR, as on a local filesystem.
+fn signal_pending(tid: u32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        // The process is gone: nobody is waiting any more.
+        return true;
+    };
+    let mask = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") != 0
+}
+
+impl Fs {
+    /// F_GETLK: the first lock that would block `want`.
+    pub fn getlk(&self, ino: Ino, want: &LockSpec) -> Result<LockQuery> {
+        self.txn(|t| {
+            load_inode(t, ino)?;
+            let locks = read_locks(t, ino)?;
+            Ok(conflict(&locks, self.mount_id, want))
+        })
+    }
+
+    /// One attempt at F_SETLK: EAGAIN when another owner's lock is in the way.
+    fn try_setlk(&self, ino: Ino, fh: u64, want: &LockSpec) -> Result<()> {
+        if want.start > want.end {
+            return errno(libc::EINVAL);
+        }
+        let holds = self.txn(|t| {
+            load_inode(t, ino)?;
+            let locks = read_locks(t, ino)?;
+            if want.kind != LockKind::Unlock && conflict(&locks, self.mount_id, want).is_some() {
+                return errno(libc::EAGAIN);
+            }
+            let mine: Vec<Held> = locks
+                .into_iter()
+                .filter(|h| h.mount == self.mount_id && h.owner == want.owner)
+                .collect();
+            let ranges = mine
+                .iter()
+                .map(|h| (h.start, h.rec.end, h.rec.write))
+                .collect();
+            let new = apply(ranges, want.start, want.end, want.kind);
+            if mine.is_empty() && new.is_empty() {
+                return Ok(false);
+            }
+            set_owner_locks(t, ino, self.mount_id, want.owner, &mine, &new, want.pid)
+        })?;
+        tracing::debug!(ino, fh, ?want, holds, "lock set");
+        if holds {
+            lock(&self.locks.held).insert(ino);
+            lock(&self.locks.by_handle)
+                .entry(fh)
+                .or_default()
+                .insert(want.owner);
+        }
+        if want.kind == LockKind::Unlock {
+            self.locks.notify();
+        }
+        Ok(())
+    }
+
+    /// F_SETLK / F_SETLKW. With `wait = Some(thread)`, blocks until the lock is granted or
+    /// that thread (the caller's, from the request header) has a signal pending (EINTR). Call
+    /// it waiting off a FUSE worker thread: a waiter must not hold one of the threads that
+    /// would serve the unlock.
+    pub fn setlk(&self, ino: Ino, fh: u64, want: &LockSpec, wait: Option<u32>) -> Result<()> {
+        if want.kind != LockKind::Unlock {
+            self.writable_or_locks_ok()?;
+        }
+        loop {
+            let waiter = match (self.try_setlk(ino, fh, want), wait) {
+                (Err(FsError::Errno(libc::EAGAIN)), Some(w)) => w,
+                (r, _) => return r,
+            };
+            self.locks.wait(Duration::from_millis(50));
+            if signal_pending(waiter) {
+                return errno(libc::EINTR);
+            }
+        }
+    }
+
+    /// The kernel's flush on close carries the closing process's lock owner: POSIX says any
+    /// close of the file drops that process's locks on it.
+    pub fn unlock_owner(&self, ino: Ino, owner: u64) -> Result<()> {
+        if !lock(&self.locks.held).contains(&ino) {
+            return Ok(());
+        }
+        let any = self.txn(|t| {
+            let mut n = 0;
+            for h in read_locks(t, ino)? {
+                if h.mount == self.mount_id && h.owner == owner {
+                    t.delete(Cf::Meta, &ks::lock_key(ino, self.mount_id, owner, h.start))?;
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                t.put(Cf::Meta, &ks::lock_pseudo_key(ino), &[1])?;
+            }
+            Ok(n > 0)
+        })?;
+        if any {
+            self.locks.notify();
+        }
+        Ok(())
+    }
+
+    /// The last close of an open file description drops the locks taken through it (OFD).
+    pub(crate) fn unlock_handle(&self, ino: Ino, fh: u64) -> Result<()> {
+        let owners = lock(&self.locks.by_handle).remove(&fh);
+        tracing::debug!(ino, fh, ?owners, "last close of a handle: its OFD locks go");
+        for owner in owners.into_iter().flatten() {
+            self.unlock_owner(ino, owner)?;
+        }
+        Ok(())
+    }
+
+    /// Locks are advisory state, allowed on read-only opens, but not on a read-only mount
+    /// (they would be writes to the store).
+    fn writable_or_locks_ok(&self) -> Result<()> {
+        if self.opts.read_only {
+            // Shared state cannot be recorded; behave like a local fs without lock support.
+            return errno(libc::ENOLCK);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_splits_merges_and_converts() {
+        let w = LockKind::Write;
+        let r = LockKind::Read;
+        let v = apply(vec![], 10, 19, w);
+        assert_eq!(v, vec![(10, 19, true)]);
+        let v = apply(v, 20, 29, w);
+        assert_eq!(v, vec![(10, 29, true)], "adjacent same type merges");
+        let v = apply(v, 15, 16, LockKind::Unlock);
+        assert_eq!(v, vec![(10, 14, true), (17, 29, true)], "unlock splits");
+        let v = apply(v, 12, 20, r);
+        assert_eq!(
+            v,
+            vec![(10, 11, true), (12, 20, false), (21, 29, true)],
+            "conversion replaces the middle"
+        );
+        let v = apply(v, 0, u64::MAX, LockKind::Unlock);
+        assert!(v.is_empty());
+        let v = apply(vec![(0, u64::MAX, false)], 5, u64::MAX, r);
+        assert_eq!(v, vec![(0, u64::MAX, false)]);
+    }
+}

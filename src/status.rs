@@ -1,0 +1,191 @@
+//! `kvfs status`: whether a store is mounted, its live and dead mounts, and what its bytes
+//! are: logical (file sizes), referenced content, unique content, stored (after encoding), and
+//! the dedup and compression ratios they give. Reads a read-only view; changes nothing.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::fs::FsError;
+use crate::gc::{self, MountEntry};
+use crate::keyspace::records::{BlockInfo, FmapEntry, FormatRecord, Inode, Kind};
+use crate::keyspace::{InodeKey, Prefix};
+use crate::kv::{Cf, KvStore};
+use crate::util::Timestamp;
+
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub mounted: bool,
+    pub format: Option<FormatRecord>,
+    pub mounts: Vec<MountEntry>,
+    pub inodes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    /// Sum of regular files' sizes.
+    pub logical_bytes: u64,
+    /// Content bytes the block maps reference (holes and trailing zeros excluded).
+    pub referenced_bytes: u64,
+    /// Content bytes of the distinct blocks.
+    pub unique_bytes: u64,
+    /// Bytes of the stored block values (after compression and parity).
+    pub stored_bytes: u64,
+    pub blocks: u64,
+    pub compressed_blocks: u64,
+    pub parity_blocks: u64,
+    pub garbage_inodes: u64,
+    /// Bytes of the store's files on disk.
+    pub disk_bytes: u64,
+}
+
+fn ratio(a: u64, b: u64) -> String {
+    if b == 0 {
+        "-".into()
+    } else {
+        format!("{:.2}", a as f64 / b as f64)
+    }
+}
+
+fn age(t: &Timestamp) -> String {
+    let s = Timestamp::now().secs - t.secs;
+    format!("{s}s ago")
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "mounted: {}", if self.mounted { "yes" } else { "no" })?;
+        if let Some(r) = &self.format {
+            writeln!(
+                f,
+                "format: {} (block size {}, encoding {})",
+                r.version(),
+                r.block_size,
+                r.encoding_name()
+            )?;
+        }
+        writeln!(f, "mounts: {}", self.mounts.len())?;
+        for m in &self.mounts {
+            match &m.rec {
+                Some(r) => writeln!(
+                    f,
+                    "  {:016x} {} host {} pid {} started {} heartbeat {} ({} beats)",
+                    m.id,
+                    if m.alive { "live" } else { "dead" },
+                    r.host,
+                    r.pid,
+                    age(&r.started),
+                    age(&r.heartbeat),
+                    r.beats
+                )?,
+                None => writeln!(f, "  {:016x} dead (undecodable entry)", m.id)?,
+            }
+        }
+        writeln!(
+            f,
+            "inodes: {} ({} files, {} directories, {} awaiting free)",
+            self.inodes, self.files, self.dirs, self.garbage_inodes
+        )?;
+        writeln!(f, "logical bytes: {}", self.logical_bytes)?;
+        writeln!(f, "referenced content bytes: {}", self.referenced_bytes)?;
+        writeln!(f, "unique content bytes: {}", self.unique_bytes)?;
+        writeln!(f, "stored block bytes: {}", self.stored_bytes)?;
+        writeln!(
+            f,
+            "blocks: {} ({} compressed, {} with parity)",
+            self.blocks, self.compressed_blocks, self.parity_blocks
+        )?;
+        writeln!(
+            f,
+            "dedup ratio: {} (referenced / unique)",
+            ratio(self.referenced_bytes, self.unique_bytes)
+        )?;
+        writeln!(
+            f,
+            "compression ratio: {} (unique / stored)",
+            ratio(self.unique_bytes, self.stored_bytes)
+        )?;
+        write!(f, "store size on disk: {}", self.disk_bytes)
+    }
+}
+
+fn du(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += du(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Gather the status of the store at `dir`, opened (read-only) as `store`.
+pub fn status(
+    dir: &Path,
+    store: &KvStore,
+    format: &FormatRecord,
+    mounted: bool,
+    timeout: Duration,
+) -> Result<Status, FsError> {
+    let mut s = Status {
+        mounted,
+        format: Some(format.clone()),
+        mounts: gc::mounts(store, timeout, None)?,
+        disk_bytes: du(dir),
+        ..Default::default()
+    };
+    // Read-only opens do not know which mount is the live one: judge by heartbeat instead.
+    if store.is_read_only() {
+        let now = Timestamp::now();
+        for m in &mut s.mounts {
+            m.alive = m
+                .rec
+                .as_ref()
+                .is_some_and(|r| now.secs - r.heartbeat.secs < timeout.as_secs() as i64);
+        }
+    }
+    let (a, b) = Prefix::Inode.range();
+    store.for_each(Cf::Meta, &a, &b, |k, v| {
+        if let InodeKey::Record(_) = crate::keyspace::parse_inode_key(k) {
+            s.inodes += 1;
+            if let Ok(i) = Inode::decode(v) {
+                match i.kind {
+                    Kind::File => {
+                        s.files += 1;
+                        s.logical_bytes += i.size;
+                    }
+                    Kind::Dir => s.dirs += 1,
+                    _ => {}
+                }
+            }
+        }
+        true
+    })?;
+    let (a, b) = Prefix::Garbage.range();
+    store.for_each(Cf::Meta, &a, &b, |_, _| {
+        s.garbage_inodes += 1;
+        true
+    })?;
+    let (a, b) = Prefix::Fmap.range();
+    store.for_each(Cf::Fmap, &a, &b, |_, v| {
+        if let Ok(e) = FmapEntry::decode(v) {
+            s.referenced_bytes += e.len as u64;
+        }
+        true
+    })?;
+    let (a, b) = Prefix::BlockInfo.range();
+    store.for_each(Cf::Bidx, &a, &b, |_, v| {
+        if let Ok(i) = BlockInfo::decode(v) {
+            s.blocks += 1;
+            s.unique_bytes += i.len as u64;
+            s.stored_bytes += i.stored as u64;
+            let enc = i.encoding & !crate::blocks::encode::INFO_PARITY;
+            s.compressed_blocks += (enc != 0) as u64;
+            s.parity_blocks += (i.encoding & crate::blocks::encode::INFO_PARITY != 0) as u64;
+        }
+        true
+    })?;
+    Ok(s)
+}

@@ -1,0 +1,172 @@
+//! The crash harness (as sled's): a real mount process serves a workload of writes, renames,
+//! unlinks, links and fsyncs; it is SIGKILLed at a random moment; then `kvfs audit` must find
+//! the store clean and every byte fsynced before the kill must read back identical, round
+//! after round on the same store. `KVFS_CRASH_ROUNDS` sets the rounds (CI runs a few;
+//! `tools/crash-harness` runs 100).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// What the workload knows to be durable: the file's path and its fsynced prefix.
+type Durable = Arc<Mutex<BTreeMap<PathBuf, Vec<u8>>>>;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Operations until the mount goes away (the first error ends the workload). Files named
+/// `keep-*` are never touched again after their fsync; `log-*` files only grow, and their
+/// fsynced prefix is what must survive; everything else is churn.
+fn workload(root: PathBuf, round: u64, durable: Durable) {
+    let mut rng = Rng(round.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let dir = root.join(format!("r{round}"));
+    if fs::create_dir(&dir).is_err() {
+        return;
+    }
+    let log_path = dir.join("log");
+    let Ok(mut log) = OpenOptions::new().create(true).append(true).open(&log_path) else {
+        return;
+    };
+    let mut logged = Vec::new();
+    for i in 0u64.. {
+        let r = (|| -> std::io::Result<()> {
+            match rng.below(8) {
+                0 | 1 => {
+                    // A file written and fsynced: durable from here on.
+                    let p = dir.join(format!("keep-{i}"));
+                    let data = pattern(round * 100_000 + i, rng.below(300_000) as usize);
+                    let mut f = File::create(&p)?;
+                    f.write_all(&data)?;
+                    f.sync_all()?;
+                    durable.lock().unwrap().insert(p, data);
+                }
+                2 | 3 => {
+                    let chunk = pattern(i, rng.below(20_000) as usize + 1);
+                    log.write_all(&chunk)?;
+                    logged.extend_from_slice(&chunk);
+                    if rng.below(2) == 0 {
+                        log.sync_data()?;
+                        durable
+                            .lock()
+                            .unwrap()
+                            .insert(log_path.clone(), logged.clone());
+                    }
+                }
+                4 => {
+                    let p = dir.join(format!("churn-{}", rng.below(20)));
+                    fs::write(&p, pattern(i, rng.below(100_000) as usize))?;
+                }
+                5 => {
+                    let a = dir.join(format!("churn-{}", rng.below(20)));
+                    let b = dir.join(format!("churn-{}", rng.below(20)));
+                    let _ = fs::rename(a, b);
+                }
+                6 => {
+                    let a = dir.join(format!("churn-{}", rng.below(20)));
+                    let b = dir.join(format!("link-{}", rng.below(5)));
+                    let _ = fs::remove_file(&b);
+                    let _ = fs::hard_link(a, b);
+                    let _ = fs::remove_file(dir.join(format!("churn-{}", rng.below(20))));
+                }
+                _ => {
+                    let d = dir.join(format!("sub-{}", rng.below(4)));
+                    if fs::create_dir(&d).is_err() {
+                        let _ = fs::remove_dir(&d);
+                    } else {
+                        fs::write(d.join("x"), b"x")?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            // The mount is gone (ENOTCONN) or the kill hit mid-call: the workload ends.
+            if e.raw_os_error() != Some(libc::ENOTCONN) {
+                eprintln!("round {round}: workload ended on {e}");
+            }
+            return;
+        }
+    }
+}
+
+fn audit_clean(store: &Path, round: u64) {
+    let out = Command::new(KVFS).arg("audit").arg(store).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "round {round}: audit after the kill:\n{text}"
+    );
+}
+
+fn rounds() -> u64 {
+    std::env::var("KVFS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8)
+}
+
+#[test]
+fn sigkill_at_random_moments_leaves_a_clean_store_and_every_fsynced_byte() {
+    let Some(mut m) = mount() else { return };
+    let durable: Durable = Arc::default();
+    let mut rng = Rng(std::process::id() as u64 * 7919 + 17);
+    let t0 = Instant::now();
+    let n = rounds();
+    for round in 0..n {
+        let root = m.mnt.clone();
+        let d = durable.clone();
+        let w = std::thread::spawn(move || workload(root, round, d));
+        std::thread::sleep(Duration::from_millis(50 + rng.below(600)));
+        m.crash();
+        w.join().unwrap();
+        audit_clean(&m.store, round);
+        m.start();
+        for (p, want) in durable.lock().unwrap().iter() {
+            let got = fs::read(p).unwrap_or_else(|e| panic!("round {round}: {}: {e}", p.display()));
+            let is_log = p.file_name().is_some_and(|n| n == "log");
+            if is_log {
+                assert!(
+                    got.len() >= want.len() && got[..want.len()] == want[..],
+                    "round {round}: {} lost fsynced bytes ({} of {} survive)",
+                    p.display(),
+                    got.len(),
+                    want.len()
+                );
+            } else {
+                assert!(
+                    got == *want,
+                    "round {round}: {} differs after the crash",
+                    p.display()
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{n} crash rounds, {} durable files checked, {:.1}s",
+        durable.lock().unwrap().len(),
+        t0.elapsed().as_secs_f64()
+    );
+    m.unmount();
+    audit_clean(&m.store, n);
+}
