@@ -764,23 +764,7 @@ fn lost_found(t: &mut dyn Txn) -> Result<Ino> {
         reason: e.to_string(),
     })?;
     t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(ino + 1))?;
-    let now = Timestamp::now();
-    let dir = Inode {
-        kind: Kind::Dir,
-        perm: 0o700,
-        uid: 0,
-        gid: 0,
-        nlink: 2,
-        size: 0,
-        alloc: 0,
-        atime: now,
-        mtime: now,
-        ctime: now,
-        btime: now,
-        rdev: 0,
-        parent: ROOT_INO,
-        target: vec![],
-    };
+    let dir = Inode::new_dir(0o700, 0, 0, ROOT_INO, Timestamp::now());
     fsops::save_inode(t, ino, &dir)?;
     t.put(
         Cf::Meta,

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::keyspace::records::{
-    encode_counter, FormatRecord, Inode, Kind, COMP_LZ4, COMP_NONE, COMP_ZSTD, FORMAT_MAJOR,
+    encode_counter, FormatRecord, Inode, COMP_LZ4, COMP_NONE, COMP_ZSTD, FORMAT_MAJOR,
     FORMAT_MINOR, FORMAT_PATCH, HASH_SHA256, UPGRADABLE_MAJORS,
 };
 use crate::keyspace::{self as ks, ROOT_INO};
@@ -167,22 +167,7 @@ pub fn format_with(path: &Path, o: &FormatOptions) -> Result<FormatRecord, Store
     let now = Timestamp::now();
     // SAFETY: geteuid/getegid cannot fail.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    let root = Inode {
-        kind: Kind::Dir,
-        perm: 0o755,
-        uid,
-        gid,
-        nlink: 2,
-        size: 0,
-        alloc: 0,
-        atime: now,
-        mtime: now,
-        ctime: now,
-        btime: now,
-        rdev: 0,
-        parent: ROOT_INO,
-        target: vec![],
-    };
+    let root = Inode::new_dir(0o755, uid, gid, ROOT_INO, now);
     kv.transact(|t| {
         t.put(Cf::Meta, ks::META_FORMAT, &rec.encode())?;
         t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(ROOT_INO + 1))?;

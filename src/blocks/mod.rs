@@ -121,8 +121,8 @@ pub fn refcount(t: &mut dyn Txn, h: &Hash) -> Result<i64, KvError> {
     Ok(total)
 }
 
-/// How many garbage-candidate blocks [`collect_garbage`] would free now (a dry run).
-pub fn count_garbage(store: &KvStore) -> Result<u64, KvError> {
+/// Up to `max` distinct hashes marked `G` (garbage candidates), in key order.
+fn garbage_candidates(store: &KvStore, max: usize) -> Result<Vec<Hash>, KvError> {
     let (start, end) = ks::Prefix::BlockGarbage.range();
     let mut hashes: Vec<Hash> = Vec::new();
     store.for_each(Cf::Bidx, &start, &end, |k, _| {
@@ -131,10 +131,15 @@ pub fn count_garbage(store: &KvStore) -> Result<u64, KvError> {
                 hashes.push(h);
             }
         }
-        true
+        hashes.len() < max
     })?;
+    Ok(hashes)
+}
+
+/// How many garbage-candidate blocks [`collect_garbage`] would free now (a dry run).
+pub fn count_garbage(store: &KvStore) -> Result<u64, KvError> {
     let mut n = 0;
-    for h in hashes {
+    for h in garbage_candidates(store, usize::MAX)? {
         let mut total = 0;
         for s in 0..REF_SHARDS {
             if let Some(v) = store.get(Cf::Bidx, &ks::refcount_key(&h, s))? {
@@ -148,18 +153,8 @@ pub fn count_garbage(store: &KvStore) -> Result<u64, KvError> {
 
 /// Free every garbage-candidate block whose references reached zero. Returns blocks freed.
 pub fn collect_garbage(store: &KvStore, max: usize) -> Result<u64, KvError> {
-    let (start, end) = ks::Prefix::BlockGarbage.range();
-    let mut hashes: Vec<Hash> = Vec::new();
-    store.for_each(Cf::Bidx, &start, &end, |k, _| {
-        if let Some(h) = ks::key_hash(k) {
-            if hashes.last() != Some(&h) {
-                hashes.push(h);
-            }
-        }
-        hashes.len() < max
-    })?;
     let mut freed = 0;
-    for h in hashes {
+    for h in garbage_candidates(store, max)? {
         let gone = store.transact(|t| {
             let refs = refcount(t, &h)?;
             for s in 0..REF_SHARDS {

@@ -227,6 +227,26 @@ impl Inode {
     pub fn mode(&self) -> u32 {
         self.kind.mode_bits() | self.perm as u32
     }
+
+    /// An empty directory under `parent`, created `now`.
+    pub fn new_dir(perm: u16, uid: u32, gid: u32, parent: Ino, now: Timestamp) -> Inode {
+        Inode {
+            kind: Kind::Dir,
+            perm,
+            uid,
+            gid,
+            nlink: 2,
+            size: 0,
+            alloc: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            rdev: 0,
+            parent,
+            target: vec![],
+        }
+    }
 }
 
 /// `d parent name`: a directory entry.

@@ -17,20 +17,6 @@ use crate::common::*;
 /// What the workload knows to be durable: the file's path and its fsynced prefix.
 type Durable = Arc<Mutex<BTreeMap<PathBuf, Vec<u8>>>>;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Operations until the mount goes away (the first error ends the workload). Files named
 /// `keep-*` are never touched again after their fsync; `log-*` files only grow, and their
 /// fsynced prefix is what must survive; everything else is churn.
@@ -98,7 +84,7 @@ fn workload(root: PathBuf, round: u64, durable: Durable) {
         })();
         if let Err(e) = r {
             // The mount is gone (ENOTCONN) or the kill hit mid-call: the workload ends.
-            if e.raw_os_error() != Some(libc::ENOTCONN) {
+            if !matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) {
                 eprintln!("round {round}: workload ended on {e}");
             }
             return;

@@ -27,6 +27,20 @@ fn flock(typ: i32, start: i64, len: i64) -> libc::flock {
     fl
 }
 
+fn open_rw(p: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap()
+}
+
+/// One lock call on `fd`: its errno (0 for success).
+fn try_lock(fd: i32, cmd: i32, typ: i32, start: i64, len: i64) -> i32 {
+    let mut fl = flock(typ, start, len);
+    fcntl_lock(fd, cmd, &mut fl)
+}
+
 fn fcntl_lock(fd: i32, cmd: i32, fl: &mut libc::flock) -> i32 {
     // SAFETY: valid fd and flock.
     sys(unsafe { libc::fcntl(fd, cmd, fl as *mut libc::flock) })
@@ -75,6 +89,11 @@ impl Holder {
             .iter()
             .map(|(c, t, s, l)| format!("{c},{t},{s},{l}"))
             .collect();
+        Holder::start(path, &spec.join(";"))
+    }
+
+    /// Run the helper with orders `ops` (`cmd,type,start,len;...`, or `eintr`).
+    fn start(path: &Path, ops: &str) -> Holder {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--ignored",
@@ -84,7 +103,7 @@ impl Holder {
                 "-q",
             ])
             .env("KVFS_LOCK_HOLDER", path)
-            .env("KVFS_LOCK_OPS", spec.join(";"))
+            .env("KVFS_LOCK_OPS", ops)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -124,11 +143,7 @@ impl Holder {
 #[ignore = "helper process for the lock tests, run by them"]
 fn lock_holder_process() {
     let path = std::env::var_os("KVFS_LOCK_HOLDER").expect("run by the lock tests");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let f = open_rw(Path::new(&path));
     if std::env::var("KVFS_LOCK_OPS").as_deref() == Ok("eintr") {
         // Block in F_SETLKW until a SIGALRM sent to this very thread (a handler without
         // SA_RESTART) interrupts it: the libtest process has other threads, and a
@@ -164,11 +179,7 @@ fn lock_holder_process() {
 fn scenario(dir: &Path, log: &mut Log) {
     let p = dir.join("locked");
     std::fs::write(&p, vec![0u8; 1000]).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
+    let f = open_rw(&p);
     let fd = f.as_raw_fd();
     // A child holds a write lock on 0..100 and a read lock on 200..300.
     let mut h = Holder::spawn(
@@ -179,40 +190,25 @@ fn scenario(dir: &Path, log: &mut Log) {
         ],
     );
     log.push(format!("child lock {} {}", h.result(), h.result()));
-    let mut fl = flock(libc::F_WRLCK, 50, 10);
-    log.push(format!(
-        "overlap W {}",
-        fcntl_lock(fd, libc::F_SETLK, &mut fl)
-    ));
-    let mut fl = flock(libc::F_RDLCK, 0, 10);
-    log.push(format!(
-        "overlap R {}",
-        fcntl_lock(fd, libc::F_SETLK, &mut fl)
-    ));
-    let mut fl = flock(libc::F_RDLCK, 250, 10);
-    log.push(format!(
-        "shared R {}",
-        fcntl_lock(fd, libc::F_SETLK, &mut fl)
-    ));
-    let mut fl = flock(libc::F_WRLCK, 250, 10);
-    log.push(format!(
-        "W over child's R {}",
-        fcntl_lock(fd, libc::F_SETLK, &mut fl)
-    ));
-    let mut fl = flock(libc::F_WRLCK, 100, 100);
-    log.push(format!(
-        "adjacent W {}",
-        fcntl_lock(fd, libc::F_SETLK, &mut fl)
-    ));
+    let steps = [
+        ("overlap W", libc::F_WRLCK, 50, 10),
+        ("overlap R", libc::F_RDLCK, 0, 10),
+        ("shared R", libc::F_RDLCK, 250, 10),
+        ("W over child's R", libc::F_WRLCK, 250, 10),
+        ("adjacent W", libc::F_WRLCK, 100, 100),
+    ];
+    for (what, typ, start, len) in steps {
+        let r = try_lock(fd, libc::F_SETLK, typ, start, len);
+        log.push(format!("{what} {r}"));
+    }
     log.push(getlk(fd, libc::F_GETLK, libc::F_WRLCK, 90, 20, h.pid));
     log.push(getlk(fd, libc::F_GETLK, libc::F_RDLCK, 300, 0, h.pid));
     // Our own ranges never conflict with us; unlocking the middle splits them.
     let mut fl = flock(libc::F_WRLCK, 400, 100);
     log.push(format!("own W {}", fcntl_lock(fd, libc::F_SETLK, &mut fl)));
-    let mut fl = flock(libc::F_UNLCK, 440, 20);
     log.push(format!(
         "own split {}",
-        fcntl_lock(fd, libc::F_SETLK, &mut fl)
+        try_lock(fd, libc::F_SETLK, libc::F_UNLCK, 440, 20)
     ));
     // A second child sees the split: 440..460 is free, 400..440 and 460..500 are not.
     let probe = |start, len| -> i32 {
@@ -236,11 +232,7 @@ fn scenario(dir: &Path, log: &mut Log) {
     let waiter = {
         let p = p.clone();
         std::thread::spawn(move || {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&p)
-                .unwrap();
+            let f = open_rw(&p);
             let mut fl = flock(libc::F_WRLCK, 0, 50);
             fcntl_lock(f.as_raw_fd(), libc::F_SETLKW, &mut fl)
         })
@@ -254,25 +246,15 @@ fn scenario(dir: &Path, log: &mut Log) {
         t0.elapsed() < Duration::from_secs(10)
     ));
     // OFD locks: owned by the open file description, so two opens in one process conflict.
-    let a = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
-    let b = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
-    let mut fl = flock(libc::F_WRLCK, 600, 10);
+    let a = open_rw(&p);
+    let b = open_rw(&p);
     log.push(format!(
         "ofd a {}",
-        fcntl_lock(a.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)
+        try_lock(a.as_raw_fd(), libc::F_OFD_SETLK, libc::F_WRLCK, 600, 10)
     ));
-    let mut fl = flock(libc::F_WRLCK, 605, 10);
     log.push(format!(
         "ofd b {}",
-        fcntl_lock(b.as_raw_fd(), libc::F_OFD_SETLK, &mut fl)
+        try_lock(b.as_raw_fd(), libc::F_OFD_SETLK, libc::F_WRLCK, 605, 10)
     ));
     log.push(getlk(
         b.as_raw_fd(),
@@ -334,39 +316,14 @@ fn a_blocked_wait_gives_eintr_when_the_waiter_is_signalled() {
     let Some(m) = mount() else { return };
     let p = m.path("f");
     std::fs::write(&p, b"x").unwrap();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
+    let f = open_rw(&p);
     let mut fl = flock(libc::F_WRLCK, 0, 0);
     assert_eq!(fcntl_lock(f.as_raw_fd(), libc::F_SETLK, &mut fl), 0);
     let t0 = Instant::now();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "locks::lock_holder_process",
-            "--nocapture",
-            "-q",
-        ])
-        .env("KVFS_LOCK_HOLDER", &p)
-        .env("KVFS_LOCK_OPS", "eintr")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut got = None;
-    let mut line = String::new();
-    while err.read_line(&mut line).unwrap() > 0 {
-        if let Some(r) = line.trim().strip_prefix("RESULT ") {
-            got = Some(r.parse::<i32>().unwrap());
-        }
-        line.clear();
-    }
-    child.wait().unwrap();
-    assert_eq!(got, Some(libc::EINTR), "F_SETLKW did not end with EINTR");
+    let mut h = Holder::start(&p, "eintr");
+    let got = h.result();
+    h.finish();
+    assert_eq!(got, libc::EINTR, "F_SETLKW did not end with EINTR");
     assert!(t0.elapsed() < Duration::from_secs(10));
     drop(f);
 }
@@ -400,11 +357,7 @@ fn a_dead_mounts_locks_are_gone_after_the_sweep() {
     assert!(ok, "{out}");
     // And a new mount can take the lock at once.
     m.start();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
+    let f = open_rw(&p);
     let mut fl = flock(libc::F_WRLCK, 0, 0);
     assert_eq!(fcntl_lock(f.as_raw_fd(), libc::F_SETLK, &mut fl), 0);
 }

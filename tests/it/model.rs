@@ -191,19 +191,6 @@ fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn random_path(r: &mut Rng) -> String {
     const N: [&str; 4] = ["a", "b", "c", "d"];
     let depth = 1 + r.below(3);
