@@ -138,15 +138,23 @@ impl Mounted {
 
     /// Unmount and wait for the daemon; asserts it ended cleanly.
     pub fn unmount(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        if self.child.is_none() {
             return;
-        };
+        }
         let st = Command::new("fusermount3")
             .arg("-u")
             .arg(&self.mnt)
             .status()
             .unwrap();
         assert!(st.success(), "fusermount3 -u failed");
+        self.wait_exit();
+    }
+
+    /// Wait for the daemon to end; asserts it ended cleanly.
+    fn wait_exit(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let t0 = Instant::now();
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -168,6 +176,19 @@ impl Mounted {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Unmount while `held` is still open (lazy detach, as `umount -l`), then close it: the
+    /// daemon exits once the kernel lets go.
+    pub fn unmount_lazily_then_close(&mut self, held: std::fs::File) {
+        let st = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "umount -l failed");
+        drop(held);
+        self.wait_exit();
     }
 
     pub fn remount(&mut self) {

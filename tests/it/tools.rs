@@ -113,9 +113,21 @@ fn audit_reports_injected_damage_and_repair_fixes_it() {
     fs::write(m.path("dir/orphan"), pattern(3, 200_000)).unwrap();
     fs::write(m.path("twice"), pattern(4, 70_000)).unwrap();
     fs::write(m.path("wrong-links"), b"abc").unwrap();
-    m.unmount();
+    let held = fs::File::open(m.path("twice")).unwrap();
+    m.unmount_lazily_then_close(held);
     let (code, out) = audit_code(&m.store, &[]);
     assert_eq!(code, 0, "clean store: {out}");
+    assert!(
+        !out.contains("note:"),
+        "a clean unmount leaves nothing to sweep: {out}"
+    );
+    let (_, dump) = run_kvfs(&["dump"], &m.store);
+    assert!(
+        !dump
+            .lines()
+            .any(|l| l.starts_with("p ") || l.contains(" open mount ")),
+        "a clean unmount leaves no process entry or open count: {dump}"
+    );
     {
         let (kv, _) = kvfs::store::open(&m.store).unwrap();
         let dir = ino_of(&kv, ROOT_INO, "dir");
