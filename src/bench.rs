@@ -113,3 +113,68 @@ pub fn table(rows: &[Row]) -> String {
     }
     s
 }
+
+/// Rates of the metadata phases of `tools/bench`, in operations per second.
+#[derive(Clone, Debug)]
+pub struct MetaRates {
+    pub create: f64,
+    pub stat: f64,
+    pub unlink: f64,
+    pub mkdir: f64,
+    pub rmdir: f64,
+}
+
+/// Ask the kernel to drop its page, dentry and inode caches (root only; otherwise a no-op),
+/// so the next stat of each file goes to the filesystem.
+pub fn drop_caches() {
+    // SAFETY: sync(2) takes no arguments.
+    unsafe { libc::sync() };
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn rate(n: usize, t: Instant) -> f64 {
+    n as f64 / t.elapsed().as_secs_f64().max(1e-9)
+}
+
+/// Create, stat (after dropping caches) and unlink `files` empty files in one directory under
+/// `dir`, then mkdir and rmdir `dirs` directories.
+pub fn meta(dir: &Path, files: usize, dirs: usize) -> std::io::Result<MetaRates> {
+    let d = dir.join("meta");
+    std::fs::create_dir_all(&d)?;
+    let names: Vec<_> = (0..files).map(|i| d.join(format!("f{i:06}"))).collect();
+    let t = Instant::now();
+    for n in &names {
+        std::fs::File::create(n)?;
+    }
+    let create = rate(files, t);
+    drop_caches();
+    let t = Instant::now();
+    for n in &names {
+        std::fs::symlink_metadata(n)?;
+    }
+    let stat = rate(files, t);
+    let t = Instant::now();
+    for n in &names {
+        std::fs::remove_file(n)?;
+    }
+    let unlink = rate(files, t);
+    let dnames: Vec<_> = (0..dirs).map(|i| d.join(format!("d{i:06}"))).collect();
+    let t = Instant::now();
+    for n in &dnames {
+        std::fs::create_dir(n)?;
+    }
+    let mkdir = rate(dirs, t);
+    let t = Instant::now();
+    for n in &dnames {
+        std::fs::remove_dir(n)?;
+    }
+    let rmdir = rate(dirs, t);
+    std::fs::remove_dir(&d)?;
+    Ok(MetaRates {
+        create,
+        stat,
+        unlink,
+        mkdir,
+        rmdir,
+    })
+}

@@ -74,6 +74,15 @@ enum Cmd {
     },
     /// Mounted or not, live mounts and heartbeats, logical vs stored bytes, ratios.
     Status { store: PathBuf },
+    /// The metadata phases of tools/bench in DIR: create, stat (cold), unlink FILES empty
+    /// files in one directory, mkdir and rmdir DIRS directories; prints the rates per second.
+    BenchMeta {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+        #[arg(long, default_value_t = 2_000)]
+        dirs: usize,
+    },
     /// Measure each block encoding (speed, space) on the files under PATHS.
     BenchEncodings {
         #[arg(required = true)]
@@ -159,6 +168,14 @@ fn main() -> ExitCode {
             inode,
         } => dump_cmd(&store, prefix.as_deref(), inode),
         Cmd::Status { store } => status_cmd(&store),
+        Cmd::BenchMeta { dir, files, dirs } => kvfs::bench::meta(&dir, files, dirs)
+            .map(|r| {
+                println!(
+                    "create {:.0} stat {:.0} unlink {:.0} mkdir {:.0} rmdir {:.0}",
+                    r.create, r.stat, r.unlink, r.mkdir, r.rmdir
+                )
+            })
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display())),
         Cmd::BenchEncodings {
             paths,
             block_size,
