@@ -383,6 +383,7 @@ fn mount_cmd(
     daemon_child: bool,
 ) -> anyhow::Result<()> {
     let opts = MountOpts::parse(options).map_err(anyhow::Error::msg)?;
+    mount::tune_allocator();
     if foreground && !daemon_child {
         mount::block_signals();
         init_logging(log.as_deref());

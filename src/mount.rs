@@ -72,6 +72,18 @@ impl MountOpts {
     }
 }
 
+/// Cap glibc's malloc arenas. By default every thread that allocates may get its own arena
+/// (up to 8 per core), and block-sized buffers freed in one arena are not reused by another:
+/// a 1 GiB sequential write grew the daemon to 520 MiB with the default and to 280 MiB with
+/// one arena, and no slower (two arenas: 390 MiB). Call first, before threads start.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Block the termination signals in the calling thread; threads spawned later inherit the
 /// mask, so only the signal thread ever receives them. Call first thing in `main`.
 pub fn block_signals() {

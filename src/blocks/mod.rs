@@ -9,6 +9,7 @@
 //! shard with conflict tracking so a concurrent new reference makes one side retry.
 //! How the content is stored (plain, compressed, with parity) is [`encode`]'s business.
 
+pub mod cache;
 pub mod encode;
 
 use sha2::{Digest, Sha256};
@@ -61,6 +62,35 @@ pub fn prepare(slot: &[u8], codec: &Codec) -> Option<Prepared> {
     })
 }
 
+/// [`prepare`] for many slots at once, spread over the machine's cores: hashing and
+/// compression are the CPU-heavy part of a flush.
+pub fn prepare_all(slots: &[(u64, &[u8])], codec: &Codec) -> Vec<(u64, Option<Prepared>)> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    if threads < 2 || slots.len() < 2 {
+        return slots.iter().map(|(n, s)| (*n, prepare(s, codec))).collect();
+    }
+    let per = slots.len().div_ceil(threads);
+    std::thread::scope(|sc| {
+        let parts: Vec<_> = slots
+            .chunks(per)
+            .map(|part| {
+                sc.spawn(move || {
+                    part.iter()
+                        .map(|(n, s)| (*n, prepare(s, codec)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
 fn shard() -> u8 {
     (crate::util::rand_u64() % REF_SHARDS as u64) as u8
 }
@@ -108,6 +138,23 @@ pub fn read(t: &mut dyn Txn, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> 
         );
     }
     Ok(d.content)
+}
+
+/// [`read`] through `cache`: a cached block was verified when it was first read or written.
+pub fn read_cached(
+    t: &mut dyn Txn,
+    cache: &cache::BlockCache,
+    h: &Hash,
+    len: u32,
+) -> Result<std::sync::Arc<Vec<u8>>, BlockError> {
+    if let Some(d) = cache.get(h) {
+        if d.len() == len as usize {
+            return Ok(d);
+        }
+    }
+    let d = std::sync::Arc::new(read(t, h, len)?);
+    cache.insert(*h, d.clone());
+    Ok(d)
 }
 
 /// Sum of a block's refcount shards, each read with conflict tracking.

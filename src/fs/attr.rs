@@ -93,7 +93,7 @@ const XATTR_SIZE_MAX: usize = 65536;
 
 impl Fs {
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
-        let inode = self.txn(|t| load_inode(t, ino))?;
+        let inode = self.look(|t| load_inode(t, ino))?;
         Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
     }
 
@@ -145,7 +145,7 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
-        let i = self.txn(|t| load_inode(t, ino))?;
+        let i = self.look(|t| load_inode(t, ino))?;
         if i.kind != Kind::Symlink {
             return errno(libc::EINVAL);
         }
@@ -154,7 +154,7 @@ impl Fs {
 
     /// The permission check of access(2), as the kernel's generic_permission does it.
     pub fn access(&self, ino: Ino, mask: i32, who: Caller) -> Result<()> {
-        let i = self.txn(|t| load_inode(t, ino))?;
+        let i = self.look(|t| load_inode(t, ino))?;
         if mask == libc::F_OK {
             return Ok(());
         }
@@ -204,7 +204,7 @@ impl Fs {
     pub fn getxattr(&self, ino: Ino, name: &[u8], size: u32) -> Result<XattrReply> {
         check_xattr_name(name)?;
         let key = ks::xattr_key(ino, name);
-        let v = self.txn(|t| {
+        let v = self.look(|t| {
             load_inode(t, ino)?;
             match t.get(Cf::Meta, &key)? {
                 None => errno(libc::ENODATA),
@@ -218,7 +218,7 @@ impl Fs {
 
     pub fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrReply> {
         let (s, e) = ks::xattr_range(ino);
-        let names = self.txn(|t| {
+        let names = self.look(|t| {
             load_inode(t, ino)?;
             let mut out = Vec::new();
             for (k, _) in t.scan(Cf::Meta, &s, &e, usize::MAX)? {

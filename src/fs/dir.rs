@@ -73,7 +73,7 @@ impl Touched {
 impl Fs {
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
-        let (ino, inode) = self.txn(|t| {
+        let (ino, inode) = self.look(|t| {
             let d = load_inode(t, parent)?;
             if d.kind != Kind::Dir {
                 return errno(libc::ENOTDIR);
@@ -109,6 +109,31 @@ impl Fs {
         node: &NewNode,
         who: Caller,
     ) -> Result<Attr> {
+        let (ino, inode) = self.make_node(parent, name, node, who, false)?;
+        Ok(Attr::new(ino, &inode, self.bs))
+    }
+
+    /// create(2): make a regular file and open it, counted open in the same transaction.
+    pub fn create_open(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+        who: Caller,
+    ) -> Result<(Attr, u64)> {
+        let (ino, inode) = self.make_node(parent, name, node, who, true)?;
+        let fh = self.attach(ino, inode.size);
+        Ok((Attr::new(ino, &inode, self.bs), fh))
+    }
+
+    fn make_node(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+        who: Caller,
+        open: bool,
+    ) -> Result<(Ino, Inode)> {
         self.writable()?;
         check_name(name)?;
         let ino = self.alloc_ino()?;
@@ -165,9 +190,12 @@ impl Fs {
             dir.mtime = now;
             dir.ctime = now;
             save_inode(t, parent, &dir)?;
+            if open {
+                self.count_open(t, ino)?;
+            }
             Ok(inode)
         })?;
-        Ok(Attr::new(ino, &inode, self.bs))
+        Ok((ino, inode))
     }
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
@@ -382,7 +410,7 @@ impl Fs {
     /// Open a directory: its listing is read once, so later readdir calls page through a
     /// stable list whatever changes meanwhile (as POSIX allows).
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
-        let entries = self.txn(|t| {
+        let entries = self.look(|t| {
             let d = load_inode(t, ino)?;
             if d.kind != Kind::Dir {
                 return errno(libc::ENOTDIR);

@@ -72,19 +72,30 @@ impl Fs {
             if inode.kind == Kind::Dir && write {
                 return errno(libc::EISDIR);
             }
-            if !self.opts.read_only {
-                let key = ks::open_key(ino, self.mount_id);
-                let n = match t.get(Cf::Meta, &key)? {
-                    Some(v) => decode_counter(&v).map_err(|e| corrupt(&key, e))?,
-                    None => {
-                        t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
-                        0
-                    }
-                };
-                t.put(Cf::Meta, &key, &encode_counter(n + 1))?;
-            }
+            self.count_open(t, ino)?;
             Ok(inode)
         })?;
+        Ok(self.attach(ino, inode.size))
+    }
+
+    /// One more handle of this mount on `ino` in the keyspace (not on read-only mounts).
+    pub(crate) fn count_open(&self, t: &mut dyn Txn, ino: Ino) -> Result<()> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        let key = ks::open_key(ino, self.mount_id);
+        let n = match t.get(Cf::Meta, &key)? {
+            Some(v) => decode_counter(&v).map_err(|e| corrupt(&key, e))?,
+            None => {
+                t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+                0
+            }
+        };
+        Ok(t.put(Cf::Meta, &key, &encode_counter(n + 1))?)
+    }
+
+    /// A new handle on `ino` (of committed size `size`), sharing the inode's buffer.
+    pub(crate) fn attach(&self, ino: Ino, size: u64) -> u64 {
         let state = {
             let mut files = lock(&self.files);
             let st = files
@@ -93,8 +104,8 @@ impl Fs {
                     Arc::new(FileState {
                         ino,
                         inner: Mutex::new(Inner {
-                            size: inode.size,
-                            committed_size: inode.size,
+                            size,
+                            committed_size: size,
                             ..Default::default()
                         }),
                     })
@@ -107,7 +118,7 @@ impl Fs {
         let fh = h.next;
         h.next += 1;
         h.files.insert(fh, state);
-        Ok(fh)
+        fh
     }
 
     fn handle_state(&self, fh: u64) -> Result<Arc<FileState>> {
@@ -131,7 +142,7 @@ impl Fs {
         let last = (end - 1) / bs;
         let mut out = vec![0u8; (end - offset) as usize];
         // Committed blocks for the slots not held in the buffer.
-        let (atime_due, committed) = self.txn(|t| {
+        let (atime_due, committed) = self.look(|t| {
             let inode = load_inode(t, ino)?;
             let (ks_, ke) = ks::fmap_range(ino, first, last + 1);
             let mut got = Vec::new();
@@ -141,7 +152,7 @@ impl Fs {
                     continue;
                 }
                 let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
-                got.push((bn, blocks::read(t, &ent.hash, ent.len)?));
+                got.push((bn, blocks::read_cached(t, &self.cache, &ent.hash, ent.len)?));
             }
             Ok((!self.opts.noatime && relatime_due(&inode), got))
         })?;
@@ -155,7 +166,7 @@ impl Fs {
             }
         };
         for (bn, data) in &committed {
-            place(&mut out, *bn, data);
+            place(&mut out, *bn, &data[..]);
         }
         for (bn, img) in s.dirty.range(first..=last) {
             place(&mut out, *bn, img);
@@ -224,13 +235,13 @@ impl Fs {
     }
 
     fn committed_block(&self, ino: Ino, bn: u64) -> Result<Vec<u8>> {
-        self.txn(|t| {
+        self.look(|t| {
             let key = ks::fmap_key(ino, bn);
             match t.get_untracked(Cf::Fmap, &key)? {
                 None => Ok(Vec::new()),
                 Some(v) => {
                     let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&key, e))?;
-                    Ok(blocks::read(t, &ent.hash, ent.len)?)
+                    Ok(blocks::read_cached(t, &self.cache, &ent.hash, ent.len)?.to_vec())
                 }
             }
         })
@@ -241,11 +252,15 @@ impl Fs {
         if s.dirty_since.is_none() {
             return Ok(());
         }
-        let prepared: Vec<(u64, Option<blocks::Prepared>)> = s
-            .dirty
-            .iter()
-            .map(|(bn, img)| (*bn, blocks::prepare(img, &self.codec)))
-            .collect();
+        let slots: Vec<(u64, &[u8])> = s.dirty.iter().map(|(bn, img)| (*bn, &img[..])).collect();
+        let prepared = blocks::prepare_all(&slots, &self.codec);
+        if prepared.len() != slots.len() {
+            // A hashing thread died (a bug): keep the data buffered, report EIO.
+            return Err(FsError::Kv(crate::kv::KvError::Other(
+                "block preparation failed".into(),
+            )));
+        }
+        drop(slots);
         let size = s.size;
         let mtime = s.mtime;
         let res = self.txn(|t| {

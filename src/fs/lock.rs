@@ -236,7 +236,7 @@ fn signal_pending(tid: u32) -> bool {
 impl Fs {
     /// F_GETLK: the first lock that would block `want`.
     pub fn getlk(&self, ino: Ino, want: &LockSpec) -> Result<LockQuery> {
-        self.txn(|t| {
+        self.look(|t| {
             load_inode(t, ino)?;
             let locks = read_locks(t, ino)?;
             Ok(conflict(&locks, self.mount_id, want))

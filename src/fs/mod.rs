@@ -111,6 +111,8 @@ pub struct Fs {
     ino_pool: Mutex<(u64, u64)>,
     ns_lock: Mutex<()>,
     files: Mutex<HashMap<Ino, Arc<FileState>>>,
+    /// Verified contents of recently read blocks.
+    cache: blocks::cache::BlockCache,
     handles: Mutex<Handles>,
     dirty_total: AtomicU64,
     file_limit: u64,
@@ -139,12 +141,13 @@ impl Fs {
             bs,
             mount_id: crate::util::rand_u64().max(1),
             locks: lock::LockTable::default(),
-            file_limit: opts.file_buffer_limit.unwrap_or(64 << 20),
-            total_limit: opts.total_buffer_limit.unwrap_or(128 << 20),
+            file_limit: opts.file_buffer_limit.unwrap_or(16 << 20),
+            total_limit: opts.total_buffer_limit.unwrap_or(64 << 20),
             opts,
             ino_pool: Mutex::new((0, 0)),
             ns_lock: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
+            cache: blocks::cache::BlockCache::new(32 << 20),
             handles: Mutex::new(Handles {
                 next: 1,
                 ..Default::default()
@@ -183,6 +186,11 @@ impl Fs {
 
     fn txn<T>(&self, f: impl FnMut(&mut dyn Txn) -> Result<T>) -> Result<T> {
         self.store.transact(f)
+    }
+
+    /// A look without a change: one consistent snapshot, no conflict tracking, no commit.
+    fn look<T>(&self, f: impl FnOnce(&mut dyn Txn) -> Result<T>) -> Result<T> {
+        self.store.read(f)
     }
 
     /// A fresh inode number. Numbers come from `M next_ino` in batches so concurrent creates

@@ -573,7 +573,7 @@ impl Filesystem for KvFuse {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        flags: i32,
+        _flags: i32,
         reply: ReplyCreate,
     ) {
         let node = NewNode {
@@ -583,14 +583,12 @@ impl Filesystem for KvFuse {
             rdev: 0,
             target: &[],
         };
-        let a = try_reply!(
+        let (a, fh) = try_reply!(
             reply,
             "create",
             self.fs
-                .create_node(parent.0, name.as_bytes(), &node, caller(req))
+                .create_open(parent.0, name.as_bytes(), &node, caller(req))
         );
-        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let fh = try_reply!(reply, "create", self.fs.open(a.ino, write));
         reply.created(
             &TTL,
             &attr(&a),

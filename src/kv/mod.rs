@@ -192,11 +192,18 @@ impl KvStore {
             bbo.set_bloom_filter(10.0, false);
             match cf {
                 Cf::Blocks => {
-                    // Block values are already named by content and mostly incompressible at
-                    // this layer (compression is chosen per block, above); large SST blocks.
+                    // Block values are already named by content and encoded above (no
+                    // RocksDB compression). They go to blob files at flush (integrated
+                    // BlobDB), so compaction moves only small keys and pointers instead of
+                    // rewriting every block at each level.
                     opts.set_compression_type(rocksdb::DBCompressionType::None);
-                    opts.set_write_buffer_size(64 << 20);
-                    bbo.set_block_size(64 << 10);
+                    opts.set_write_buffer_size(16 << 20);
+                    opts.set_max_write_buffer_number(4);
+                    opts.set_enable_blob_files(true);
+                    opts.set_min_blob_size(1024);
+                    opts.set_blob_file_size(256 << 20);
+                    opts.set_enable_blob_gc(true);
+                    bbo.set_block_size(16 << 10);
                 }
                 Cf::Bidx => {
                     opts.set_merge_operator_associative("kvfs_sum_i64", sum_merge);
@@ -273,6 +280,23 @@ impl KvStore {
         }
     }
 
+    /// Run `f` once on a consistent snapshot of the store: reads only (writes fail with
+    /// [`KvError::ReadOnly`]), no conflict tracking, no commit, so no retry. For operations
+    /// that only look (lookup, getattr, read, readdir): a snapshot cannot see half of a
+    /// concurrent transaction, and skipping the tracking keeps them off the commit path.
+    pub fn read<T, E: From<KvError>>(
+        &self,
+        f: impl FnOnce(&mut dyn Txn) -> Result<T, E>,
+    ) -> Result<T, E> {
+        with_db!(self, d => {
+            let mut r = SnapRead {
+                store: self,
+                snap: d.snapshot(),
+            };
+            f(&mut r)
+        })
+    }
+
     /// Make every committed transaction durable (sync the WAL).
     pub fn sync(&self) -> Result<(), KvError> {
         self.rw()?.flush_wal(true).map_err(KvError::from)
@@ -328,6 +352,7 @@ impl KvStore {
             if let Ok(h) = self.cf(cf) {
                 for prop in [
                     "rocksdb.live-sst-files-size",
+                    "rocksdb.live-blob-file-size",
                     "rocksdb.cur-size-all-mem-tables",
                 ] {
                     total += with_db!(self, d => d.property_int_value_cf(h, prop))
@@ -346,6 +371,56 @@ fn backoff(attempt: u32) {
     let cap_us = (50u64 << attempt.min(9)).min(20_000);
     let us = crate::util::rand_u64() % cap_us.max(1);
     std::thread::sleep(Duration::from_micros(us));
+}
+
+/// A read-only view of one snapshot, behind the [`Txn`] trait.
+struct SnapRead<'a, D: rocksdb::DBAccess> {
+    store: &'a KvStore,
+    snap: rocksdb::SnapshotWithThreadMode<'a, D>,
+}
+
+impl<D: rocksdb::DBAccess> Txn for SnapRead<'_, D> {
+    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.snap.get_cf(self.store.cf(cf)?, key)?)
+    }
+
+    fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.get(cf, key)
+    }
+
+    fn put(&mut self, _: Cf, _: &[u8], _: &[u8]) -> Result<(), KvError> {
+        Err(KvError::ReadOnly)
+    }
+
+    fn delete(&mut self, _: Cf, _: &[u8]) -> Result<(), KvError> {
+        Err(KvError::ReadOnly)
+    }
+
+    fn merge(&mut self, _: Cf, _: &[u8], _: &[u8]) -> Result<(), KvError> {
+        Err(KvError::ReadOnly)
+    }
+
+    fn scan(
+        &mut self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Pair>, KvError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut it = self.snap.raw_iterator_cf_opt(self.store.cf(cf)?, ro);
+        it.seek(start);
+        let mut out = Vec::new();
+        while it.valid() && out.len() < limit {
+            if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
 }
 
 struct RocksTxn<'a> {
@@ -459,6 +534,24 @@ mod tests {
             .unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].0, b"a2");
+    }
+
+    #[test]
+    fn snapshot_reads_see_committed_state_and_refuse_writes() {
+        let (_d, s) = open_tmp();
+        s.transact(|t| t.put(Cf::Meta, b"a1", b"x")).unwrap();
+        let got = s
+            .read(|t| {
+                let v = t.get(Cf::Meta, b"a1")?;
+                let n = t.scan(Cf::Meta, b"a", b"b", 10)?.len();
+                Ok::<_, KvError>((v, n))
+            })
+            .unwrap();
+        assert_eq!(got, (Some(b"x".to_vec()), 1));
+        assert!(matches!(
+            s.read(|t| t.put(Cf::Meta, b"a2", b"y")),
+            Err(KvError::ReadOnly)
+        ));
     }
 
     #[test]

@@ -1,0 +1,82 @@
+//! A small in-memory cache of verified block contents, by hash. A block's content never
+//! changes under its name, so entries need no invalidation: a freed block simply ages out.
+//! It spares random and repeated reads (and the read half of read-modify-write) the fetch,
+//! decode and SHA-256 of a whole block for a few bytes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::keyspace::Hash;
+
+pub struct BlockCache {
+    cap: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<Hash, (Arc<Vec<u8>>, u64)>,
+    bytes: usize,
+    tick: u64,
+}
+
+impl BlockCache {
+    /// A cache holding up to `cap` bytes of content (0 disables it).
+    pub fn new(cap: usize) -> BlockCache {
+        BlockCache {
+            cap,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub fn get(&self, h: &Hash) -> Option<Arc<Vec<u8>>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.tick += 1;
+        let tick = g.tick;
+        let e = g.map.get_mut(h)?;
+        e.1 = tick;
+        Some(e.0.clone())
+    }
+
+    pub fn insert(&self, h: Hash, data: Arc<Vec<u8>>) {
+        if data.len() > self.cap {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.tick += 1;
+        let tick = g.tick;
+        let n = data.len();
+        if let Some(old) = g.map.insert(h, (data, tick)) {
+            g.bytes -= old.0.len();
+        }
+        g.bytes += n;
+        while g.bytes > self.cap {
+            // Least recently used out; the map is small (capacity / block size entries).
+            let Some((&victim, _)) = g.map.iter().min_by_key(|(_, (_, t))| *t) else {
+                break;
+            };
+            if let Some((d, _)) = g.map.remove(&victim) {
+                g.bytes -= d.len();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_recent_blocks_within_its_capacity() {
+        let c = BlockCache::new(3000);
+        for i in 0..3u8 {
+            c.insert([i; 32], Arc::new(vec![i; 1000]));
+        }
+        assert!(c.get(&[0; 32]).is_some()); // 0 is now the most recent
+        c.insert([9; 32], Arc::new(vec![9; 1000]));
+        assert!(c.get(&[1; 32]).is_none(), "least recently used goes first");
+        assert!(c.get(&[0; 32]).is_some() && c.get(&[9; 32]).is_some());
+        c.insert([8; 32], Arc::new(vec![0; 5000]));
+        assert!(c.get(&[8; 32]).is_none(), "larger than the cache: not kept");
+    }
+}
