@@ -174,6 +174,16 @@ impl KvFuse {
 impl Filesystem for KvFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
+        // Let the kernel gather small writes in its page cache and send them in large
+        // pieces (up to max_write) at writeback, fsync and close.
+        if config
+            .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+            .is_err()
+        {
+            tracing::warn!(
+                "kernel lacks FUSE_WRITEBACK_CACHE; writes arrive as the caller makes them"
+            );
+        }
         // Record locks go to us (and so into the keyspace), not to the kernel's local table.
         if config
             .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)

@@ -135,7 +135,7 @@ impl Default for OpenOptions {
         OpenOptions {
             create: false,
             read_only: false,
-            cache_bytes: 64 << 20,
+            cache_bytes: 32 << 20,
         }
     }
 }
@@ -198,7 +198,7 @@ impl KvStore {
                     // rewriting every block at each level.
                     opts.set_compression_type(rocksdb::DBCompressionType::None);
                     opts.set_write_buffer_size(16 << 20);
-                    opts.set_max_write_buffer_number(4);
+                    opts.set_max_write_buffer_number(3);
                     opts.set_enable_blob_files(true);
                     opts.set_min_blob_size(1024);
                     opts.set_blob_file_size(256 << 20);
