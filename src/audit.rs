@@ -703,7 +703,7 @@ fn check(store: &KvStore, o: &AuditOptions) -> Result<Ctx> {
                 ),
             );
         }
-        match encode::decode(v, &h, info.len) {
+        match encode::decode_with(v, &h, info.len, encode::Check::Strong) {
             Ok(d) => {
                 if let Some((sector, healed)) = d.repaired {
                     cx.fixable(

@@ -15,7 +15,7 @@ use crate::util::Timestamp;
 /// Default block size for `format`; the store's own value lives in `M format`.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
 pub const MIN_BLOCK_SIZE: u32 = 4 << 10;
-pub const MAX_BLOCK_SIZE: u32 = 4 << 20;
+pub const MAX_BLOCK_SIZE: u32 = crate::blocks::encode::MAX_CONTENT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
