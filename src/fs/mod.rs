@@ -346,20 +346,41 @@ pub(crate) fn charge(len: u32) -> u64 {
 
 /// Drop the last name of `ino`: free it now, or mark it garbage while a mount has it open.
 pub(crate) fn drop_last_link(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
-    if any_open(t, ino)? {
+    // One scan of the sub-keys answers "open anywhere?" and lists what a free deletes; the
+    // tracked pseudo-key read makes it safe against a concurrent open (see `any_open`).
+    t.get(Cf::Meta, &ks::open_pseudo_key(ino))?;
+    let (s, e) = ks::inode_sub_range(ino);
+    let subs = t.scan(Cf::Meta, &s, &e, usize::MAX)?;
+    let open = subs
+        .iter()
+        .any(|(k, _)| matches!(ks::parse_inode_key(k), ks::InodeKey::Open(..)));
+    if open {
         save_inode(t, ino, inode)?;
         let g = GarbageRecord {
             since: Timestamp::now(),
         };
         Ok(t.put(Cf::Meta, &ks::garbage_key(ino), &g.encode())?)
     } else {
-        free_inode(t, ino, inode)
+        free_inode_keys(t, ino, inode, &subs)
     }
 }
 
 /// Delete an inode with everything under it, dropping its block references.
 pub fn free_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
-    if inode.kind == Kind::File {
+    let (s, e) = ks::inode_sub_range(ino);
+    let subs = t.scan(Cf::Meta, &s, &e, usize::MAX)?;
+    free_inode_keys(t, ino, inode, &subs)
+}
+
+/// [`free_inode`] given the inode's sub-keys.
+fn free_inode_keys(
+    t: &mut dyn Txn,
+    ino: Ino,
+    inode: &Inode,
+    subs: &[crate::kv::Pair],
+) -> Result<()> {
+    // Blocks are mapped only below the size, each charged in `alloc`: an empty file has none.
+    if inode.kind == Kind::File && (inode.size > 0 || inode.alloc > 0) {
         let (s, e) = ks::fmap_range(ino, 0, u64::MAX);
         for (k, v) in t.scan(Cf::Fmap, &s, &e, usize::MAX)? {
             let ent =
@@ -368,9 +389,8 @@ pub fn free_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
             t.delete(Cf::Fmap, &k)?;
         }
     }
-    let (s, e) = ks::inode_sub_range(ino);
-    for (k, _) in t.scan(Cf::Meta, &s, &e, usize::MAX)? {
-        t.delete(Cf::Meta, &k)?;
+    for (k, _) in subs {
+        t.delete(Cf::Meta, k)?;
     }
     t.delete(Cf::Meta, &ks::inode_key(ino))?;
     t.delete(Cf::Meta, &ks::garbage_key(ino))?;
