@@ -254,6 +254,10 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
             let r = gc::sweep(&kv, &o)?;
             if !dry_run {
                 kv.sync()?;
+                if r.blocks_freed > 0 {
+                    // Give the freed blocks' disk space back now.
+                    kv.compact(kvfs::kv::Cf::Blocks)?;
+                }
             }
             println!("{r}");
             Ok(())

@@ -135,6 +135,7 @@ pub fn run(
         FsOptions {
             read_only: opts.read_only,
             noatime: opts.noatime,
+            space_path: Some(store_dir.clone()),
             ..Default::default()
         },
     ));
@@ -284,8 +285,19 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
                 own: Some(fs.mount_id()),
                 ..Default::default()
             };
-            if let Err(e) = gc::sweep(fs.store(), &o) {
-                tracing::error!(error = %e, "background sweep failed");
+            match gc::sweep(fs.store(), &o) {
+                Ok(r) if r.blocks_freed > 0 && fs.space_low() => {
+                    // Freed blocks give their space back only through compaction.
+                    tracing::info!(
+                        blocks = r.blocks_freed,
+                        "disk short of space: compacting freed blocks away"
+                    );
+                    if let Err(e) = fs.store().compact(crate::kv::Cf::Blocks) {
+                        tracing::error!(error = %e, "compaction failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "background sweep failed"),
             }
         }
     }

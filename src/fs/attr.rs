@@ -182,6 +182,7 @@ impl Fs {
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
         check_xattr_name(name)?;
+        self.space.check()?;
         if value.len() > XATTR_SIZE_MAX {
             return errno(libc::E2BIG);
         }
@@ -245,11 +246,14 @@ impl Fs {
         })
     }
 
-    /// Real figures: what the store occupies plus the free space of the disk under it.
+    /// Real figures: what the store occupies plus the free space of the disk under it. As ext4
+    /// does with its reserved blocks, `bavail` leaves out the reserve new data may not take.
     pub fn statfs(&self, store_dir: &std::path::Path) -> Result<StatFs> {
         let frsize: u64 = 4096;
         let used = self.store.disk_usage();
-        let (avail, free_files) = disk_free(store_dir).map_err(FsError::Errno)?;
+        let d = super::disk_space(store_dir).map_err(FsError::Errno)?;
+        // Inodes are keys: as many as the usable space has room for at ~256 bytes each.
+        let free_files = d.usable() / 256;
         let next = self
             .store
             .get(Cf::Meta, ks::META_NEXT_INO)?
@@ -257,9 +261,9 @@ impl Fs {
             .unwrap_or(2);
         let files_used = next.saturating_sub(1);
         Ok(StatFs {
-            blocks: (used + avail) / frsize,
-            bfree: avail / frsize,
-            bavail: avail / frsize,
+            blocks: (used + d.avail) / frsize,
+            bfree: d.avail / frsize,
+            bavail: d.usable() / frsize,
             files: files_used + free_files,
             ffree: free_files,
             bsize: self.bs as u32,
@@ -277,22 +281,6 @@ fn sized_reply(v: Vec<u8>, size: u32) -> Result<XattrReply> {
     } else {
         Ok(XattrReply::Data(v))
     }
-}
-
-/// Available bytes for unprivileged users, and a free-inode figure, of the disk at `path`.
-fn disk_free(path: &std::path::Path) -> std::result::Result<(u64, u64), i32> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| libc::EINVAL)?;
-    // SAFETY: c is a valid NUL-terminated path; st is written by the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO));
-    }
-    // Inodes are keys: as many as the disk has room for at ~256 bytes each.
-    let avail = st.f_bavail * st.f_frsize;
-    Ok((avail, avail / 256))
 }
 
 /// Whether process `pid` has `gid` among its supplementary groups (/proc/PID/status).

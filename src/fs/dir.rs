@@ -136,6 +136,7 @@ impl Fs {
     ) -> Result<(Ino, Inode)> {
         self.writable()?;
         check_name(name)?;
+        self.space.check()?;
         let ino = self.alloc_ino()?;
         let inode = self.txn(|t| {
             let mut dir = load_dir(t, parent)?;
@@ -201,6 +202,7 @@ impl Fs {
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         self.writable()?;
         check_name(name)?;
+        self.space.check()?;
         let inode = self.txn(|t| {
             let mut i = load_inode(t, ino)?;
             if i.kind == Kind::Dir {

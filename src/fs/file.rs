@@ -190,6 +190,7 @@ impl Fs {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         self.writable()?;
+        self.space.check()?;
         let st = self.handle_state(fh)?;
         let ino = st.ino;
         let mut s = lock(&st.inner);

@@ -13,6 +13,7 @@ mod attr;
 mod dir;
 mod file;
 mod lock;
+mod space;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -30,6 +31,7 @@ pub use attr::{Attr, SetAttr, SetTime, StatFs, XattrReply};
 pub use dir::{DirEntry, NewNode};
 pub use file::FileState;
 pub use lock::{LockKind, LockQuery, LockSpec};
+pub use space::{disk_space, DiskSpace};
 
 /// Longest name a directory entry may have.
 pub const NAME_MAX: usize = 255;
@@ -95,6 +97,8 @@ pub struct FsOptions {
     pub file_buffer_limit: Option<u64>,
     /// Bytes of buffered writes over all files before writers flush.
     pub total_buffer_limit: Option<u64>,
+    /// The store's directory: new data is refused while its disk is down to the reserve.
+    pub space_path: Option<std::path::PathBuf>,
 }
 
 const INO_BATCH: u64 = 1024;
@@ -108,6 +112,7 @@ pub struct Fs {
     /// This mount's id: the key of its `p` record and the owner of its open counts and locks.
     mount_id: MountId,
     locks: lock::LockTable,
+    space: space::SpaceGuard,
     ino_pool: Mutex<(u64, u64)>,
     ns_lock: Mutex<()>,
     files: Mutex<HashMap<Ino, Arc<FileState>>>,
@@ -141,6 +146,7 @@ impl Fs {
             bs,
             mount_id: crate::util::rand_u64().max(1),
             locks: lock::LockTable::default(),
+            space: space::SpaceGuard::new(opts.space_path.clone()),
             file_limit: opts.file_buffer_limit.unwrap_or(8 << 20),
             total_limit: opts.total_buffer_limit.unwrap_or(32 << 20),
             opts,
@@ -174,6 +180,11 @@ impl Fs {
 
     pub fn mount_id(&self) -> MountId {
         self.mount_id
+    }
+
+    /// Whether the store's disk is down to its reserve (new data gets ENOSPC).
+    pub fn space_low(&self) -> bool {
+        self.space.check().is_err()
     }
 
     fn writable(&self) -> Result<()> {

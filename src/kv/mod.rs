@@ -311,6 +311,15 @@ impl KvStore {
         Ok(())
     }
 
+    /// Compact a whole family now. Deleted blocks give their disk space back only when
+    /// compaction drops their keys and the blob files nothing references any more go; the
+    /// sweeper asks for it when the disk is short of space.
+    pub fn compact(&self, cf: Cf) -> Result<(), KvError> {
+        let db = self.rw()?;
+        db.compact_range_cf(self.cf(cf)?, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
     /// Read outside a transaction (tools, statistics).
     pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         let h = self.cf(cf)?;

@@ -40,6 +40,16 @@ pub fn mount_with(block_size: &str, opts: &str) -> Option<Mounted> {
 
 /// Format with these `kvfs format` arguments, then mount with `-o opts`.
 pub fn mount_with_format(format_args: &[&str], opts: &str) -> Option<Mounted> {
+    mount_prepared(format_args, opts, |_| {})
+}
+
+/// As [`mount_with_format`], calling `prepare` with the temp dir before the store is made
+/// (to put a small filesystem under `tmp/store`, say).
+pub fn mount_prepared(
+    format_args: &[&str],
+    opts: &str,
+    prepare: impl FnOnce(&Path),
+) -> Option<Mounted> {
     if !fuse_available() {
         return None;
     }
@@ -60,6 +70,7 @@ pub fn mount_with_format(format_args: &[&str], opts: &str) -> Option<Mounted> {
     let store = tmp.path().join("store");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
+    prepare(tmp.path());
     let out = Command::new(KVFS)
         .arg("format")
         .args(format_args)

@@ -197,3 +197,78 @@ fn concurrent_writers_in_one_directory() {
         }
     }
 }
+
+/// Unmounts a filesystem when dropped (after the kvfs mount on top of it, declared later).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root to mount a small tmpfs under the store");
+        return;
+    }
+    let mut disk = None;
+    let Some(mut m) = mount_prepared(&["--block-size", "64K"], "", |tmp| {
+        let d = tmp.join("store");
+        fs::create_dir(&d).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256M", "tmpfs"])
+            .arg(&d)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        disk = Some(Unmount(d));
+    }) else {
+        return;
+    };
+    fs::write(m.path("small"), b"kept").unwrap();
+    // 300 MiB of distinct data into a 256 MiB disk: ENOSPC at some write, or at fsync.
+    let mut f = File::create(m.path("big")).unwrap();
+    let mut failed = None;
+    for i in 0..300u64 {
+        if let Err(e) = f.write_all(&pattern(1000 + i, 1 << 20)) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let failed = failed.or_else(|| f.sync_all().err());
+    assert_eq!(
+        failed.and_then(|e| e.raw_os_error()),
+        Some(libc::ENOSPC),
+        "filling the disk must end in ENOSPC"
+    );
+    drop(f);
+    // The rest keeps working: reads, stat, and the delete that makes room.
+    assert_eq!(fs::read(m.path("small")).unwrap(), b"kept");
+    fs::remove_file(m.path("big")).unwrap();
+    let t0 = std::time::Instant::now();
+    while fs::write(m.path("after"), b"room again").is_err() {
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "no room came back after the delete"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(fs::read(m.path("after")).unwrap(), b"room again");
+    m.unmount();
+    let out = std::process::Command::new(KVFS)
+        .arg("audit")
+        .arg(&m.store)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The kvfs mount goes before the tmpfs under it (also on a panic: reverse order).
+    drop(m);
+    drop(disk);
+}
