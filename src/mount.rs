@@ -255,12 +255,24 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
     let (mut beat, mut swept) = (Instant::now(), Instant::now());
     let mut tick = 0u64;
+    let mut last_flush_err: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
         tick += 1;
         if tick % 5 == 0 {
-            if let Err(e) = fs.flush_older(Duration::from_secs(2)) {
-                tracing::error!(error = %e, "timed flush failed");
+            // The data stays buffered and is retried each second; say so once per new error
+            // (a full disk must not also fill up with log lines).
+            match fs.flush_older(Duration::from_secs(2)) {
+                Err(e) if last_flush_err.as_deref() != Some(&e.to_string()) => {
+                    tracing::error!(error = %e, "timed flush failed; the data stays buffered and is retried");
+                    last_flush_err = Some(e.to_string());
+                }
+                Err(_) => {}
+                Ok(()) => {
+                    if last_flush_err.take().is_some() {
+                        tracing::info!("timed flush succeeded again");
+                    }
+                }
             }
         }
         if fs.read_only() {

@@ -217,7 +217,19 @@ fn open_with(path: &Path, read_only: bool) -> Result<(KvStore, FormatRecord), St
         read_only,
         ..Default::default()
     };
-    let kv = KvStore::open(&db_path(path), &oo).map_err(|e| match e {
+    // A read-only open beside a live mount can race its compactions (a file listed in the
+    // manifest is deleted before it is opened): try again a few times.
+    let mut attempt = 0;
+    let opened = loop {
+        match KvStore::open(&db_path(path), &oo) {
+            Err(KvError::Other(_) | KvError::Corruption(_)) if read_only && attempt < 5 => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => break r,
+        }
+    };
+    let kv = opened.map_err(|e| match e {
         KvError::Locked => StoreError::InUse(path.to_path_buf()),
         source => StoreError::Kv {
             path: path.to_path_buf(),
