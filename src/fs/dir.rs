@@ -74,17 +74,23 @@ impl Fs {
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
         let (ino, inode) = self.look(|t| {
-            let d = load_inode(t, parent)?;
-            if d.kind != Kind::Dir {
-                return errno(libc::ENOTDIR);
-            }
-            let ino = match name {
-                b"." => parent,
-                b".." => d.parent,
-                _ => match get_dirent(t, parent, name)? {
-                    Some(e) => e.ino,
-                    None => return errno(libc::ENOENT),
-                },
+            // The entry first: only directories have entries, so the parent's own record is
+            // needed just for "." and ".." and to tell ENOENT from ENOTDIR on a miss.
+            let found = match name {
+                b"." | b".." => None,
+                _ => get_dirent(t, parent, name)?,
+            };
+            let ino = match found {
+                Some(e) => e.ino,
+                None => {
+                    let d = load_inode(t, parent)?;
+                    match name {
+                        _ if d.kind != Kind::Dir => return errno(libc::ENOTDIR),
+                        b"." => parent,
+                        b".." => d.parent,
+                        _ => return errno(libc::ENOENT),
+                    }
+                }
             };
             let key = ks::inode_key(ino);
             match load_inode(t, ino) {
