@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{
@@ -184,6 +184,9 @@ impl Filesystem for KvFuse {
                 "kernel lacks FUSE_WRITEBACK_CACHE; writes arrive as the caller makes them"
             );
         }
+        // Listings carry attributes (the kernel decides when they pay off).
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         // Record locks go to us (and so into the keyspace), not to the kernel's local table.
         if config
             .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)
@@ -501,6 +504,38 @@ impl Filesystem for KvFuse {
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let name = OsStr::from_bytes(&e.name);
             if reply.add(INodeNo(e.ino), i as u64 + 1, kind(e.kind), name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    /// Entries with their attributes, so `ls -l`, `find` and `tar c` need no LOOKUP per name.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = try_reply!(reply, "readdirplus", self.fs.readdir(fh.0));
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let a = match self.fs.getattr(e.ino) {
+                Ok(a) => a,
+                // Removed since the listing was taken: POSIX lets it go unreported.
+                Err(FsError::Errno(libc::ENOENT)) => continue,
+                Err(err) => return reply.error(errno("readdirplus", &err)),
+            };
+            let name = OsStr::from_bytes(&e.name);
+            if reply.add(
+                INodeNo(e.ino),
+                i as u64 + 1,
+                name,
+                &TTL,
+                &attr(&a),
+                Generation(0),
+            ) {
                 break;
             }
         }
