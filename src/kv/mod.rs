@@ -382,6 +382,31 @@ fn backoff(attempt: u32) {
     std::thread::sleep(Duration::from_micros(us));
 }
 
+/// Read options for a scan that stops before `end`.
+fn bounded(end: &[u8]) -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_upper_bound(end.to_vec());
+    ro
+}
+
+/// Up to `limit` pairs from `start` on.
+fn collect<D: rocksdb::DBAccess>(
+    mut it: rocksdb::DBRawIteratorWithThreadMode<'_, D>,
+    start: &[u8],
+    limit: usize,
+) -> Result<Vec<Pair>, KvError> {
+    it.seek(start);
+    let mut out = Vec::new();
+    while it.valid() && out.len() < limit {
+        if let (Some(k), Some(v)) = (it.key(), it.value()) {
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        it.next();
+    }
+    it.status()?;
+    Ok(out)
+}
+
 /// A read-only view of one snapshot, behind the [`Txn`] trait.
 struct SnapRead<'a, D: rocksdb::DBAccess> {
     store: &'a KvStore,
@@ -416,19 +441,10 @@ impl<D: rocksdb::DBAccess> Txn for SnapRead<'_, D> {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<Pair>, KvError> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end.to_vec());
-        let mut it = self.snap.raw_iterator_cf_opt(self.store.cf(cf)?, ro);
-        it.seek(start);
-        let mut out = Vec::new();
-        while it.valid() && out.len() < limit {
-            if let (Some(k), Some(v)) = (it.key(), it.value()) {
-                out.push((k.to_vec(), v.to_vec()));
-            }
-            it.next();
-        }
-        it.status()?;
-        Ok(out)
+        let it = self
+            .snap
+            .raw_iterator_cf_opt(self.store.cf(cf)?, bounded(end));
+        collect(it, start, limit)
     }
 }
 
@@ -465,19 +481,10 @@ impl Txn for RocksTxn<'_> {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<Pair>, KvError> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end.to_vec());
-        let mut it = self.txn.raw_iterator_cf_opt(self.store.cf(cf)?, ro);
-        it.seek(start);
-        let mut out = Vec::new();
-        while it.valid() && out.len() < limit {
-            if let (Some(k), Some(v)) = (it.key(), it.value()) {
-                out.push((k.to_vec(), v.to_vec()));
-            }
-            it.next();
-        }
-        it.status()?;
-        Ok(out)
+        let it = self
+            .txn
+            .raw_iterator_cf_opt(self.store.cf(cf)?, bounded(end));
+        collect(it, start, limit)
     }
 }
 
