@@ -245,7 +245,12 @@ pub fn run(
         fs.store().flush_all()?;
     }
     tracing::info!("unmounted cleanly");
-    served.map_err(|e| anyhow::anyhow!("FUSE session ended with an error: {e}"))
+    match served {
+        // A lazy (`umount -l`) or forced unmount ends the connection with an abort once the
+        // last user lets go: an ordinary end, after which everything above still ran.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+        r => r.map_err(|e| anyhow::anyhow!("FUSE session ended with an error: {e}")),
+    }
 }
 
 /// How often the mount sweeps garbage in the background.
