@@ -477,6 +477,21 @@ mod tests {
     }
 
     #[test]
+    fn format_1_values_without_a_checksum_still_read() {
+        let data = text(3000);
+        let h = crate::blocks::hash(&data);
+        let mut v1 = vec![1u8, ENC_PLAIN];
+        v1.extend_from_slice(&data);
+        assert_eq!(decode(&v1, &h, 3000).unwrap().content, data);
+        let last = v1.len() - 1;
+        v1[last] ^= 1;
+        assert!(
+            decode(&v1, &h, 3000).is_err(),
+            "checked by the SHA-256 instead"
+        );
+    }
+
+    #[test]
     fn a_damaged_checksum_over_good_content_still_reads() {
         let data = noise(5000);
         let h = crate::blocks::hash(&data);
