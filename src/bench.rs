@@ -132,8 +132,16 @@ pub fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-fn rate(n: usize, t: Instant) -> f64 {
-    n as f64 / t.elapsed().as_secs_f64().max(1e-9)
+/// Apply `op` to every path; the rate per second.
+fn rate(
+    paths: &[std::path::PathBuf],
+    op: impl Fn(&Path) -> std::io::Result<()>,
+) -> std::io::Result<f64> {
+    let t = Instant::now();
+    for p in paths {
+        op(p)?;
+    }
+    Ok(paths.len() as f64 / t.elapsed().as_secs_f64().max(1e-9))
 }
 
 /// Create, stat (after dropping caches) and unlink `files` empty files in one directory under
@@ -142,33 +150,13 @@ pub fn meta(dir: &Path, files: usize, dirs: usize) -> std::io::Result<MetaRates>
     let d = dir.join("meta");
     std::fs::create_dir_all(&d)?;
     let names: Vec<_> = (0..files).map(|i| d.join(format!("f{i:06}"))).collect();
-    let t = Instant::now();
-    for n in &names {
-        std::fs::File::create(n)?;
-    }
-    let create = rate(files, t);
+    let create = rate(&names, |p| std::fs::File::create(p).map(drop))?;
     drop_caches();
-    let t = Instant::now();
-    for n in &names {
-        std::fs::symlink_metadata(n)?;
-    }
-    let stat = rate(files, t);
-    let t = Instant::now();
-    for n in &names {
-        std::fs::remove_file(n)?;
-    }
-    let unlink = rate(files, t);
+    let stat = rate(&names, |p| std::fs::symlink_metadata(p).map(drop))?;
+    let unlink = rate(&names, |p| std::fs::remove_file(p))?;
     let dnames: Vec<_> = (0..dirs).map(|i| d.join(format!("d{i:06}"))).collect();
-    let t = Instant::now();
-    for n in &dnames {
-        std::fs::create_dir(n)?;
-    }
-    let mkdir = rate(dirs, t);
-    let t = Instant::now();
-    for n in &dnames {
-        std::fs::remove_dir(n)?;
-    }
-    let rmdir = rate(dirs, t);
+    let mkdir = rate(&dnames, |p| std::fs::create_dir(p))?;
+    let rmdir = rate(&dnames, |p| std::fs::remove_dir(p))?;
     std::fs::remove_dir(&d)?;
     Ok(MetaRates {
         create,

@@ -322,9 +322,9 @@ pub fn decode_with(value: &[u8], hash: &Hash, len: u32, check: Check) -> Result<
         let saved = fixed[a..b].to_vec();
         fixed[a..b].copy_from_slice(&rebuilt[..b - a]);
         if let Ok(content) = decode_inner(&fixed, len).and_then(|c| verified(c, hash)) {
+            // Same header (the content, and so its checksum, is what it was), new parity part.
             let mut healed = value[..value.len() - enc.len()].to_vec();
-            healed.push(ENC_PARITY);
-            healed.extend_from_slice(&wrap_parity(&fixed)[1..]);
+            healed.extend_from_slice(&wrap_parity(&fixed));
             return Ok(Decoded {
                 content,
                 repaired: Some((i, healed)),
