@@ -190,20 +190,19 @@ pub fn sweep(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
     let table = mounts(store, o.timeout, o.own)?;
     let live: HashSet<MountId> = table.iter().filter(|m| m.alive).map(|m| m.id).collect();
     r.live_mounts = live.len() as u64;
-    let dead: Vec<MountId> = table.iter().filter(|m| !m.alive).map(|m| m.id).collect();
+    let dead: HashSet<MountId> = table.iter().filter(|m| !m.alive).map(|m| m.id).collect();
     r.dead_mounts = dead.len() as u64;
     if !dead.is_empty() {
-        let dead_set: HashSet<MountId> = dead.iter().copied().collect();
         // Open counts and locks of dead mounts, grouped by inode.
         let mut per_ino: BTreeMap<Ino, Vec<Vec<u8>>> = BTreeMap::new();
         let (s, e) = Prefix::Inode.range();
         store.for_each(Cf::Meta, &s, &e, |k, _| {
             match ks::parse_inode_key(k) {
-                InodeKey::Open(ino, m) if dead_set.contains(&m) => {
+                InodeKey::Open(ino, m) if dead.contains(&m) => {
                     r.open_counts += 1;
                     per_ino.entry(ino).or_default().push(k.to_vec());
                 }
-                InodeKey::Lock(ino, m, _, _) if dead_set.contains(&m) => {
+                InodeKey::Lock(ino, m, _, _) if dead.contains(&m) => {
                     r.locks += 1;
                     per_ino.entry(ino).or_default().push(k.to_vec());
                 }
@@ -236,7 +235,6 @@ pub fn sweep(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
         }
         true
     })?;
-    let dead_set: HashSet<MountId> = dead.iter().copied().collect();
     for ino in garbage {
         // Open counts held by no live mount (a dead one, or one with no process entry at all)
         // do not keep the inode.
@@ -248,7 +246,7 @@ pub fn sweep(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
                 if live.contains(&m) {
                     open = true;
                 } else {
-                    if !dead_set.contains(&m) || !o.dry_run {
+                    if !dead.contains(&m) || !o.dry_run {
                         r.open_counts += 1;
                     }
                     stale.push(k.to_vec());
@@ -280,14 +278,7 @@ pub fn sweep(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
     r.blocks_freed = if o.dry_run {
         blocks::count_garbage(store)?
     } else {
-        let mut total = 0;
-        loop {
-            let n = blocks::collect_garbage(store, 4096)?;
-            total += n;
-            if n == 0 {
-                break total;
-            }
-        }
+        blocks::collect_all_garbage(store)?
     };
     Ok(r)
 }

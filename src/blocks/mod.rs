@@ -198,6 +198,18 @@ pub fn count_garbage(store: &KvStore) -> Result<u64, KvError> {
     Ok(n)
 }
 
+/// [`collect_garbage`] in rounds until a round frees nothing. Returns blocks freed.
+pub fn collect_all_garbage(store: &KvStore) -> Result<u64, KvError> {
+    let mut total = 0;
+    loop {
+        let n = collect_garbage(store, 4096)?;
+        total += n;
+        if n == 0 {
+            return Ok(total);
+        }
+    }
+}
+
 /// Free every garbage-candidate block whose references reached zero. Returns blocks freed.
 pub fn collect_garbage(store: &KvStore, max: usize) -> Result<u64, KvError> {
     let mut freed = 0;

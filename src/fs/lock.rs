@@ -180,12 +180,12 @@ fn set_owner_locks(
     Ok(!new.is_empty())
 }
 
-/// Drop every lock `mount` holds on `ino` (clean exit, sweeper).
-pub fn drop_mount_locks(t: &mut dyn Txn, ino: Ino, mount: MountId) -> Result<u64> {
+/// Delete the locks on `ino` that `which` picks; how many went.
+fn remove_locks(t: &mut dyn Txn, ino: Ino, which: impl Fn(&Held) -> bool) -> Result<u64> {
     let mut n = 0;
     for h in read_locks(t, ino)? {
-        if h.mount == mount {
-            t.delete(Cf::Meta, &ks::lock_key(ino, mount, h.owner, h.start))?;
+        if which(&h) {
+            t.delete(Cf::Meta, &ks::lock_key(ino, h.mount, h.owner, h.start))?;
             n += 1;
         }
     }
@@ -193,6 +193,11 @@ pub fn drop_mount_locks(t: &mut dyn Txn, ino: Ino, mount: MountId) -> Result<u64
         t.put(Cf::Meta, &ks::lock_pseudo_key(ino), &[1])?;
     }
     Ok(n)
+}
+
+/// Drop every lock `mount` holds on `ino` (clean exit).
+pub fn drop_mount_locks(t: &mut dyn Txn, ino: Ino, mount: MountId) -> Result<u64> {
+    remove_locks(t, ino, |h| h.mount == mount)
 }
 
 fn conflict(locks: &[Held], me: MountId, want: &LockSpec) -> Option<LockSpec> {
@@ -308,20 +313,9 @@ impl Fs {
         if !lock(&self.locks.held).contains(&ino) {
             return Ok(());
         }
-        let any = self.txn(|t| {
-            let mut n = 0;
-            for h in read_locks(t, ino)? {
-                if h.mount == self.mount_id && h.owner == owner {
-                    t.delete(Cf::Meta, &ks::lock_key(ino, self.mount_id, owner, h.start))?;
-                    n += 1;
-                }
-            }
-            if n > 0 {
-                t.put(Cf::Meta, &ks::lock_pseudo_key(ino), &[1])?;
-            }
-            Ok(n > 0)
-        })?;
-        if any {
+        let n =
+            self.txn(|t| remove_locks(t, ino, |h| h.mount == self.mount_id && h.owner == owner))?;
+        if n > 0 {
             self.locks.notify();
         }
         Ok(())

@@ -229,14 +229,7 @@ impl Fs {
 
     /// Free unreferenced blocks.
     pub fn collect_garbage(&self) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let n = blocks::collect_garbage(&self.store, 4096)?;
-            total += n;
-            if n == 0 {
-                return Ok(total);
-            }
-        }
+        Ok(blocks::collect_all_garbage(&self.store)?)
     }
 
     fn file_state(&self, ino: Ino) -> Option<Arc<FileState>> {
