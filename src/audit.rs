@@ -756,14 +756,7 @@ fn lost_found(t: &mut dyn Txn) -> Result<Ino> {
         }
         return Err(FsError::Errno(libc::EEXIST));
     }
-    let raw = t
-        .get(Cf::Meta, ks::META_NEXT_INO)?
-        .ok_or(FsError::Errno(libc::EIO))?;
-    let ino = decode_counter(&raw).map_err(|e| FsError::Corrupt {
-        key: "M next_ino".into(),
-        reason: e.to_string(),
-    })?;
-    t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(ino + 1))?;
+    let ino = fsops::take_inode_numbers(t, 1)?;
     let dir = Inode::new_dir(0o700, 0, 0, ROOT_INO, Timestamp::now());
     fsops::save_inode(t, ino, &dir)?;
     t.put(

@@ -209,17 +209,7 @@ impl Fs {
     fn alloc_ino(&self) -> Result<Ino> {
         let mut pool = lock(&self.ino_pool);
         if pool.0 >= pool.1 {
-            let start = self.txn(|t| {
-                let raw = t
-                    .get(Cf::Meta, ks::META_NEXT_INO)?
-                    .ok_or_else(|| FsError::Corrupt {
-                        key: "M next_ino".into(),
-                        reason: "missing".into(),
-                    })?;
-                let n = decode_counter(&raw).map_err(|e| corrupt(ks::META_NEXT_INO, e))?;
-                t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(n + INO_BATCH))?;
-                Ok(n)
-            })?;
+            let start = self.txn(|t| take_inode_numbers(t, INO_BATCH))?;
             *pool = (start, start + INO_BATCH);
         }
         let ino = pool.0;
@@ -280,6 +270,19 @@ impl Fs {
         lock(&self.files).clear();
         Ok(())
     }
+}
+
+/// Take `count` fresh inode numbers from `M next_ino`; returns the first.
+pub(crate) fn take_inode_numbers(t: &mut dyn Txn, count: u64) -> Result<Ino> {
+    let raw = t
+        .get(Cf::Meta, ks::META_NEXT_INO)?
+        .ok_or_else(|| FsError::Corrupt {
+            key: "M next_ino".into(),
+            reason: "missing".into(),
+        })?;
+    let n = decode_counter(&raw).map_err(|e| corrupt(ks::META_NEXT_INO, e))?;
+    t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(n + count))?;
+    Ok(n)
 }
 
 /// Whether any mount has `ino` open. Open-set changes write the `i ino \xfe 'o'` pseudo-key,
