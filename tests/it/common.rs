@@ -152,12 +152,25 @@ impl Mounted {
         if self.child.is_none() {
             return;
         }
-        let st = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mnt)
-            .status()
-            .unwrap();
-        assert!(st.success(), "fusermount3 -u failed");
+        // Another test forking a child at this moment lends it copies of our descriptors until
+        // it execs (the fork-exec window): the mount is briefly busy then. Retry on EBUSY only.
+        let t0 = Instant::now();
+        loop {
+            let out = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("busy") && t0.elapsed() < Duration::from_secs(10),
+                "fusermount3 -u failed: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.wait_exit();
     }
 
