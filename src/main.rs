@@ -115,13 +115,8 @@ enum Cmd {
 }
 
 fn parse_size(s: &str) -> Result<u32, String> {
-    let (num, mul) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1u64 << 20),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    u32::try_from(n * mul).map_err(|_| format!("too large: {s:?}"))
+    let n = kvfs::util::parse_size(s)?;
+    u32::try_from(n).map_err(|_| format!("too large: {s:?}"))
 }
 
 fn init_logging(to: Option<&Path>) {
@@ -256,7 +251,7 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
                 kv.sync()?;
                 if r.blocks_freed > 0 {
                     // Give the freed blocks' disk space back now.
-                    kv.compact(kvfs::kv::Cf::Blocks)?;
+                    kv.reclaim_block_space()?;
                 }
             }
             println!("{r}");
