@@ -90,6 +90,19 @@ impl Timestamp {
     }
 }
 
+/// A size such as `64K`, `256M`, `1G` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1u64 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1u64 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("too large: {s:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
