@@ -355,7 +355,10 @@ impl Filesystem for KvFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let fh = try_reply!(reply, "open", self.fs.open(ino.0, write));
-        reply.opened(FileHandle(fh), FopenFlags::empty())
+        // Keep the page cache across opens: every change to a file's data passes through this
+        // kernel (one mount owns a store; read-only mounts see a fixed past state), so what it
+        // holds cannot be stale. ext4 serves a re-read from memory too.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn read(
@@ -639,7 +642,7 @@ impl Filesystem for KvFuse {
             &attr(&a),
             Generation(0),
             FileHandle(fh),
-            FopenFlags::empty(),
+            FopenFlags::FOPEN_KEEP_CACHE,
         )
     }
 }
