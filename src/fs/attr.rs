@@ -182,7 +182,7 @@ impl Fs {
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         self.writable()?;
         check_xattr_name(name)?;
-        self.space.check()?;
+        self.space.check(0)?;
         if value.len() > XATTR_SIZE_MAX {
             return errno(libc::E2BIG);
         }

@@ -142,7 +142,7 @@ impl Fs {
     ) -> Result<(Ino, Inode)> {
         self.writable()?;
         check_name(name)?;
-        self.space.check()?;
+        self.space.check(0)?;
         let ino = self.alloc_ino()?;
         let inode = self.txn(|t| {
             let mut dir = load_dir(t, parent)?;
@@ -208,7 +208,7 @@ impl Fs {
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         self.writable()?;
         check_name(name)?;
-        self.space.check()?;
+        self.space.check(0)?;
         let inode = self.txn(|t| {
             let mut i = load_inode(t, ino)?;
             if i.kind == Kind::Dir {

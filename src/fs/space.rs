@@ -53,8 +53,19 @@ pub fn disk_space(path: &Path) -> std::result::Result<DiskSpace, i32> {
 
 pub struct SpaceGuard {
     path: Option<PathBuf>,
-    /// When the disk was last looked at, and whether it was below the reserve then.
-    last: Mutex<Option<(Instant, bool)>>,
+    last: Mutex<Option<Checked>>,
+}
+
+/// The last look at the disk.
+struct Checked {
+    at: Instant,
+    /// Whether it was below the reserve.
+    low: bool,
+    /// What may still be accepted before looking again: the usable space then, less twice
+    /// each write accepted since (its bytes reach the disk twice for a while, in the WAL and
+    /// in a blob file, before the WAL goes). Writes can arrive faster than the recheck
+    /// interval (400 MB/s is 40 MiB per 100 ms): the interval alone let a small disk fill up.
+    budget: u64,
 }
 
 impl SpaceGuard {
@@ -66,27 +77,40 @@ impl SpaceGuard {
         }
     }
 
-    /// ENOSPC when the disk is below the reserve: call before taking new data or names.
-    pub fn check(&self) -> Result<()> {
+    /// ENOSPC when the disk is below the reserve, or `bytes` of new data would take it
+    /// there: call before taking new data (`bytes`) or names (0).
+    pub fn check(&self, bytes: u64) -> Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
+        let cost = bytes.saturating_mul(2);
         let mut last = lock(&self.last);
-        let low = match *last {
-            Some((at, low)) if at.elapsed() < RECHECK => low,
+        let low = match last.as_mut() {
+            Some(c) if c.at.elapsed() < RECHECK && (c.low || c.budget >= cost) => {
+                if !c.low {
+                    c.budget -= cost;
+                }
+                c.low
+            }
             prev => {
-                let low = match disk_space(path) {
-                    Ok(d) => d.usable() == 0,
-                    Err(_) => false,
+                let was_low = prev.as_ref().is_some_and(|c| c.low);
+                let had_look = prev.is_some();
+                let (low, usable) = match disk_space(path) {
+                    Ok(d) => (d.usable() == 0 || d.usable() < cost, d.usable()),
+                    Err(_) => (false, u64::MAX),
                 };
-                if low != prev.is_some_and(|(_, l)| l) {
+                if low != was_low {
                     if low {
                         tracing::warn!(store = %path.display(), "the store's disk is down to its reserve; new data gets ENOSPC, deletes still work");
-                    } else if prev.is_some() {
+                    } else if had_look {
                         tracing::info!(store = %path.display(), "the store's disk has room again");
                     }
                 }
-                *last = Some((Instant::now(), low));
+                *last = Some(Checked {
+                    at: Instant::now(),
+                    low,
+                    budget: if low { 0 } else { usable - cost },
+                });
                 low
             }
         };
