@@ -38,6 +38,12 @@ impl BlockCache {
         Some(e.0.clone())
     }
 
+    /// Whether `h` is held (without counting as a use).
+    pub fn contains(&self, h: &Hash) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.map.contains_key(h)
+    }
+
     pub fn insert(&self, h: Hash, data: Arc<Vec<u8>>) {
         if data.len() > self.cap {
             return;

@@ -11,6 +11,7 @@
 
 pub mod cache;
 pub mod encode;
+pub mod prefetch;
 
 use sha2::{Digest, Sha256};
 

@@ -35,12 +35,51 @@ struct Inner {
     size: u64,
     /// Size as last committed.
     committed_size: u64,
-    /// Block number -> image of the block (shorter than the block size = zeros after).
-    dirty: BTreeMap<u64, Vec<u8>>,
+    /// Block number -> buffered image of the block.
+    dirty: BTreeMap<u64, Slot>,
     dirty_bytes: u64,
     /// mtime of the newest buffered write.
     mtime: Option<Timestamp>,
     dirty_since: Option<Instant>,
+    /// Where a sequential reader's next read would start.
+    next_read: u64,
+    /// First block not yet handed to the prefetcher in the current sequential run.
+    ahead_from: u64,
+}
+
+/// How far ahead of a sequential reader blocks are prefetched.
+const READAHEAD: u64 = 4 << 20;
+/// How far a read may start from where the last one ended and still count as sequential
+/// (the kernel's readahead requests arrive on several threads, a little out of order).
+const SEQ_SLACK: u64 = 1 << 20;
+
+/// One buffered block.
+struct Slot {
+    /// The block's content (shorter than the block size = zeros after).
+    img: Vec<u8>,
+    /// Started empty (a whole-block write or past the committed end), not from committed data.
+    fresh: bool,
+    /// Bytes written into it since it was buffered (overlaps count twice).
+    written: u64,
+}
+
+impl Slot {
+    /// A fresh block not yet written whole: the tail of a file being appended to, or a block
+    /// whose other part is still on its way (the kernel writes back 1 MiB runs on several
+    /// threads at once, not in order, and not aligned to blocks). Committing it now would
+    /// store a version that the rest of the write replaces at once.
+    fn incomplete(&self, bs: u64) -> bool {
+        self.fresh && self.written < bs
+    }
+}
+
+/// What a flush commits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// Everything buffered (close, fsync, timer, truncate).
+    All,
+    /// Make room: keep incomplete blocks buffered while they hold at most half the limit.
+    Room,
 }
 
 impl FileState {
@@ -132,7 +171,7 @@ impl Fs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let st = self.handle_state(fh)?;
         let ino = st.ino;
-        let s = lock(&st.inner);
+        let mut s = lock(&st.inner);
         if offset >= s.size || size == 0 {
             return Ok(Vec::new());
         }
@@ -141,18 +180,35 @@ impl Fs {
         let first = offset / bs;
         let last = (end - 1) / bs;
         let mut out = vec![0u8; (end - offset) as usize];
+        // A sequential reader gets the blocks after this read prefetched.
+        let sequential = offset.abs_diff(s.next_read) <= SEQ_SLACK;
+        s.next_read = end;
+        let ahead = if sequential {
+            let from = (last + 1).max(s.ahead_from);
+            let to = (last + READAHEAD / bs).min((s.size - 1) / bs);
+            s.ahead_from = s.ahead_from.max(to + 1);
+            from..to + 1
+        } else {
+            s.ahead_from = 0;
+            0..0
+        };
+        let scan_end = (last + 1).max(ahead.end);
         // Committed blocks for the slots not held in the buffer.
         let (atime_due, committed) = self.look(|t| {
             let inode = load_inode(t, ino)?;
-            let (ks_, ke) = ks::fmap_range(ino, first, last + 1);
+            let (ks_, ke) = ks::fmap_range(ino, first, scan_end);
             let mut got = Vec::new();
             for (k, v) in t.scan(Cf::Fmap, &ks_, &ke, usize::MAX)? {
                 let bn = ks::fmap_blockno(&k).unwrap_or(0);
-                if s.dirty.contains_key(&bn) {
+                if s.dirty.contains_key(&bn) || (bn > last && !ahead.contains(&bn)) {
                     continue;
                 }
                 let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
-                got.push((bn, blocks::read_cached(t, &self.cache, &ent.hash, ent.len)?));
+                if bn > last {
+                    self.prefetch.want(ent.hash, ent.len);
+                } else {
+                    got.push((bn, blocks::read_cached(t, &self.cache, &ent.hash, ent.len)?));
+                }
             }
             Ok((!self.opts.noatime && relatime_due(&inode), got))
         })?;
@@ -168,12 +224,16 @@ impl Fs {
         for (bn, data) in &committed {
             place(&mut out, *bn, &data[..]);
         }
-        for (bn, img) in s.dirty.range(first..=last) {
-            place(&mut out, *bn, img);
+        for (bn, slot) in s.dirty.range(first..=last) {
+            place(&mut out, *bn, &slot.img);
         }
         drop(s);
         if atime_due && !self.opts.read_only {
-            self.touch_atime(ino)?;
+            // The data is read; a full disk or a conflict storm must not turn that into an
+            // error because the access time could not be written.
+            if let Err(e) = self.touch_atime(ino) {
+                tracing::debug!(ino, error = %e, "atime not updated");
+            }
         }
         Ok(out)
     }
@@ -190,7 +250,7 @@ impl Fs {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         self.writable()?;
-        self.space.check()?;
+        self.space.check(data.len() as u64)?;
         let st = self.handle_state(fh)?;
         let ino = st.ino;
         let mut s = lock(&st.inner);
@@ -207,21 +267,28 @@ impl Fs {
             if !s.dirty.contains_key(&bn) {
                 // Start from the committed content unless the write covers the whole slot or
                 // the slot lies past the committed end of file.
-                let base = if (in_block == 0 && n as u64 == bs) || bn * bs >= s.committed_size {
+                let fresh = (in_block == 0 && n as u64 == bs) || bn * bs >= s.committed_size;
+                let img = if fresh {
                     Vec::new()
                 } else {
                     self.committed_block(ino, bn)?
                 };
                 s.dirty_bytes += bs;
                 self.dirty_total.fetch_add(bs, Ordering::Relaxed);
-                s.dirty.insert(bn, base);
+                let slot = Slot {
+                    img,
+                    fresh,
+                    written: 0,
+                };
+                s.dirty.insert(bn, slot);
             }
-            let img = s.dirty.get_mut(&bn).ok_or(FsError::Errno(libc::EIO))?;
-            if img.len() < in_block + n {
-                img.resize(in_block + n, 0);
+            let slot = s.dirty.get_mut(&bn).ok_or(FsError::Errno(libc::EIO))?;
+            if slot.img.len() < in_block + n {
+                slot.img.resize(in_block + n, 0);
             }
             let src = (pos - offset) as usize;
-            img[in_block..in_block + n].copy_from_slice(&data[src..src + n]);
+            slot.img[in_block..in_block + n].copy_from_slice(&data[src..src + n]);
+            slot.written += n as u64;
             pos += n as u64;
         }
         s.size = s.size.max(end);
@@ -230,7 +297,7 @@ impl Fs {
         if s.dirty_bytes >= self.file_limit
             || self.dirty_total.load(Ordering::Relaxed) >= self.total_limit
         {
-            self.flush_locked(ino, &mut s)?;
+            self.flush_blocks(ino, &mut s, Flush::Room)?;
         }
         Ok(data.len() as u32)
     }
@@ -250,10 +317,30 @@ impl Fs {
 
     /// Commit the buffered writes of `s` in one transaction.
     fn flush_locked(&self, ino: Ino, s: &mut Inner) -> Result<()> {
+        self.flush_blocks(ino, s, Flush::All)
+    }
+
+    /// Commit buffered blocks of `s` (all, or those `Flush::Room` lets go), the size and the
+    /// mtime in one transaction.
+    fn flush_blocks(&self, ino: Ino, s: &mut Inner, what: Flush) -> Result<()> {
         if s.dirty_since.is_none() {
             return Ok(());
         }
-        let slots: Vec<(u64, &[u8])> = s.dirty.iter().map(|(bn, img)| (*bn, &img[..])).collect();
+        let bs = self.bs;
+        let mut keep = what == Flush::Room;
+        if keep {
+            let held = s.dirty.values().filter(|x| x.incomplete(bs)).count() as u64 * bs;
+            keep = held <= self.file_limit / 2;
+        }
+        let slots: Vec<(u64, &[u8])> = s
+            .dirty
+            .iter()
+            .filter(|(_, x)| !(keep && x.incomplete(bs)))
+            .map(|(bn, x)| (*bn, &x.img[..]))
+            .collect();
+        if slots.is_empty() && keep {
+            return Ok(());
+        }
         let prepared = blocks::prepare_all(&slots, &self.codec);
         if prepared.len() != slots.len() {
             // A hashing thread died (a bug): keep the data buffered, report EIO.
@@ -284,12 +371,17 @@ impl Fs {
         });
         // On error the data stays buffered: a later flush may succeed (ENOSPC cleared).
         res?;
-        self.dirty_total.fetch_sub(s.dirty_bytes, Ordering::Relaxed);
-        s.dirty.clear();
-        s.dirty_bytes = 0;
-        s.mtime = None;
-        s.dirty_since = None;
+        let done = prepared.len() as u64 * bs;
+        self.dirty_total.fetch_sub(done, Ordering::Relaxed);
+        s.dirty_bytes -= done;
+        for (bn, _) in &prepared {
+            s.dirty.remove(bn);
+        }
         s.committed_size = size;
+        if s.dirty.is_empty() {
+            s.mtime = None;
+            s.dirty_since = None;
+        }
         Ok(())
     }
 

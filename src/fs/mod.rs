@@ -102,9 +102,12 @@ pub struct FsOptions {
 }
 
 const INO_BATCH: u64 = 1024;
+/// Readahead fetchers: a cold block read waits on the disk, so a few in flight at once.
+const PREFETCH_THREADS: usize = 8;
+const PREFETCH_QUEUE: usize = 256;
 
 pub struct Fs {
-    store: KvStore,
+    store: Arc<KvStore>,
     format: FormatRecord,
     codec: Codec,
     bs: u64,
@@ -117,7 +120,8 @@ pub struct Fs {
     ns_lock: Mutex<()>,
     files: Mutex<HashMap<Ino, Arc<FileState>>>,
     /// Verified contents of recently read blocks.
-    cache: blocks::cache::BlockCache,
+    cache: Arc<blocks::cache::BlockCache>,
+    prefetch: blocks::prefetch::Prefetcher,
     handles: Mutex<Handles>,
     dirty_total: AtomicU64,
     file_limit: u64,
@@ -139,6 +143,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Fs {
     pub fn new(store: KvStore, format: FormatRecord, opts: FsOptions) -> Fs {
         let bs = format.block_size as u64;
+        let store = Arc::new(store);
+        let cache = Arc::new(blocks::cache::BlockCache::new(32 << 20));
+        let prefetch = blocks::prefetch::Prefetcher::new(
+            store.clone(),
+            cache.clone(),
+            PREFETCH_THREADS,
+            PREFETCH_QUEUE,
+        );
         Fs {
             store,
             codec: Codec::from_format(&format),
@@ -153,7 +165,8 @@ impl Fs {
             ino_pool: Mutex::new((0, 0)),
             ns_lock: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
-            cache: blocks::cache::BlockCache::new(32 << 20),
+            cache,
+            prefetch,
             handles: Mutex::new(Handles {
                 next: 1,
                 ..Default::default()
@@ -184,7 +197,7 @@ impl Fs {
 
     /// Whether the store's disk is down to its reserve (new data gets ENOSPC).
     pub fn space_low(&self) -> bool {
-        self.space.check().is_err()
+        self.space.check(0).is_err()
     }
 
     fn writable(&self) -> Result<()> {

@@ -48,6 +48,37 @@ fn count(fs: &Fs, p: Prefix) -> usize {
 }
 
 #[test]
+fn flushes_that_make_room_keep_a_half_written_block_buffered() {
+    // Appends of 48 KiB against 64 KiB blocks, with room for only four blocks in the buffer:
+    // each flush to make room finds the tail block half written. Committing it would store a
+    // version the next append replaces at once; kept, every block is stored once.
+    let d = tempfile::tempdir().unwrap();
+    kvfs::store::format(d.path(), 64 << 10).unwrap();
+    let (kv, rec) = kvfs::store::open(d.path()).unwrap();
+    let opts = FsOptions {
+        file_buffer_limit: Some(4 << 16),
+        ..Default::default()
+    };
+    let fs = Fs::new(kv, rec, opts);
+    let ino = file(&fs, "f");
+    let fh = fs.open(ino, true).unwrap();
+    let data = pattern(5, 2 << 20);
+    for (i, chunk) in data.chunks(48 << 10).enumerate() {
+        fs.write(fh, (i * (48 << 10)) as u64, chunk).unwrap();
+    }
+    assert!(count(&fs, Prefix::Fmap) > 0, "no flush made room on the way");
+    fs.flush(fh).unwrap();
+    assert_eq!(count(&fs, Prefix::Fmap), 32);
+    assert_eq!(
+        count(&fs, Prefix::Block),
+        32,
+        "a partly written block was stored and then replaced"
+    );
+    assert_eq!(fs.read(fh, 0, 2 << 20).unwrap(), data);
+    fs.release(fh).unwrap();
+}
+
+#[test]
 fn one_byte_writes_commit_nothing_until_flush_then_one_block() {
     let (_d, fs) = new_fs();
     let ino = file(&fs, "f");

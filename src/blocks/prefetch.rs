@@ -1,0 +1,136 @@
+//! Readahead: blocks a sequential reader will want next are fetched by a few threads into the
+//! verified-block cache, so the reader finds them there instead of waiting for each one in
+//! turn. A cold 64 KiB block costs a few hundred microseconds of disk latency; one reader
+//! fetching block after block was bound by that latency, not by the disk's bandwidth.
+//! Prefetching is best effort: a fetch that fails is dropped (the reader's own read then
+//! reports the error), and a full queue drops requests instead of blocking the reader.
+//! The same queue is where fetching evicted blocks back from a replica will plug in.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
+
+use super::cache::BlockCache;
+use crate::keyspace::{self as ks, Hash};
+use crate::kv::KvStore;
+
+pub struct Prefetcher {
+    tx: Option<Sender<(Hash, u32)>>,
+    cache: Arc<BlockCache>,
+    /// Hashes queued or being fetched, so a block is fetched once however often it is asked.
+    pending: Arc<Mutex<HashSet<Hash>>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    /// `threads` fetchers (0: prefetching off) behind a queue of `depth` requests.
+    pub fn new(
+        store: Arc<KvStore>,
+        cache: Arc<BlockCache>,
+        threads: usize,
+        depth: usize,
+    ) -> Prefetcher {
+        let pending: Arc<Mutex<HashSet<Hash>>> = Arc::default();
+        if threads == 0 {
+            return Prefetcher {
+                tx: None,
+                cache,
+                pending,
+                workers: Vec::new(),
+            };
+        }
+        let (tx, rx) = bounded::<(Hash, u32)>(depth.max(1));
+        let workers = (0..threads)
+            .filter_map(|i| {
+                let (rx, store, cache, pending) =
+                    (rx.clone(), store.clone(), cache.clone(), pending.clone());
+                std::thread::Builder::new()
+                    .name(format!("kvfs-fetch-{i}"))
+                    .spawn(move || {
+                        for (h, len) in rx {
+                            if let Err(e) = store.read(|t| super::read_cached(t, &cache, &h, len))
+                            {
+                                tracing::debug!(block = %ks::hex(&h), error = %e, "prefetch failed");
+                            }
+                            lock(&pending).remove(&h);
+                        }
+                    })
+                    .ok()
+            })
+            .collect();
+        Prefetcher {
+            tx: Some(tx),
+            cache,
+            pending,
+            workers,
+        }
+    }
+
+    /// Fetch block `h` (content length `len`) into the cache soon, unless it is there or on
+    /// its way already.
+    pub fn want(&self, h: Hash, len: u32) {
+        let Some(tx) = &self.tx else { return };
+        if self.cache.contains(&h) || !lock(&self.pending).insert(h) {
+            return;
+        }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send((h, len)) {
+            lock(&self.pending).remove(&h);
+        }
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.tx = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::{add_ref, prepare, Codec};
+    use crate::kv::OpenOptions;
+
+    #[test]
+    fn wanted_blocks_arrive_in_the_cache_and_missing_ones_are_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            KvStore::open(
+                d.path(),
+                &OpenOptions {
+                    create: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let codec = Codec::default();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let p = prepare(&data, &codec).unwrap();
+        store.transact(|t| add_ref(t, &p)).unwrap();
+        let cache = Arc::new(BlockCache::new(1 << 20));
+        let pf = Prefetcher::new(store.clone(), cache.clone(), 2, 8);
+        pf.want(p.hash, p.len);
+        pf.want([7; 32], 100); // no such block: fetched, fails, dropped
+        let t0 = std::time::Instant::now();
+        while !cache.contains(&p.hash) {
+            assert!(
+                t0.elapsed().as_secs() < 10,
+                "prefetched block never arrived"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(&cache.get(&p.hash).unwrap()[..], &data[..]);
+        drop(pf);
+        assert!(!cache.contains(&[7; 32]));
+    }
+}
