@@ -66,7 +66,10 @@ fn flushes_that_make_room_keep_a_half_written_block_buffered() {
     for (i, chunk) in data.chunks(48 << 10).enumerate() {
         fs.write(fh, (i * (48 << 10)) as u64, chunk).unwrap();
     }
-    assert!(count(&fs, Prefix::Fmap) > 0, "no flush made room on the way");
+    assert!(
+        count(&fs, Prefix::Fmap) > 0,
+        "no flush made room on the way"
+    );
     fs.flush(fh).unwrap();
     assert_eq!(count(&fs, Prefix::Fmap), 32);
     assert_eq!(
