@@ -334,7 +334,10 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
-/// Reclaim the disk space of freed blocks once this much has been freed.
+/// Reclaim the disk space of freed blocks once this much, or a tenth of the blob files, has
+/// been freed. Reclaiming compacts the blocks family with blob collection on, which also
+/// moves the live blocks of the oldest quarter of blob files: on a large store that costs
+/// more than a fixed amount of freed space is worth, so the bar grows with the store.
 const RECLAIM_AFTER: u64 = 256 << 20;
 
 /// How often the mount sweeps garbage in the background.
@@ -395,7 +398,8 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
             // Freed blocks give their space back only through compaction: at once when the
             // disk is short of space, otherwise once a good amount has been freed.
             let low = fs.space_low();
-            if freed > 0 && (low || freed * fs.block_size() >= RECLAIM_AFTER) {
+            let bar = RECLAIM_AFTER.max(fs.store().block_file_bytes() / 10);
+            if freed > 0 && (low || freed * fs.block_size() >= bar) {
                 tracing::info!(blocks = freed, low, "reclaiming the space of freed blocks");
                 match fs.store().reclaim_block_space() {
                     Ok(()) => freed = 0,

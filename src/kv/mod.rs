@@ -157,6 +157,9 @@ macro_rules! with_db {
 
 pub struct KvStore {
     db: Db,
+    /// One block-space reclaim at a time (the mount's sweeper and `kvfs gc` may both ask):
+    /// each switches blob collection on and off around its compaction.
+    reclaiming: std::sync::Mutex<()>,
 }
 
 /// Most conflicts resolve in a few rounds; past this the caller gets EIO-class `Conflict`
@@ -254,7 +257,10 @@ impl KvStore {
                     .map_err(KvError::from)?,
             )
         };
-        Ok(KvStore { db })
+        Ok(KvStore {
+            db,
+            reclaiming: std::sync::Mutex::new(()),
+        })
     }
 
     /// Whether this process holds the store alone (a read-write RocksDB open takes its lock),
@@ -346,11 +352,24 @@ impl KvStore {
     /// also moves the live values out of the oldest blob files so those can go.
     pub fn reclaim_block_space(&self) -> Result<(), KvError> {
         let db = self.rw()?;
+        let _one = self.reclaiming.lock().unwrap_or_else(|p| p.into_inner());
         let cf = self.cf(Cf::Blocks)?;
         db.set_options_cf(&cf, &[("enable_blob_garbage_collection", "true")])?;
         db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
         db.set_options_cf(&cf, &[("enable_blob_garbage_collection", "false")])?;
         Ok(())
+    }
+
+    /// Bytes in the blob files that hold block values (live and garbage), 0 if unknown.
+    pub fn block_file_bytes(&self) -> u64 {
+        self.cf(Cf::Blocks)
+            .ok()
+            .and_then(|cf| {
+                with_db!(self, d => d.property_int_value_cf(cf, "rocksdb.total-blob-file-size"))
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(0)
     }
 
     /// Read outside a transaction (tools, statistics).
@@ -533,6 +552,30 @@ mod tests {
         };
         let s = KvStore::open(dir.path(), &o).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn deleted_block_values_leave_the_blob_files_when_space_is_reclaimed() {
+        let (_d, s) = open_tmp();
+        let v = vec![7u8; 64 << 10];
+        for i in 0..64u32 {
+            s.transact(|t| t.put(Cf::Blocks, &i.to_be_bytes(), &v))
+                .unwrap();
+        }
+        s.flush_all().unwrap();
+        let full = s.block_file_bytes();
+        assert!(full >= 64 * v.len() as u64, "blob files hold {full} bytes");
+        for i in 0..64u32 {
+            s.transact(|t| t.delete(Cf::Blocks, &i.to_be_bytes()))
+                .unwrap();
+        }
+        s.flush_all().unwrap();
+        s.reclaim_block_space().unwrap();
+        let after = s.block_file_bytes();
+        assert!(
+            after < full / 4,
+            "blob files still hold {after} of {full} bytes"
+        );
     }
 
     #[test]
