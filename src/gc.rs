@@ -181,6 +181,16 @@ impl fmt::Display for SweepReport {
     }
 }
 
+/// What `kvfs gc` runs: a sweep, then (unless a dry run) the disk space of the blocks it freed
+/// given back at once instead of at the mount's next reclaim.
+pub fn collect(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
+    let r = sweep(store, o)?;
+    if !o.dry_run && r.blocks_freed > 0 {
+        store.reclaim_block_space()?;
+    }
+    Ok(r)
+}
+
 /// Run one sweep.
 pub fn sweep(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
     let mut r = SweepReport {

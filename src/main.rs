@@ -246,13 +246,9 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
                 timeout: Duration::from_secs(timeout),
                 own: None,
             };
-            let r = gc::sweep(&kv, &o)?;
+            let r = gc::collect(&kv, &o)?;
             if !dry_run {
                 kv.sync()?;
-                if r.blocks_freed > 0 {
-                    // Give the freed blocks' disk space back now.
-                    kv.reclaim_block_space()?;
-                }
             }
             println!("{r}");
             Ok(())

@@ -461,15 +461,7 @@ fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
                 }
             }
             // Buffered writes first, so the sweep sees what the user sees.
-            let swept = fs.flush_all().and_then(|_| gc::sweep(fs.store(), &o));
-            // As on an unmounted store: what the sweep freed goes back to the disk now.
-            let reclaimed = match &swept {
-                Ok(r) if !o.dry_run && r.blocks_freed > 0 => {
-                    fs.store().reclaim_block_space().map_err(Into::into)
-                }
-                _ => Ok(()),
-            };
-            match swept.and_then(|r| reclaimed.map(|_| r)) {
+            match fs.flush_all().and_then(|_| gc::collect(fs.store(), &o)) {
                 Ok(r) => format!("ok\n{r}\n"),
                 Err(e) => format!("error: {e}\n"),
             }
