@@ -90,6 +90,12 @@ impl Timestamp {
     }
 }
 
+/// Lock `m`, taking over a lock whose holder panicked: that panic is a bug reported where it
+/// happened, and the filesystem keeps serving.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A size such as `64K`, `256M`, `1G` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mul) = match s.as_bytes().last() {

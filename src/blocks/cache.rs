@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::keyspace::Hash;
+use crate::util::lock;
 
 pub struct BlockCache {
     cap: usize,
@@ -30,7 +31,7 @@ impl BlockCache {
     }
 
     pub fn get(&self, h: &Hash) -> Option<Arc<Vec<u8>>> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.inner);
         g.tick += 1;
         let tick = g.tick;
         let e = g.map.get_mut(h)?;
@@ -40,7 +41,7 @@ impl BlockCache {
 
     /// Whether `h` is held (without counting as a use).
     pub fn contains(&self, h: &Hash) -> bool {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let g = lock(&self.inner);
         g.map.contains_key(h)
     }
 
@@ -48,7 +49,7 @@ impl BlockCache {
         if data.len() > self.cap {
             return;
         }
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.inner);
         g.tick += 1;
         let tick = g.tick;
         let n = data.len();

@@ -15,6 +15,7 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use super::cache::BlockCache;
 use crate::keyspace::{self as ks, Hash};
 use crate::kv::KvStore;
+use crate::util::lock;
 
 pub struct Prefetcher {
     tx: Option<Sender<(Hash, u32)>>,
@@ -88,10 +89,6 @@ impl Drop for Prefetcher {
             let _ = w.join();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

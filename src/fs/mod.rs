@@ -17,7 +17,7 @@ mod space;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use crate::blocks::{self, BlockError, Codec};
 use crate::keyspace::records::{
@@ -25,7 +25,7 @@ use crate::keyspace::records::{
 };
 use crate::keyspace::{self as ks, Ino, MountId};
 use crate::kv::{Cf, KvError, KvStore, Retryable, Txn};
-use crate::util::Timestamp;
+use crate::util::{lock, Timestamp};
 
 pub use attr::{Attr, SetAttr, SetTime, StatFs, XattrReply};
 pub use dir::{DirEntry, NewNode};
@@ -133,11 +133,6 @@ struct Handles {
     next: u64,
     files: HashMap<u64, Arc<FileState>>,
     dirs: HashMap<u64, Arc<Vec<DirEntry>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a lock is a bug we log elsewhere; keep serving.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Fs {

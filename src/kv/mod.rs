@@ -352,7 +352,7 @@ impl KvStore {
     /// also moves the live values out of the oldest blob files so those can go.
     pub fn reclaim_block_space(&self) -> Result<(), KvError> {
         let db = self.rw()?;
-        let _one = self.reclaiming.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = crate::util::lock(&self.reclaiming);
         let cf = self.cf(Cf::Blocks)?;
         db.set_options_cf(&cf, &[("enable_blob_garbage_collection", "true")])?;
         db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
