@@ -397,13 +397,15 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
             }
             // Freed blocks give their space back only through compaction: at once when the
             // disk is short of space, otherwise once a good amount has been freed.
-            let low = fs.space_low();
-            let bar = RECLAIM_AFTER.max(fs.store().block_file_bytes() / 10);
-            if freed > 0 && (low || freed * fs.block_size() >= bar) {
-                tracing::info!(blocks = freed, low, "reclaiming the space of freed blocks");
-                match fs.store().reclaim_block_space() {
-                    Ok(()) => freed = 0,
-                    Err(e) => tracing::error!(error = %e, "compaction failed"),
+            if freed > 0 {
+                let low = fs.space_low();
+                let bar = RECLAIM_AFTER.max(fs.store().block_file_bytes() / 10);
+                if low || freed * fs.block_size() >= bar {
+                    tracing::info!(blocks = freed, low, "reclaiming the space of freed blocks");
+                    match fs.store().reclaim_block_space() {
+                        Ok(()) => freed = 0,
+                        Err(e) => tracing::error!(error = %e, "compaction failed"),
+                    }
                 }
             }
         }
