@@ -201,22 +201,28 @@ impl Fs {
             s.ahead_from = 0;
             0..0
         };
-        let scan_end = (last + 1).max(ahead.end);
-        // Committed blocks for the slots not held in the buffer.
+        // Committed blocks for the slots not held in the buffer; the window ahead only goes to
+        // the prefetcher (scanned on its own: the blocks between were asked for already).
         let (atime_due, committed) = self.look(|t| {
             let inode = load_inode(t, ino)?;
-            let (ks_, ke) = ks::fmap_range(ino, first, scan_end);
+            let (ks_, ke) = ks::fmap_range(ino, first, last + 1);
             let mut got = Vec::new();
             for (k, v) in t.scan(Cf::Fmap, &ks_, &ke, usize::MAX)? {
                 let bn = ks::fmap_blockno(&k).unwrap_or(0);
-                if s.dirty.contains_key(&bn) || (bn > last && !ahead.contains(&bn)) {
+                if s.dirty.contains_key(&bn) {
                     continue;
                 }
                 let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
-                if bn > last {
-                    self.prefetch.want(ent.hash, ent.len);
-                } else {
-                    got.push((bn, blocks::read_cached(t, &self.cache, &ent.hash, ent.len)?));
+                got.push((bn, blocks::read_cached(t, &self.cache, &ent.hash, ent.len)?));
+            }
+            if !ahead.is_empty() {
+                let (ks_, ke) = ks::fmap_range(ino, ahead.start, ahead.end);
+                for (k, v) in t.scan(Cf::Fmap, &ks_, &ke, usize::MAX)? {
+                    let bn = ks::fmap_blockno(&k).unwrap_or(0);
+                    if !s.dirty.contains_key(&bn) {
+                        let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
+                        self.prefetch.want(ent.hash, ent.len);
+                    }
                 }
             }
             Ok((!self.opts.noatime && relatime_due(&inode), got))
