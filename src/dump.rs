@@ -68,19 +68,27 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
         Some(Prefix::Fmap) if key.len() == 17 => FmapEntry::decode(v)
             .map(|f| format!("block {} len {}", ks::hex(&f.hash), f.len))
             .map_err(e),
-        Some(Prefix::Block) if key.len() == 33 => match v {
-            [1, enc, ..] => Ok(format!(
-                "encoding {} ({} bytes stored)",
-                match *enc {
-                    0 => "plain".to_string(),
-                    b'z' => format!("z{}", v.get(2).copied().unwrap_or(0)),
-                    b'p' => "parity".to_string(),
-                    x => format!("unknown {x:#04x}"),
-                },
-                v.len()
-            )),
-            _ => Err(format!("bad block header {}", hex_cut(v))),
-        },
+        Some(Prefix::Block) if key.len() == 33 => {
+            // Tag 1: the encoding follows; tag 2: an 8-byte xxh3 of the content comes first.
+            let enc = match v {
+                [1, rest @ ..] => rest,
+                [2, rest @ ..] if rest.len() > 8 => &rest[8..],
+                _ => &[][..],
+            };
+            match enc {
+                [e, more @ ..] => Ok(format!(
+                    "encoding {} ({} bytes stored)",
+                    match *e {
+                        0 => "plain".to_string(),
+                        b'z' => format!("z{}", more.first().copied().unwrap_or(0)),
+                        b'p' => "parity".to_string(),
+                        x => format!("unknown {x:#04x}"),
+                    },
+                    v.len()
+                )),
+                [] => Err(format!("bad block header {}", hex_cut(v))),
+            }
+        }
         Some(Prefix::BlockInfo) if key.len() == 33 => BlockInfo::decode(v)
             .map(|b| {
                 format!(
@@ -110,6 +118,13 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
                 Err(format!("expected empty, found {}", hex_cut(v)))
             }
         }
+        Some(Prefix::WrittenAhead) if key.len() == 33 => match <[u8; 8]>::try_from(v) {
+            Ok(t) => Ok(format!(
+                "written ahead (token {:016x}), awaiting its commit or recovery",
+                u64::from_le_bytes(t)
+            )),
+            Err(_) => Err(format!("token is {} bytes, expected 8", v.len())),
+        },
         _ => Err(format!("unknown key kind, value {}", hex_cut(v))),
     }
 }

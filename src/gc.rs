@@ -129,6 +129,10 @@ pub struct SweepOptions {
     pub timeout: Duration,
     /// The mount running the sweep (never reaped).
     pub own: Option<MountId>,
+    /// Also settle blocks written ahead by flushes that never committed (`W` keys). Right when
+    /// no flush can be in flight: at mount start, at a mount's exit, on an unmounted store.
+    /// (Safe at any time, but it would make a flush in flight store its blocks again.)
+    pub recover: bool,
 }
 
 impl Default for SweepOptions {
@@ -137,6 +141,7 @@ impl Default for SweepOptions {
             dry_run: false,
             timeout: DEFAULT_TIMEOUT,
             own: None,
+            recover: false,
         }
     }
 }
@@ -151,11 +156,18 @@ pub struct SweepReport {
     pub locks: u64,
     pub inodes_freed: u64,
     pub blocks_freed: u64,
+    /// Values written ahead that no commit named, dropped.
+    pub written_ahead: u64,
 }
 
 impl SweepReport {
     pub fn is_empty(&self) -> bool {
-        self.dead_mounts + self.open_counts + self.locks + self.inodes_freed + self.blocks_freed
+        self.dead_mounts
+            + self.open_counts
+            + self.locks
+            + self.inodes_freed
+            + self.blocks_freed
+            + self.written_ahead
             == 0
     }
 }
@@ -169,14 +181,15 @@ impl fmt::Display for SweepReport {
         };
         write!(
             f,
-            "live mounts: {}\n{verb}: {} dead mount(s), {} open count(s), {} lock(s)\n{}: {} garbage inode(s), {} unreferenced block(s)",
+            "live mounts: {}\n{verb}: {} dead mount(s), {} open count(s), {} lock(s)\n{}: {} garbage inode(s), {} unreferenced block(s), {} block(s) written ahead by a flush that never committed",
             self.live_mounts,
             self.dead_mounts,
             self.open_counts,
             self.locks,
             if self.dry_run { "would free" } else { "freed" },
             self.inodes_freed,
-            self.blocks_freed
+            self.blocks_freed,
+            self.written_ahead
         )
     }
 }
@@ -284,6 +297,9 @@ pub fn sweep(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
             fs::free_if_unused(t, ino)
         })?;
         r.inodes_freed += freed as u64;
+    }
+    if o.recover {
+        r.written_ahead = blocks::recover_written_ahead(store, o.dry_run)?;
     }
     r.blocks_freed = if o.dry_run {
         blocks::count_garbage(store)?

@@ -245,6 +245,7 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
                 dry_run,
                 timeout: Duration::from_secs(timeout),
                 own: None,
+                recover: true,
             };
             let r = gc::collect(&kv, &o)?;
             if !dry_run {

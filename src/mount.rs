@@ -162,6 +162,7 @@ pub fn run(
             fs.store(),
             &SweepOptions {
                 own: Some(fs.mount_id()),
+                recover: true,
                 ..Default::default()
             },
         )?;
@@ -172,6 +173,7 @@ pub fn run(
                 locks = report.locks,
                 inodes = report.inodes_freed,
                 blocks = report.blocks_freed,
+                written_ahead = report.written_ahead,
                 "swept what earlier mounts left behind"
             );
         }
@@ -259,6 +261,7 @@ pub fn run(
             fs.store(),
             &SweepOptions {
                 own: Some(fs.mount_id()),
+                recover: true,
                 ..Default::default()
             },
         )?;

@@ -181,11 +181,12 @@ pub fn format_with(path: &Path, o: &FormatOptions) -> Result<FormatRecord, Store
     Ok(rec)
 }
 
-/// Open an existing store for reading and writing, alone. A format 1 store is upgraded to
-/// this build's format (its bytes mean the same; only the format record changes).
+/// Open an existing store for reading and writing, alone. A format 1 store, or one of an
+/// older 2.x minor, is upgraded to this build's format (its bytes mean the same; only the
+/// format record changes; keyspace.md, "Upgrades").
 pub fn open(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
     let (kv, mut rec) = open_with(path, false)?;
-    if rec.major != FORMAT_MAJOR {
+    if rec.major != FORMAT_MAJOR || rec.minor < FORMAT_MINOR {
         let from = rec.version();
         rec.major = FORMAT_MAJOR;
         rec.minor = FORMAT_MINOR;
@@ -339,6 +340,25 @@ mod tests {
         assert_eq!((got.block_size, got.fs_id), (rec.block_size, rec.fs_id));
         assert_eq!(got.compression, COMP_NONE);
         assert!(!got.parity);
+    }
+
+    #[test]
+    fn older_minor_is_raised_at_a_read_write_open_and_a_newer_one_kept() {
+        let d = tempfile::tempdir().unwrap();
+        format(d.path(), DEFAULT_BLOCK_SIZE).unwrap();
+        let set_minor = |minor: u32| {
+            let (kv, mut rec) = open(d.path()).unwrap();
+            rec.minor = minor;
+            kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()))
+                .unwrap();
+        };
+        set_minor(0);
+        let (ro, got) = open_read_only(d.path()).unwrap();
+        assert_eq!(got.minor, 0, "a read-only open changes nothing");
+        drop(ro);
+        assert_eq!(open(d.path()).unwrap().1.minor, FORMAT_MINOR);
+        set_minor(FORMAT_MINOR + 1);
+        assert_eq!(open(d.path()).unwrap().1.minor, FORMAT_MINOR + 1);
     }
 
     #[test]

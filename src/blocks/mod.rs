@@ -8,10 +8,17 @@
 //! candidate; [`collect_garbage`] later frees blocks whose shards sum to zero, reading every
 //! shard with conflict tracking so a concurrent new reference makes one side retry.
 //! How the content is stored (plain, compressed, with parity) is [`encode`]'s business.
+//!
+//! Bulk writes store their new blocks' values ahead of the transaction ([`write_ahead`]):
+//! outside it, without the write-ahead log, on disk before the commit that names them. A `W
+//! hash` key written and flushed with each such value lets [`recover_written_ahead`] drop the
+//! ones whose transaction never committed.
 
 pub mod cache;
 pub mod encode;
 pub mod prefetch;
+
+use std::collections::HashSet;
 
 use sha2::{Digest, Sha256};
 
@@ -96,8 +103,121 @@ fn shard() -> u8 {
     (crate::util::rand_u64() % REF_SHARDS as u64) as u8
 }
 
-/// Add one reference to `b`, storing it if it is new.
-pub fn add_ref(t: &mut dyn Txn, b: &Prepared) -> Result<(), KvError> {
+/// New blocks of one flush that add up to this many stored bytes have their values written
+/// ahead instead of through the transaction. Each write-ahead flushes the blocks family's
+/// memtable (a table file and a blob file, synced), which costs more than logging a small
+/// write twice; a bulk write flushes 8 MiB at a time.
+pub const WRITE_AHEAD_MIN: usize = 4 << 20;
+
+/// Blocks whose values [`write_ahead`] stored, and the token it wrote in their `W` keys.
+#[derive(Debug)]
+pub struct Ahead {
+    pub token: u64,
+    pub hashes: HashSet<Hash>,
+}
+
+impl Ahead {
+    /// The token to hand [`add_ref`] for `h`, if `h` was written ahead.
+    pub fn token_for(ahead: Option<&Ahead>, h: &Hash) -> Option<u64> {
+        ahead.filter(|a| a.hashes.contains(h)).map(|a| a.token)
+    }
+}
+
+/// Store the values of those of `blocks` that are not stored yet, outside any transaction and
+/// on disk when this returns ([`KvStore::write_ahead`]), if they add up to
+/// [`WRITE_AHEAD_MIN`] bytes or more. Each value goes with a `W hash` key holding a fresh
+/// random token. A transaction then names such a block without storing it again only if it
+/// reads (with tracking) its own token in `W` ([`add_ref`]): every delete of a `B` value
+/// deletes its `W` key in the same transaction, so the token proves the value is the one
+/// written and synced here, and a delete after that read makes the commit fail and retry.
+pub fn write_ahead(store: &KvStore, blocks: &[&Prepared]) -> Result<Option<Ahead>, KvError> {
+    let mut new: Vec<&Prepared> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut bytes = 0;
+    for b in blocks {
+        if seen.insert(b.hash) && store.get(Cf::Bidx, &ks::block_info_key(&b.hash))?.is_none() {
+            bytes += b.encoded.value.len();
+            new.push(b);
+        }
+    }
+    if bytes < WRITE_AHEAD_MIN {
+        return Ok(None);
+    }
+    let token = crate::util::rand_u64() | 1;
+    let tok = token.to_le_bytes();
+    let mut pairs = Vec::with_capacity(new.len() * 2);
+    for b in &new {
+        pairs.push((ks::block_key(&b.hash), &b.encoded.value[..]));
+        pairs.push((ks::written_ahead_key(&b.hash), &tok[..]));
+    }
+    store.write_ahead(Cf::Blocks, &pairs)?;
+    Ok(Some(Ahead {
+        token,
+        hashes: new.iter().map(|b| b.hash).collect(),
+    }))
+}
+
+/// After the transaction that named them committed: their `W` keys go (logged, not synced; a
+/// crash that loses this leaves them to [`recover_written_ahead`]).
+pub fn forget_written_ahead(store: &KvStore, hashes: &[Hash]) -> Result<(), KvError> {
+    let keys: Vec<Vec<u8>> = hashes.iter().map(ks::written_ahead_key).collect();
+    store.delete_untracked(Cf::Blocks, &keys)
+}
+
+/// Settle one written-ahead block: its `W` key goes, and its value too unless a committed `b`
+/// key names it. With `token`, only if `W` still holds that token (else another writer's
+/// write-ahead of the same content owns it now). Returns whether the value was dropped.
+fn settle_written_ahead(store: &KvStore, h: &Hash, token: Option<u64>) -> Result<bool, KvError> {
+    store.transact(|t| {
+        let w_key = ks::written_ahead_key(h);
+        let Some(w) = t.get(Cf::Blocks, &w_key)? else {
+            return Ok(false);
+        };
+        if token.is_some_and(|tok| w != tok.to_le_bytes()) {
+            return Ok(false);
+        }
+        t.delete(Cf::Blocks, &w_key)?;
+        if t.get(Cf::Bidx, &ks::block_info_key(h))?.is_some() {
+            return Ok(false);
+        }
+        t.delete(Cf::Blocks, &ks::block_key(h))?;
+        Ok(true)
+    })
+}
+
+/// After a flush that wrote `hashes` ahead with `token` did not name them (its transaction
+/// failed, or the data changed meanwhile): drop the values nothing names.
+pub fn drop_written_ahead(store: &KvStore, hashes: &[Hash], token: u64) -> Result<u64, KvError> {
+    let mut dropped = 0;
+    for h in hashes.iter().collect::<HashSet<_>>() {
+        dropped += settle_written_ahead(store, h, Some(token))? as u64;
+    }
+    Ok(dropped)
+}
+
+/// Settle every `W` key (a crash between a write-ahead and its commit leaves them): values no
+/// `b` key names are deleted. With `dry_run`, only counts them. Returns values dropped.
+pub fn recover_written_ahead(store: &KvStore, dry_run: bool) -> Result<u64, KvError> {
+    let (s, e) = ks::Prefix::WrittenAhead.range();
+    let mut hashes = Vec::new();
+    store.for_each(Cf::Blocks, &s, &e, |k, _| {
+        hashes.extend(ks::key_hash(k));
+        true
+    })?;
+    let mut n = 0;
+    for h in &hashes {
+        n += if dry_run {
+            store.get(Cf::Bidx, &ks::block_info_key(h))?.is_none() as u64
+        } else {
+            settle_written_ahead(store, h, None)? as u64
+        };
+    }
+    Ok(n)
+}
+
+/// Add one reference to `b`, storing it if it is new, unless `ahead` is the token
+/// [`write_ahead`] stored it with and `W` still holds that token.
+pub fn add_ref(t: &mut dyn Txn, b: &Prepared, ahead: Option<u64>) -> Result<(), KvError> {
     let info_key = ks::block_info_key(&b.hash);
     if t.get(Cf::Bidx, &info_key)?.is_none() {
         let info = BlockInfo {
@@ -105,7 +225,17 @@ pub fn add_ref(t: &mut dyn Txn, b: &Prepared) -> Result<(), KvError> {
             stored: b.encoded.value.len() as u32,
             encoding: b.encoded.info,
         };
-        t.put(Cf::Blocks, &ks::block_key(&b.hash), &b.encoded.value)?;
+        let stored = match ahead {
+            Some(tok) => {
+                t.get(Cf::Blocks, &ks::written_ahead_key(&b.hash))?
+                    .as_deref()
+                    == Some(&tok.to_le_bytes()[..])
+            }
+            None => false,
+        };
+        if !stored {
+            t.put(Cf::Blocks, &ks::block_key(&b.hash), &b.encoded.value)?;
+        }
         t.put(Cf::Bidx, &info_key, &info.encode())?;
     }
     t.merge(
@@ -229,6 +359,8 @@ pub fn collect_garbage(store: &KvStore, max: usize) -> Result<u64, KvError> {
             t.get(Cf::Bidx, &ks::block_info_key(&h))?;
             t.delete(Cf::Bidx, &ks::block_info_key(&h))?;
             t.delete(Cf::Blocks, &ks::block_key(&h))?;
+            // Whoever deletes a value deletes its `W` key too (see `write_ahead`).
+            t.delete(Cf::Blocks, &ks::written_ahead_key(&h))?;
             Ok::<_, KvError>(true)
         })?;
         freed += gone as u64;
@@ -267,7 +399,7 @@ mod tests {
         let (_d, s) = store();
         let p = prepare(&[7u8; 1000], &Codec::default()).unwrap();
         for _ in 0..3 {
-            s.transact(|t| add_ref(t, &p)).unwrap();
+            s.transact(|t| add_ref(t, &p, None)).unwrap();
         }
         assert_eq!(s.transact(|t| refcount(t, &p.hash)).unwrap(), 3);
         for _ in 0..2 {
@@ -290,11 +422,155 @@ mod tests {
             .is_none());
     }
 
+    /// `n` distinct 64 KiB blocks, `seed` apart from other calls.
+    fn blocks(n: u32, seed: u32) -> Vec<Prepared> {
+        (0..n)
+            .map(|i| {
+                let mut data = vec![(i % 251) as u8 + 1; 64 << 10];
+                data[..8].copy_from_slice(&(u64::from(seed) << 32 | u64::from(i)).to_le_bytes());
+                prepare(&data, &Codec::default()).unwrap()
+            })
+            .collect()
+    }
+
+    fn has(s: &KvStore, key: Vec<u8>) -> bool {
+        s.get(Cf::Blocks, &key).unwrap().is_some()
+    }
+
+    fn name_all(s: &KvStore, bs: &[Prepared], a: Option<&Ahead>) {
+        s.transact(|t| {
+            for b in bs {
+                add_ref(t, b, Ahead::token_for(a, &b.hash))?;
+            }
+            Ok::<_, KvError>(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn written_ahead_blocks_are_named_without_being_stored_again() {
+        let (_d, s) = store();
+        let small = blocks(8, 0);
+        let refs: Vec<&Prepared> = small.iter().collect();
+        assert!(
+            write_ahead(&s, &refs).unwrap().is_none(),
+            "512 KiB is below the bar"
+        );
+        let bs = blocks(80, 1);
+        let refs: Vec<&Prepared> = bs.iter().collect();
+        let a = write_ahead(&s, &refs)
+            .unwrap()
+            .expect("5 MiB of new blocks");
+        assert_eq!(a.hashes.len(), 80);
+        for b in &bs {
+            assert!(has(&s, ks::block_key(&b.hash)) && has(&s, ks::written_ahead_key(&b.hash)));
+        }
+        name_all(&s, &bs, Some(&a));
+        let named: Vec<Hash> = a.hashes.iter().copied().collect();
+        forget_written_ahead(&s, &named).unwrap();
+        for b in &bs {
+            assert!(!has(&s, ks::written_ahead_key(&b.hash)));
+            let got =
+                s.transact(|t| read(t, &b.hash, b.len).map_err(|e| KvError::Other(e.to_string())));
+            assert_eq!(got.unwrap().len(), 64 << 10);
+        }
+        // Blocks stored already are not written ahead again.
+        assert!(write_ahead(&s, &refs).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_value_deleted_after_its_write_ahead_is_stored_by_the_commit() {
+        let (_d, s) = store();
+        let bs = blocks(80, 2);
+        let refs: Vec<&Prepared> = bs.iter().collect();
+        let a = write_ahead(&s, &refs).unwrap().unwrap();
+        // A recovery (or the sweeper) deletes the values before the commit runs.
+        assert_eq!(recover_written_ahead(&s, false).unwrap(), 80);
+        assert!(!has(&s, ks::block_key(&bs[0].hash)));
+        // The token is gone with them, so the commit stores each value itself.
+        name_all(&s, &bs, Some(&a));
+        for b in &bs {
+            assert!(
+                has(&s, ks::block_key(&b.hash)),
+                "named block without a value"
+            );
+        }
+    }
+
+    #[test]
+    fn recovery_drops_values_no_commit_named_and_keeps_the_named_ones() {
+        let (_d, s) = store();
+        let named = blocks(80, 3);
+        let orphans = blocks(80, 4);
+        for set in [&named, &orphans] {
+            let refs: Vec<&Prepared> = set.iter().collect();
+            let a = write_ahead(&s, &refs).unwrap().unwrap();
+            if std::ptr::eq(set, &named) {
+                name_all(&s, set, Some(&a));
+            }
+        }
+        // As after a crash: no W key was forgotten.
+        assert_eq!(
+            recover_written_ahead(&s, true).unwrap(),
+            80,
+            "dry run counts"
+        );
+        assert_eq!(recover_written_ahead(&s, false).unwrap(), 80);
+        for b in &named {
+            assert!(has(&s, ks::block_key(&b.hash)));
+            assert!(!has(&s, ks::written_ahead_key(&b.hash)));
+        }
+        for b in &orphans {
+            assert!(!has(&s, ks::block_key(&b.hash)));
+            assert!(!has(&s, ks::written_ahead_key(&b.hash)));
+        }
+        assert_eq!(recover_written_ahead(&s, false).unwrap(), 0);
+    }
+
+    #[test]
+    fn dropping_a_write_ahead_spares_another_writers_token_and_named_blocks() {
+        let (_d, s) = store();
+        let bs = blocks(80, 5);
+        let refs: Vec<&Prepared> = bs.iter().collect();
+        let first = write_ahead(&s, &refs).unwrap().unwrap();
+        let second = write_ahead(&s, &refs).unwrap().unwrap();
+        let hashes: Vec<Hash> = first.hashes.iter().copied().collect();
+        // The first writer gives up: its token is no longer in W, so nothing goes.
+        assert_eq!(drop_written_ahead(&s, &hashes, first.token).unwrap(), 0);
+        assert!(has(&s, ks::block_key(&bs[0].hash)));
+        name_all(&s, &bs[..40], Some(&second));
+        // The second drops all: the 40 it named stay.
+        assert_eq!(drop_written_ahead(&s, &hashes, second.token).unwrap(), 40);
+        for (i, b) in bs.iter().enumerate() {
+            assert_eq!(has(&s, ks::block_key(&b.hash)), i < 40);
+        }
+    }
+
+    #[test]
+    fn the_sweeper_deletes_a_w_key_with_its_value() {
+        let (_d, s) = store();
+        let bs = blocks(80, 6);
+        let refs: Vec<&Prepared> = bs.iter().collect();
+        let a = write_ahead(&s, &refs).unwrap().unwrap();
+        name_all(&s, &bs, Some(&a));
+        s.transact(|t| {
+            for b in &bs {
+                drop_ref(t, &b.hash)?;
+            }
+            Ok::<_, KvError>(())
+        })
+        .unwrap();
+        assert_eq!(collect_all_garbage(&s).unwrap(), 80);
+        for b in &bs {
+            assert!(!has(&s, ks::written_ahead_key(&b.hash)));
+        }
+    }
+
     #[test]
     fn corrupt_block_is_reported_not_returned() {
         let (_d, s) = store();
         let p = prepare(&[1u8; 100], &Codec::default()).unwrap();
-        s.transact(|t| add_ref(t, &p)).unwrap();
+        s.transact(|t| add_ref(t, &p, None)).unwrap();
         s.transact(|t| {
             let mut bad = p.encoded.value.clone();
             bad[10] ^= 0x40;

@@ -113,7 +113,7 @@ mod tests {
         let codec = Codec::default();
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
         let p = prepare(&data, &codec).unwrap();
-        store.transact(|t| add_ref(t, &p)).unwrap();
+        store.transact(|t| add_ref(t, &p, None)).unwrap();
         let cache = Arc::new(BlockCache::new(1 << 20));
         let pf = Prefetcher::new(store.clone(), cache.clone(), 2, 8);
         pf.want(p.hash, p.len);

@@ -6,10 +6,17 @@
 //! flush, so readers never see a moment where data is neither buffered nor committed.
 //! A flush happens on flush/fsync/release, from the timer thread, and in the write path when a
 //! file holds more than its share of buffered bytes.
+//!
+//! The write path's flush (making room) is the exception to holding the mutex: it marks the
+//! blocks it takes as in flight, and hashes them and writes their values ahead
+//! ([`blocks::write_ahead`]) with the mutex released, so other writes to the file go on
+//! meanwhile; it commits under the mutex only the blocks no write changed since (each write
+//! bumps a slot's generation). In-flight blocks stay in the buffer, so readers still see them;
+//! the other flushes wait until no flush of the file is in flight.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::attr::Attr;
@@ -19,13 +26,15 @@ use super::{
 };
 use crate::blocks;
 use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Kind};
-use crate::keyspace::{self as ks, Ino};
+use crate::keyspace::{self as ks, Hash, Ino};
 use crate::kv::{Cf, Txn};
 use crate::util::Timestamp;
 
 pub struct FileState {
     ino: Ino,
     inner: Mutex<Inner>,
+    /// Signalled when a flush running outside the mutex ends.
+    settled: Condvar,
 }
 
 #[derive(Default)]
@@ -47,6 +56,10 @@ struct Inner {
     seq_run: u32,
     /// First block not yet handed to the prefetcher in the current sequential run.
     ahead_from: u64,
+    /// Flushes of this file running outside the mutex.
+    inflight: u32,
+    /// Source of slot generations.
+    next_gen: u64,
 }
 
 /// How far ahead of a sequential reader blocks are prefetched.
@@ -57,12 +70,18 @@ const SEQ_SLACK: u64 = 1 << 20;
 
 /// One buffered block.
 struct Slot {
-    /// The block's content (shorter than the block size = zeros after).
-    img: Vec<u8>,
+    /// The block's content (shorter than the block size = zeros after). Shared with a flush
+    /// in flight; a write copies it first if so.
+    img: Arc<Vec<u8>>,
     /// Started empty (a whole-block write or past the committed end), not from committed data.
     fresh: bool,
     /// Bytes written into it since it was buffered (overlaps count twice).
     written: u64,
+    /// Changes with every write into it: a flush commits it only if it is still what the
+    /// flush hashed.
+    gen: u64,
+    /// Taken by a flush running outside the mutex (one at a time per slot).
+    inflight: bool,
 }
 
 impl Slot {
@@ -75,14 +94,14 @@ impl Slot {
     }
 }
 
-/// What a flush commits.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Flush {
-    /// Everything buffered (close, fsync, timer, truncate).
-    All,
-    /// Make room: keep incomplete blocks buffered while they hold at most half the limit.
-    Room,
-}
+/// Flushes of one file that may run outside its mutex at once; a writer that needs room
+/// beyond that waits (the bound on buffered bytes).
+const MAX_INFLIGHT: u32 = 2;
+
+/// Slots a flush took: block number, generation, image.
+type Taken = Vec<(u64, u64, Arc<Vec<u8>>)>;
+/// Taken slots hashed and encoded (None: all zeros), by block number.
+type Prepared = Vec<(u64, Option<blocks::Prepared>)>;
 
 impl FileState {
     pub(crate) fn open_count(&self) -> u32 {
@@ -149,6 +168,7 @@ impl Fs {
                             committed_size: size,
                             ..Default::default()
                         }),
+                        settled: Condvar::new(),
                     })
                 })
                 .clone();
@@ -268,7 +288,8 @@ impl Fs {
         self.space.check(data.len() as u64)?;
         let st = self.handle_state(fh)?;
         let ino = st.ino;
-        let mut s = lock(&st.inner);
+        let mut guard = lock(&st.inner);
+        let s = &mut *guard;
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= i64::MAX as u64)
@@ -291,30 +312,38 @@ impl Fs {
                 s.dirty_bytes += bs;
                 self.dirty_total.fetch_add(bs, Ordering::Relaxed);
                 let slot = Slot {
-                    img,
+                    img: Arc::new(img),
                     fresh,
                     written: 0,
+                    gen: 0,
+                    inflight: false,
                 };
                 s.dirty.insert(bn, slot);
             }
             let slot = s.dirty.get_mut(&bn).ok_or(FsError::Errno(libc::EIO))?;
-            if slot.img.len() < in_block + n {
-                slot.img.resize(in_block + n, 0);
+            let img = Arc::make_mut(&mut slot.img);
+            if img.len() < in_block + n {
+                img.resize(in_block + n, 0);
             }
             let src = (pos - offset) as usize;
-            slot.img[in_block..in_block + n].copy_from_slice(&data[src..src + n]);
+            img[in_block..in_block + n].copy_from_slice(&data[src..src + n]);
             slot.written += n as u64;
+            s.next_gen += 1;
+            slot.gen = s.next_gen;
             pos += n as u64;
         }
         s.size = s.size.max(end);
         s.mtime = Some(Timestamp::now());
         s.dirty_since.get_or_insert_with(Instant::now);
-        if s.dirty_bytes >= self.file_limit
-            || self.dirty_total.load(Ordering::Relaxed) >= self.total_limit
-        {
-            self.flush_blocks(ino, &mut s, Flush::Room)?;
+        if self.over_limit(s) {
+            self.make_room(&st, guard)?;
         }
         Ok(data.len() as u32)
+    }
+
+    fn over_limit(&self, s: &Inner) -> bool {
+        s.dirty_bytes >= self.file_limit
+            || self.dirty_total.load(Ordering::Relaxed) >= self.total_limit
     }
 
     fn committed_block(&self, ino: Ino, bn: u64) -> Result<Vec<u8>> {
@@ -330,32 +359,79 @@ impl Fs {
         })
     }
 
-    /// Commit the buffered writes of `s` in one transaction.
-    fn flush_locked(&self, ino: Ino, s: &mut Inner) -> Result<()> {
-        self.flush_blocks(ino, s, Flush::All)
+    /// Commit everything buffered for the file, after any flush in flight: a flush of the same
+    /// blocks committed out of order could put older data over newer. Returns the guard.
+    fn flush_locked<'a>(
+        &self,
+        st: &'a FileState,
+        mut s: MutexGuard<'a, Inner>,
+    ) -> (MutexGuard<'a, Inner>, Result<()>) {
+        while s.inflight > 0 {
+            s = st.settled.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if s.dirty_since.is_none() {
+            return (s, Ok(()));
+        }
+        let taken: Taken = s
+            .dirty
+            .iter()
+            .map(|(bn, x)| (*bn, x.gen, x.img.clone()))
+            .collect();
+        let r = self
+            .prepare(&taken)
+            .and_then(|(p, ahead)| self.commit(st.ino, &mut s, &taken, p, ahead));
+        (s, r)
     }
 
-    /// Commit buffered blocks of `s` (all, or those `Flush::Room` lets go), the size and the
-    /// mtime in one transaction.
-    fn flush_blocks(&self, ino: Ino, s: &mut Inner, what: Flush) -> Result<()> {
-        if s.dirty_since.is_none() {
+    /// Make room in the write path: flush the complete blocks (incomplete ones too if they
+    /// hold more than half the file's share) with the mutex released while they are hashed
+    /// and written ahead; commit those no write changed meanwhile.
+    fn make_room<'a>(&self, st: &'a FileState, mut s: MutexGuard<'a, Inner>) -> Result<()> {
+        while s.inflight >= MAX_INFLIGHT {
+            s = st.settled.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if !self.over_limit(&s) {
             return Ok(());
         }
         let bs = self.bs;
-        let mut keep = what == Flush::Room;
-        if keep {
-            let held = s.dirty.values().filter(|x| x.incomplete(bs)).count() as u64 * bs;
-            keep = held <= self.file_limit / 2;
-        }
-        let slots: Vec<(u64, &[u8])> = s
+        let held = s
             .dirty
-            .iter()
-            .filter(|(_, x)| !(keep && x.incomplete(bs)))
-            .map(|(bn, x)| (*bn, &x.img[..]))
+            .values()
+            .filter(|x| !x.inflight && x.incomplete(bs))
+            .count() as u64
+            * bs;
+        let keep = held <= self.file_limit / 2;
+        let taken: Taken = s
+            .dirty
+            .iter_mut()
+            .filter(|(_, x)| !(x.inflight || keep && x.incomplete(bs)))
+            .map(|(bn, x)| {
+                x.inflight = true;
+                (*bn, x.gen, x.img.clone())
+            })
             .collect();
-        if slots.is_empty() && keep {
+        if taken.is_empty() {
             return Ok(());
         }
+        s.inflight += 1;
+        drop(s);
+        let prepared = self.prepare(&taken);
+        let mut s = lock(&st.inner);
+        let r = prepared.and_then(|(p, ahead)| self.commit(st.ino, &mut s, &taken, p, ahead));
+        for (bn, _, _) in &taken {
+            if let Some(x) = s.dirty.get_mut(bn) {
+                x.inflight = false;
+            }
+        }
+        s.inflight -= 1;
+        st.settled.notify_all();
+        r
+    }
+
+    /// Hash and encode taken slots (on all cores) and write the new blocks' values ahead when
+    /// there are enough of them. No lock needed.
+    fn prepare(&self, taken: &Taken) -> Result<(Prepared, Option<blocks::Ahead>)> {
+        let slots: Vec<(u64, &[u8])> = taken.iter().map(|(bn, _, img)| (*bn, &img[..])).collect();
         let prepared = blocks::prepare_all(&slots, &self.codec);
         if prepared.len() != slots.len() {
             // A hashing thread died (a bug): keep the data buffered, report EIO.
@@ -363,19 +439,48 @@ impl Fs {
                 "block preparation failed".into(),
             )));
         }
-        drop(slots);
+        let new: Vec<&blocks::Prepared> = prepared.iter().filter_map(|(_, p)| p.as_ref()).collect();
+        let ahead = blocks::write_ahead(&self.store, &new)?;
+        Ok((prepared, ahead))
+    }
+
+    /// Commit the prepared blocks whose slots still hold what was taken, with the size and
+    /// mtime, in one transaction; then drop them from the buffer and settle what was written
+    /// ahead. On error the data stays buffered: a later flush may succeed (ENOSPC cleared).
+    fn commit(
+        &self,
+        ino: Ino,
+        s: &mut Inner,
+        taken: &Taken,
+        prepared: Prepared,
+        ahead: Option<blocks::Ahead>,
+    ) -> Result<()> {
+        let bs = self.bs;
+        let gens: HashMap<u64, u64> = taken.iter().map(|(bn, g, _)| (*bn, *g)).collect();
+        let current: Vec<&(u64, Option<blocks::Prepared>)> = prepared
+            .iter()
+            .filter(|(bn, _)| s.dirty.get(bn).map(|x| x.gen) == gens.get(bn).copied())
+            .collect();
         let size = s.size;
         let mtime = s.mtime;
+        let mut named: Vec<Hash> = Vec::new();
         let res = self.txn(|t| {
+            named.clear();
             let Some(mut inode) = load_inode_opt(t, ino)? else {
                 // Freed under us (cannot happen while open); drop the data.
                 return Ok(());
             };
-            for (bn, p) in &prepared {
-                if *bn * self.bs >= size {
+            for (bn, p) in &current {
+                if *bn * bs >= size {
                     continue;
                 }
-                replace_block(t, ino, &mut inode.alloc, *bn, p.as_ref())?;
+                let token = p
+                    .as_ref()
+                    .and_then(|p| blocks::Ahead::token_for(ahead.as_ref(), &p.hash));
+                if let (Some(_), Some(p)) = (token, p) {
+                    named.push(p.hash);
+                }
+                replace_block(t, ino, &mut inode.alloc, *bn, p.as_ref(), token)?;
             }
             inode.size = size;
             if let Some(m) = mtime {
@@ -384,12 +489,14 @@ impl Fs {
             }
             save_inode(t, ino, &inode)
         });
-        // On error the data stays buffered: a later flush may succeed (ENOSPC cleared).
+        if let Some(a) = &ahead {
+            self.settle_written_ahead(a, if res.is_ok() { &named[..] } else { &[] });
+        }
         res?;
-        let done = prepared.len() as u64 * bs;
+        let done = current.len() as u64 * bs;
         self.dirty_total.fetch_sub(done, Ordering::Relaxed);
         s.dirty_bytes -= done;
-        for (bn, _) in &prepared {
+        for (bn, _) in &current {
             s.dirty.remove(bn);
         }
         s.committed_size = size;
@@ -400,19 +507,38 @@ impl Fs {
         Ok(())
     }
 
+    /// After a flush that wrote blocks ahead: forget the `W` keys of those its commit named;
+    /// drop the values of the others unless something else names them. Best effort: what
+    /// fails here the next mount recovers.
+    fn settle_written_ahead(&self, ahead: &blocks::Ahead, named: &[Hash]) {
+        let unused: Vec<Hash> = ahead
+            .hashes
+            .iter()
+            .filter(|h| !named.contains(h))
+            .copied()
+            .collect();
+        let r = blocks::forget_written_ahead(&self.store, named).and_then(|_| {
+            blocks::drop_written_ahead(&self.store, &unused, ahead.token).map(|_| ())
+        });
+        if let Err(e) = r {
+            tracing::warn!(error = %e, blocks = ahead.hashes.len(),
+                "written-ahead blocks not settled; the next mount recovers them");
+        }
+    }
+
     /// Commit buffered writes of `ino`, if it has any.
     pub fn flush_ino(&self, ino: Ino) -> Result<()> {
         if let Some(st) = self.file_state(ino) {
-            let mut s = lock(&st.inner);
-            self.flush_locked(ino, &mut s)?;
+            let (_s, r) = self.flush_locked(&st, lock(&st.inner));
+            r?;
         }
         Ok(())
     }
 
     pub fn flush(&self, fh: u64) -> Result<()> {
         let st = self.handle_state(fh)?;
-        let mut s = lock(&st.inner);
-        self.flush_locked(st.ino, &mut s)
+        let (_s, r) = self.flush_locked(&st, lock(&st.inner));
+        r
     }
 
     /// fsync/fdatasync: commit and make durable.
@@ -432,9 +558,9 @@ impl Fs {
         let states: Vec<_> = lock(&self.files).values().cloned().collect();
         let mut first_err = None;
         for st in states {
-            let mut s = lock(&st.inner);
+            let s = lock(&st.inner);
             if s.dirty_since.is_some_and(|d| d.elapsed() >= older_than) {
-                if let Err(e) = self.flush_locked(st.ino, &mut s) {
+                if let Err(e) = self.flush_locked(&st, s).1 {
                     first_err.get_or_insert(e);
                 }
             }
@@ -454,8 +580,7 @@ impl Fs {
         let unlocked = self.unlock_handle(ino, fh);
         let _ns = lock(&self.ns_lock);
         let flushed = {
-            let mut s = lock(&st.inner);
-            let r = self.flush_locked(ino, &mut s);
+            let (mut s, r) = self.flush_locked(&st, lock(&st.inner));
             s.open -= 1;
             r
         };
@@ -495,10 +620,14 @@ impl Fs {
             return errno(libc::EFBIG);
         }
         let st = self.file_state(ino);
-        let mut guard = st.as_ref().map(|s| lock(&s.inner));
-        if let Some(s) = guard.as_deref_mut() {
-            self.flush_locked(ino, s)?;
-        }
+        let mut guard = match &st {
+            Some(f) => {
+                let (g, r) = self.flush_locked(f, lock(&f.inner));
+                r?;
+                Some(g)
+            }
+            None => None,
+        };
         let bs = self.bs;
         self.txn(|t| {
             let mut inode = load_inode(t, ino)?;
@@ -527,7 +656,7 @@ impl Fs {
                             let mut data = blocks::read(t, &ent.hash, ent.len)?;
                             data.truncate(tail);
                             let p = blocks::prepare(&data, &self.codec);
-                            replace_block(t, ino, &mut inode.alloc, bn, p.as_ref())?;
+                            replace_block(t, ino, &mut inode.alloc, bn, p.as_ref(), None)?;
                         }
                     }
                 }
@@ -547,13 +676,14 @@ impl Fs {
 }
 
 /// Point block `bn` of `ino` at `new` (None: a hole), moving references and the st_blocks
-/// charge.
+/// charge. `ahead`: the token [`blocks::write_ahead`] stored `new`'s value with, if it did.
 fn replace_block(
     t: &mut dyn Txn,
     ino: Ino,
     alloc: &mut u64,
     bn: u64,
     new: Option<&blocks::Prepared>,
+    ahead: Option<u64>,
 ) -> Result<()> {
     let key = ks::fmap_key(ino, bn);
     let old = match t.get(Cf::Fmap, &key)? {
@@ -571,7 +701,7 @@ fn replace_block(
     }
     match new {
         Some(n) => {
-            blocks::add_ref(t, n)?;
+            blocks::add_ref(t, n, ahead)?;
             let ent = FmapEntry {
                 hash: n.hash,
                 len: n.len,

@@ -33,10 +33,11 @@ pub enum Prefix {
     BlockInfo,
     Refcount,
     BlockGarbage,
+    WrittenAhead,
 }
 
 impl Prefix {
-    pub const ALL: [Prefix; 10] = [
+    pub const ALL: [Prefix; 11] = [
         Prefix::Meta,
         Prefix::Inode,
         Prefix::Dirent,
@@ -47,6 +48,7 @@ impl Prefix {
         Prefix::BlockInfo,
         Prefix::Refcount,
         Prefix::BlockGarbage,
+        Prefix::WrittenAhead,
     ];
 
     pub const fn byte(self) -> u8 {
@@ -61,6 +63,7 @@ impl Prefix {
             Prefix::BlockInfo => b'b',
             Prefix::Refcount => b'r',
             Prefix::BlockGarbage => b'G',
+            Prefix::WrittenAhead => b'W',
         }
     }
 
@@ -70,7 +73,7 @@ impl Prefix {
                 Cf::Meta
             }
             Prefix::Fmap => Cf::Fmap,
-            Prefix::Block => Cf::Blocks,
+            Prefix::Block | Prefix::WrittenAhead => Cf::Blocks,
             Prefix::BlockInfo | Prefix::Refcount | Prefix::BlockGarbage => Cf::Bidx,
         }
     }
@@ -87,6 +90,7 @@ impl Prefix {
             Prefix::BlockInfo => "block-info",
             Prefix::Refcount => "refcount",
             Prefix::BlockGarbage => "garbage-block",
+            Prefix::WrittenAhead => "written-ahead",
         }
     }
 
@@ -356,7 +360,12 @@ pub fn block_garbage_key(h: &Hash, shard: u8) -> Vec<u8> {
     k
 }
 
-/// The hash inside a `B`, `b`, `r` or `G` key.
+/// `W hash`: the block's value was written ahead of the transaction that references it.
+pub fn written_ahead_key(h: &Hash) -> Vec<u8> {
+    with_hash(Prefix::WrittenAhead, h, 0)
+}
+
+/// The hash inside a `B`, `b`, `r`, `G` or `W` key.
 pub fn key_hash(key: &[u8]) -> Option<Hash> {
     key.get(1..33).and_then(|b| Hash::try_from(b).ok())
 }
@@ -394,9 +403,13 @@ pub fn describe_key(key: &[u8]) -> String {
             };
             format!("{} {ino}{tail}", key[0] as char)
         }
-        Some(Prefix::Block | Prefix::BlockInfo | Prefix::Refcount | Prefix::BlockGarbage)
-            if key.len() >= 33 =>
-        {
+        Some(
+            Prefix::Block
+            | Prefix::BlockInfo
+            | Prefix::Refcount
+            | Prefix::BlockGarbage
+            | Prefix::WrittenAhead,
+        ) if key.len() >= 33 => {
             format!(
                 "{} {}{}",
                 key[0] as char,

@@ -56,8 +56,9 @@ fn mount_refuses_missing_store_non_store_and_other_major() {
     let (ok, out) = run(&[os("mount"), store.as_os_str(), mnt.as_os_str()]);
     assert!(
         !ok && out.contains(&format!(
-            "format {}.0.0",
-            kvfs::keyspace::records::FORMAT_MAJOR + 1
+            "format {}.{}.0",
+            kvfs::keyspace::records::FORMAT_MAJOR + 1,
+            kvfs::keyspace::records::FORMAT_MINOR
         )) && out.contains("not supported"),
         "{out}"
     );

@@ -13,13 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::locks::run_kvfs;
 
 /// What the workload knows to be durable: the file's path and its fsynced prefix.
 type Durable = Arc<Mutex<BTreeMap<PathBuf, Vec<u8>>>>;
 
 /// Operations until the mount goes away (the first error ends the workload). Files named
 /// `keep-*` are never touched again after their fsync; `log-*` files only grow, and their
-/// fsynced prefix is what must survive; everything else is churn.
+/// fsynced prefix is what must survive; `big-*` files (4-20 MiB, enough for their blocks to
+/// be written ahead of their commits) are durable once fsynced; everything else is churn.
 fn workload(root: PathBuf, round: u64, durable: Durable) {
     let mut rng = Rng(round.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let dir = root.join(format!("r{round}"));
@@ -33,7 +35,7 @@ fn workload(root: PathBuf, round: u64, durable: Durable) {
     let mut logged = Vec::new();
     for i in 0u64.. {
         let r = (|| -> std::io::Result<()> {
-            match rng.below(8) {
+            match rng.below(9) {
                 0 | 1 => {
                     // A file written and fsynced: durable from here on.
                     let p = dir.join(format!("keep-{i}"));
@@ -70,6 +72,19 @@ fn workload(root: PathBuf, round: u64, durable: Durable) {
                     let _ = fs::remove_file(&b);
                     let _ = fs::hard_link(a, b);
                     let _ = fs::remove_file(dir.join(format!("churn-{}", rng.below(20))));
+                }
+                8 => {
+                    let p = dir.join(format!("big-{i}"));
+                    let data = pattern(
+                        round * 100_000 + i,
+                        (4 << 20) + rng.below(16 << 20) as usize,
+                    );
+                    let mut f = File::create(&p)?;
+                    for chunk in data.chunks(1 << 20) {
+                        f.write_all(chunk)?;
+                    }
+                    f.sync_all()?;
+                    durable.lock().unwrap().insert(p, data);
                 }
                 _ => {
                     let d = dir.join(format!("sub-{}", rng.below(4)));
@@ -155,4 +170,9 @@ fn sigkill_at_random_moments_leaves_a_clean_store_and_every_fsynced_byte() {
     );
     m.unmount();
     audit_clean(&m.store, n);
+    let (_, ahead) = run_kvfs(&["dump", "--prefix", "W"], &m.store);
+    assert!(
+        ahead.trim().is_empty(),
+        "written-ahead markers survived recovery and a clean exit:\n{ahead}"
+    );
 }

@@ -82,6 +82,57 @@ fn flushes_that_make_room_keep_a_half_written_block_buffered() {
 }
 
 #[test]
+fn writes_landing_during_a_flush_outside_the_lock_are_kept() {
+    // One thread writes 48 MiB in 1 MiB pieces; a second rewrites each MiB right after the
+    // first wrote it, so rewrites land while the flush that took the first version is hashing
+    // and writing ahead with the file's lock released. That flush must neither commit the old
+    // version over the new one nor drop the new one from the buffer.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const MIB: usize = 1 << 20;
+    const N: usize = 48;
+    let (_d, fs) = new_fs();
+    let fs = Arc::new(fs);
+    let ino = file(&fs, "f");
+    let fh = fs.open(ino, true).unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (fs, progress) = (fs.clone(), progress.clone());
+        std::thread::spawn(move || {
+            for i in 0..N {
+                fs.write(fh, (i * MIB) as u64, &pattern(1 + i as u64, MIB))
+                    .unwrap();
+                progress.store(i + 1, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut rewritten = 0;
+    while rewritten < N {
+        if progress.load(Ordering::SeqCst) > rewritten {
+            let data = pattern(1000 + rewritten as u64, MIB);
+            fs.write(fh, (rewritten * MIB) as u64, &data).unwrap();
+            rewritten += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    writer.join().unwrap();
+    fs.flush(fh).unwrap();
+    for i in 0..N {
+        let got = fs.read(fh, (i * MIB) as u64, MIB as u32).unwrap();
+        assert!(
+            got == pattern(1000 + i as u64, MIB),
+            "MiB {i} lost its rewrite"
+        );
+    }
+    assert_eq!(
+        count(&fs, Prefix::WrittenAhead),
+        0,
+        "written-ahead markers left after the commits"
+    );
+    fs.release(fh).unwrap();
+}
+
+#[test]
 fn one_byte_writes_commit_nothing_until_flush_then_one_block() {
     let (_d, fs) = new_fs();
     let ino = file(&fs, "f");
