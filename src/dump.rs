@@ -191,3 +191,27 @@ pub fn dump(store: &KvStore, f: &DumpFilter, out: &mut dyn Write) -> Result<(u64
     }
     Ok((n, bad))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::{encode, Codec};
+
+    #[test]
+    fn block_values_of_both_tags_and_written_ahead_tokens_decode() {
+        let data = vec![5u8; 3000];
+        let h = crate::blocks::hash(&data);
+        let v = encode::encode(&Codec::default(), &data).value;
+        assert_eq!(v[0], 2, "blocks are written with tag 2");
+        let got = describe_value(&ks::block_key(&h), &v).unwrap();
+        assert!(got.starts_with("encoding plain"), "{got}");
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&v[9..]);
+        let got = describe_value(&ks::block_key(&h), &v1).unwrap();
+        assert!(got.starts_with("encoding plain"), "{got}");
+        assert!(describe_value(&ks::block_key(&h), &[2, 0, 0]).is_err());
+        let w = describe_value(&ks::written_ahead_key(&h), &7u64.to_le_bytes()).unwrap();
+        assert!(w.contains("0000000000000007"), "{w}");
+        assert!(describe_value(&ks::written_ahead_key(&h), &[1]).is_err());
+    }
+}
