@@ -146,6 +146,18 @@ impl Default for SweepOptions {
     }
 }
 
+impl SweepOptions {
+    /// The sweep a mount runs itself (it never reaps `id`); `recover` where none of its
+    /// flushes can be in flight: at its start and its exit.
+    pub fn by_mount(id: MountId, recover: bool) -> Self {
+        SweepOptions {
+            own: Some(id),
+            recover,
+            ..Default::default()
+        }
+    }
+}
+
 /// What a sweep found (dry run) or did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {

@@ -158,14 +158,7 @@ pub fn run(
     let started = Timestamp::now();
     if !opts.read_only {
         gc::register(fs.store(), fs.mount_id())?;
-        let report = gc::sweep(
-            fs.store(),
-            &SweepOptions {
-                own: Some(fs.mount_id()),
-                recover: true,
-                ..Default::default()
-            },
-        )?;
+        let report = gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))?;
         if !report.is_empty() {
             tracing::info!(
                 dead_mounts = report.dead_mounts,
@@ -257,14 +250,7 @@ pub fn run(
     if !opts.read_only {
         let _ = std::fs::remove_file(&sock);
         fs.release_all()?;
-        gc::sweep(
-            fs.store(),
-            &SweepOptions {
-                own: Some(fs.mount_id()),
-                recover: true,
-                ..Default::default()
-            },
-        )?;
+        gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))?;
         gc::unregister(fs.store(), fs.mount_id())?;
         fs.store().sync()?;
         fs.store().flush_all()?;
@@ -390,10 +376,7 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
         }
         if swept.elapsed() >= SWEEP_EVERY {
             swept = Instant::now();
-            let o = SweepOptions {
-                own: Some(fs.mount_id()),
-                ..Default::default()
-            };
+            let o = SweepOptions::by_mount(fs.mount_id(), false);
             match gc::sweep(fs.store(), &o) {
                 Ok(r) => freed += r.blocks_freed,
                 Err(e) => tracing::error!(error = %e, "background sweep failed"),
@@ -452,10 +435,7 @@ fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
     let mut words = line.split_whitespace();
     let reply = match words.next() {
         Some("gc") => {
-            let mut o = SweepOptions {
-                own: Some(fs.mount_id()),
-                ..Default::default()
-            };
+            let mut o = SweepOptions::by_mount(fs.mount_id(), false);
             for w in words {
                 match w.split_once('=') {
                     None if w == "dry-run" => o.dry_run = true,
