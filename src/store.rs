@@ -149,6 +149,16 @@ pub fn format_with(path: &Path, o: &FormatOptions) -> Result<FormatRecord, Store
         path: path.to_path_buf(),
         source,
     })?;
+    init(&kv, o).map_err(|source| StoreError::Kv {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Write a new filesystem into an empty store: the format record, the inode counter and the
+/// root directory, synced. Any engine; `format_with` for a store on disk.
+pub fn init(kv: &KvStore, o: &FormatOptions) -> Result<FormatRecord, KvError> {
+    let block_size = o.block_size;
     let mut fs_id = [0u8; 16];
     fs_id[..8].copy_from_slice(&crate::util::rand_u64().to_le_bytes());
     fs_id[8..].copy_from_slice(&crate::util::rand_u64().to_le_bytes());
@@ -169,15 +179,11 @@ pub fn format_with(path: &Path, o: &FormatOptions) -> Result<FormatRecord, Store
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let root = Inode::new_dir(0o755, uid, gid, ROOT_INO, now);
     kv.transact(|t| {
-        t.put(Cf::Meta, ks::META_FORMAT, &rec.encode())?;
+        t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()?)?;
         t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(ROOT_INO + 1))?;
-        t.put(Cf::Meta, &ks::inode_key(ROOT_INO), &root.encode())
+        t.put(Cf::Meta, &ks::inode_key(ROOT_INO), &root.encode()?)
     })
-    .and_then(|_| kv.sync())
-    .map_err(|source| StoreError::Kv {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    .and_then(|_| kv.sync())?;
     Ok(rec)
 }
 
@@ -191,7 +197,7 @@ pub fn open(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
         rec.major = FORMAT_MAJOR;
         rec.minor = FORMAT_MINOR;
         rec.patch = FORMAT_PATCH;
-        kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()))
+        kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()?))
             .and_then(|_| kv.sync())
             .map_err(|source| StoreError::Kv {
                 path: path.to_path_buf(),
@@ -306,7 +312,7 @@ mod tests {
         {
             let (kv, mut rec) = open(d.path()).unwrap();
             rec.major = FORMAT_MAJOR + 1;
-            kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()))
+            kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()?))
                 .unwrap();
         }
         let e = open(d.path()).err().unwrap();
@@ -329,7 +335,7 @@ mod tests {
                 created: rec.created,
                 fs_id: rec.fs_id,
             };
-            kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &v1.encode()))
+            kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &v1.encode()?))
                 .unwrap();
         }
         let (ro, got) = open_read_only(d.path()).unwrap();
@@ -349,7 +355,7 @@ mod tests {
         let set_minor = |minor: u32| {
             let (kv, mut rec) = open(d.path()).unwrap();
             rec.minor = minor;
-            kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()))
+            kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()?))
                 .unwrap();
         };
         set_minor(0);

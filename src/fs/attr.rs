@@ -250,7 +250,7 @@ impl Fs {
     /// does with its reserved blocks, `bavail` leaves out the reserve new data may not take.
     pub fn statfs(&self, store_dir: &std::path::Path) -> Result<StatFs> {
         let frsize: u64 = 4096;
-        let used = self.store.disk_usage();
+        let used = self.store.bytes_on_disk();
         let d = super::disk_space(store_dir).map_err(FsError::Errno)?;
         // Inodes are keys: as many as the usable space has room for at ~256 bytes each.
         let free_files = d.usable() / 256;
