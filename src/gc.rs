@@ -43,7 +43,7 @@ pub fn register(store: &KvStore, id: MountId) -> Result<ProcessRecord> {
         beats: 0,
     };
     store
-        .transact(|t| Ok::<_, FsError>(t.put(Cf::Meta, &ks::process_key(id), &rec.encode())?))?;
+        .transact(|t| Ok::<_, FsError>(t.put(Cf::Meta, &ks::process_key(id), &rec.encode()?)?))?;
     Ok(rec)
 }
 
@@ -73,7 +73,7 @@ pub fn heartbeat(store: &KvStore, id: MountId, started: Timestamp) -> Result<boo
                 false,
             ),
         };
-        t.put(Cf::Meta, &key, &rec.encode())?;
+        t.put(Cf::Meta, &key, &rec.encode()?)?;
         Ok(existed)
     })
 }
@@ -211,7 +211,7 @@ impl fmt::Display for SweepReport {
 pub fn collect(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
     let r = sweep(store, o)?;
     if !o.dry_run && r.blocks_freed > 0 {
-        store.reclaim_block_space()?;
+        store.reclaim_freed_space()?;
     }
     Ok(r)
 }
@@ -299,15 +299,21 @@ pub fn sweep(store: &KvStore, o: &SweepOptions) -> Result<SweepReport> {
             r.inodes_freed += (nlink0 && !open) as u64;
             continue;
         }
-        let freed = store.transact(|t| {
-            for k in &stale {
-                t.delete(Cf::Meta, k)?;
+        // A huge file is freed in bounded transactions, one after the other.
+        let freed = loop {
+            let step = store.transact(|t| {
+                for k in &stale {
+                    t.delete(Cf::Meta, k)?;
+                }
+                if !stale.is_empty() {
+                    t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+                }
+                fs::free_if_unused(t, ino)
+            })?;
+            if step != fs::Freeing::Partly {
+                break step == fs::Freeing::Done;
             }
-            if !stale.is_empty() {
-                t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
-            }
-            fs::free_if_unused(t, ino)
-        })?;
+        };
         r.inodes_freed += freed as u64;
     }
     if o.recover {

@@ -9,16 +9,20 @@
 //! shard with conflict tracking so a concurrent new reference makes one side retry.
 //! How the content is stored (plain, compressed, with parity) is [`encode`]'s business.
 //!
-//! Bulk writes store their new blocks' values ahead of the transaction ([`write_ahead`]):
-//! outside it, without the write-ahead log, on disk before the commit that names them. A `W
-//! hash` key written and flushed with each such value lets [`recover_written_ahead`] drop the
-//! ones whose transaction never committed.
+//! Bulk writes store their new blocks' values ahead of the transaction (the token protocol of
+//! [`ahead`]): outside it, on disk before the commit that names them; [`add_ref`] names such
+//! a block only on proof that its value is the one written ahead.
 
 pub mod cache;
 pub mod encode;
 pub mod prefetch;
+pub mod reader;
 
-use std::collections::HashSet;
+mod ahead;
+pub use ahead::{
+    drop_written_ahead, forget_written_ahead, recover_written_ahead, settle_flush, write_ahead,
+    Ahead, WRITE_AHEAD_MIN,
+};
 
 use sha2::{Digest, Sha256};
 
@@ -34,6 +38,9 @@ pub enum BlockError {
     Kv(#[from] KvError),
     #[error("corrupt block {}: {reason}", ks::hex(hash))]
     Corrupt { hash: Hash, reason: String },
+    /// No value stored under the name (freed since its map entry was read, or lost).
+    #[error("block {} missing", ks::hex(hash))]
+    Missing { hash: Hash },
 }
 
 /// A block ready to be referenced: its name, content length and encoded value.
@@ -103,118 +110,6 @@ fn shard() -> u8 {
     (crate::util::rand_u64() % REF_SHARDS as u64) as u8
 }
 
-/// New blocks of one flush that add up to this many stored bytes have their values written
-/// ahead instead of through the transaction. Each write-ahead flushes the blocks family's
-/// memtable (a table file and a blob file, synced), which costs more than logging a small
-/// write twice; a bulk write flushes 8 MiB at a time.
-pub const WRITE_AHEAD_MIN: usize = 4 << 20;
-
-/// Blocks whose values [`write_ahead`] stored, and the token it wrote in their `W` keys.
-#[derive(Debug)]
-pub struct Ahead {
-    pub token: u64,
-    pub hashes: HashSet<Hash>,
-}
-
-impl Ahead {
-    /// The token to hand [`add_ref`] for `h`, if `h` was written ahead.
-    pub fn token_for(ahead: Option<&Ahead>, h: &Hash) -> Option<u64> {
-        ahead.filter(|a| a.hashes.contains(h)).map(|a| a.token)
-    }
-}
-
-/// Store the values of those of `blocks` that are not stored yet, outside any transaction and
-/// on disk when this returns ([`KvStore::write_ahead`]), if they add up to
-/// [`WRITE_AHEAD_MIN`] bytes or more. Each value goes with a `W hash` key holding a fresh
-/// random token. A transaction then names such a block without storing it again only if it
-/// reads (with tracking) its own token in `W` ([`add_ref`]): every delete of a `B` value
-/// deletes its `W` key in the same transaction, so the token proves the value is the one
-/// written and synced here, and a delete after that read makes the commit fail and retry.
-pub fn write_ahead(store: &KvStore, blocks: &[&Prepared]) -> Result<Option<Ahead>, KvError> {
-    let mut new: Vec<&Prepared> = Vec::new();
-    let mut seen = HashSet::new();
-    let mut bytes = 0;
-    for b in blocks {
-        if seen.insert(b.hash) && store.get(Cf::Bidx, &ks::block_info_key(&b.hash))?.is_none() {
-            bytes += b.encoded.value.len();
-            new.push(b);
-        }
-    }
-    if bytes < WRITE_AHEAD_MIN {
-        return Ok(None);
-    }
-    let token = crate::util::rand_u64() | 1;
-    let tok = token.to_le_bytes();
-    let mut pairs = Vec::with_capacity(new.len() * 2);
-    for b in &new {
-        pairs.push((ks::block_key(&b.hash), &b.encoded.value[..]));
-        pairs.push((ks::written_ahead_key(&b.hash), &tok[..]));
-    }
-    store.write_ahead(Cf::Blocks, &pairs)?;
-    Ok(Some(Ahead {
-        token,
-        hashes: new.iter().map(|b| b.hash).collect(),
-    }))
-}
-
-/// After the transaction that named them committed: their `W` keys go (logged, not synced; a
-/// crash that loses this leaves them to [`recover_written_ahead`]).
-pub fn forget_written_ahead(store: &KvStore, hashes: &[Hash]) -> Result<(), KvError> {
-    let keys: Vec<Vec<u8>> = hashes.iter().map(ks::written_ahead_key).collect();
-    store.delete_untracked(Cf::Blocks, &keys)
-}
-
-/// Settle one written-ahead block: its `W` key goes, and its value too unless a committed `b`
-/// key names it. With `token`, only if `W` still holds that token (else another writer's
-/// write-ahead of the same content owns it now). Returns whether the value was dropped.
-fn settle_written_ahead(store: &KvStore, h: &Hash, token: Option<u64>) -> Result<bool, KvError> {
-    store.transact(|t| {
-        let w_key = ks::written_ahead_key(h);
-        let Some(w) = t.get(Cf::Blocks, &w_key)? else {
-            return Ok(false);
-        };
-        if token.is_some_and(|tok| w != tok.to_le_bytes()) {
-            return Ok(false);
-        }
-        t.delete(Cf::Blocks, &w_key)?;
-        if t.get(Cf::Bidx, &ks::block_info_key(h))?.is_some() {
-            return Ok(false);
-        }
-        t.delete(Cf::Blocks, &ks::block_key(h))?;
-        Ok(true)
-    })
-}
-
-/// After a flush that wrote `hashes` ahead with `token` did not name them (its transaction
-/// failed, or the data changed meanwhile): drop the values nothing names.
-pub fn drop_written_ahead(store: &KvStore, hashes: &[Hash], token: u64) -> Result<u64, KvError> {
-    let mut dropped = 0;
-    for h in hashes.iter().collect::<HashSet<_>>() {
-        dropped += settle_written_ahead(store, h, Some(token))? as u64;
-    }
-    Ok(dropped)
-}
-
-/// Settle every `W` key (a crash between a write-ahead and its commit leaves them): values no
-/// `b` key names are deleted. With `dry_run`, only counts them. Returns values dropped.
-pub fn recover_written_ahead(store: &KvStore, dry_run: bool) -> Result<u64, KvError> {
-    let (s, e) = ks::Prefix::WrittenAhead.range();
-    let mut hashes = Vec::new();
-    store.for_each(Cf::Blocks, &s, &e, |k, _| {
-        hashes.extend(ks::key_hash(k));
-        true
-    })?;
-    let mut n = 0;
-    for h in &hashes {
-        n += if dry_run {
-            store.get(Cf::Bidx, &ks::block_info_key(h))?.is_none() as u64
-        } else {
-            settle_written_ahead(store, h, None)? as u64
-        };
-    }
-    Ok(n)
-}
-
 /// Add one reference to `b`, storing it if it is new, unless `ahead` is the token
 /// [`write_ahead`] stored it with and `W` still holds that token.
 pub fn add_ref(t: &mut dyn Txn, b: &Prepared, ahead: Option<u64>) -> Result<(), KvError> {
@@ -236,7 +131,7 @@ pub fn add_ref(t: &mut dyn Txn, b: &Prepared, ahead: Option<u64>) -> Result<(), 
         if !stored {
             t.put(Cf::Blocks, &ks::block_key(&b.hash), &b.encoded.value)?;
         }
-        t.put(Cf::Bidx, &info_key, &info.encode())?;
+        t.put(Cf::Bidx, &info_key, &info.encode()?)?;
     }
     t.merge(
         Cf::Bidx,
@@ -252,15 +147,17 @@ pub fn drop_ref(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
     t.put(Cf::Bidx, &ks::block_garbage_key(h, s), &[])
 }
 
-/// Read and verify a block's content (`len` bytes expected). A damaged block with parity is
-/// rebuilt in memory (and logged; `kvfs audit --repair` rewrites it); without parity it is an
-/// error naming the block.
-pub fn read(t: &mut dyn Txn, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
-    let corrupt = |reason: String| BlockError::Corrupt { hash: *h, reason };
-    let v = t
-        .get_untracked(Cf::Blocks, &ks::block_key(h))?
-        .ok_or_else(|| corrupt("block missing".into()))?;
-    let d = encode::decode(&v, h, len).map_err(corrupt)?;
+/// Read and verify a stored block's content (`len` bytes expected), outside any transaction:
+/// a block's content never changes under its name, so no snapshot is needed. A damaged block
+/// with parity is rebuilt in memory (and logged; `kvfs audit --repair` rewrites it); without
+/// parity it is an error naming the block. Callers go through [`reader::BlockReader`], the
+/// one way block content is obtained.
+pub fn read_stored(store: &KvStore, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
+    let v = store
+        .get(Cf::Blocks, &ks::block_key(h))?
+        .ok_or(BlockError::Missing { hash: *h })?;
+    let d =
+        encode::decode(&v, h, len).map_err(|reason| BlockError::Corrupt { hash: *h, reason })?;
     if let Some((sector, _)) = d.repaired {
         tracing::warn!(
             key = %ks::describe_key(&ks::block_key(h)),
@@ -269,23 +166,6 @@ pub fn read(t: &mut dyn Txn, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> 
         );
     }
     Ok(d.content)
-}
-
-/// [`read`] through `cache`: a cached block was verified when it was first read or written.
-pub fn read_cached(
-    t: &mut dyn Txn,
-    cache: &cache::BlockCache,
-    h: &Hash,
-    len: u32,
-) -> Result<std::sync::Arc<Vec<u8>>, BlockError> {
-    if let Some(d) = cache.get(h) {
-        if d.len() == len as usize {
-            return Ok(d);
-        }
-    }
-    let d = std::sync::Arc::new(read(t, h, len)?);
-    cache.insert(*h, d.clone());
-    Ok(d)
 }
 
 /// Sum of a block's refcount shards, each read with conflict tracking.
@@ -470,9 +350,7 @@ mod tests {
         forget_written_ahead(&s, &named).unwrap();
         for b in &bs {
             assert!(!has(&s, ks::written_ahead_key(&b.hash)));
-            let got =
-                s.transact(|t| read(t, &b.hash, b.len).map_err(|e| KvError::Other(e.to_string())));
-            assert_eq!(got.unwrap().len(), 64 << 10);
+            assert_eq!(read_stored(&s, &b.hash, b.len).unwrap().len(), 64 << 10);
         }
         // Blocks stored already are not written ahead again.
         assert!(write_ahead(&s, &refs).unwrap().is_none());
@@ -577,9 +455,9 @@ mod tests {
             t.put(Cf::Blocks, &ks::block_key(&p.hash), &bad)
         })
         .unwrap();
-        let e = s
-            .transact(|t| read(t, &p.hash, 100).map_err(|e| KvError::Other(e.to_string())))
-            .unwrap_err();
+        let e = read_stored(&s, &p.hash, 100).unwrap_err();
         assert!(e.to_string().contains("SHA-256"), "{e}");
+        let e = read_stored(&s, &[3; 32], 100).unwrap_err();
+        assert!(matches!(e, BlockError::Missing { .. }), "{e}");
     }
 }

@@ -12,14 +12,13 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 
-use super::cache::BlockCache;
+use super::reader::BlockReader;
 use crate::keyspace::{self as ks, Hash};
-use crate::kv::KvStore;
 use crate::util::lock;
 
 pub struct Prefetcher {
     tx: Option<Sender<(Hash, u32)>>,
-    cache: Arc<BlockCache>,
+    reader: Arc<BlockReader>,
     /// Hashes queued or being fetched, so a block is fetched once however often it is asked.
     pending: Arc<Mutex<HashSet<Hash>>>,
     workers: Vec<JoinHandle<()>>,
@@ -27,17 +26,12 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     /// `threads` fetchers (0: prefetching off) behind a queue of `depth` requests.
-    pub fn new(
-        store: Arc<KvStore>,
-        cache: Arc<BlockCache>,
-        threads: usize,
-        depth: usize,
-    ) -> Prefetcher {
+    pub fn new(reader: Arc<BlockReader>, threads: usize, depth: usize) -> Prefetcher {
         let pending: Arc<Mutex<HashSet<Hash>>> = Arc::default();
         if threads == 0 {
             return Prefetcher {
                 tx: None,
-                cache,
+                reader,
                 pending,
                 workers: Vec::new(),
             };
@@ -45,14 +39,12 @@ impl Prefetcher {
         let (tx, rx) = bounded::<(Hash, u32)>(depth.max(1));
         let workers = (0..threads)
             .filter_map(|i| {
-                let (rx, store, cache, pending) =
-                    (rx.clone(), store.clone(), cache.clone(), pending.clone());
+                let (rx, reader, pending) = (rx.clone(), reader.clone(), pending.clone());
                 std::thread::Builder::new()
                     .name(format!("kvfs-fetch-{i}"))
                     .spawn(move || {
                         for (h, len) in rx {
-                            if let Err(e) = store.read(|t| super::read_cached(t, &cache, &h, len))
-                            {
+                            if let Err(e) = reader.get(&h, len) {
                                 tracing::debug!(block = %ks::hex(&h), error = %e, "prefetch failed");
                             }
                             lock(&pending).remove(&h);
@@ -63,7 +55,7 @@ impl Prefetcher {
             .collect();
         Prefetcher {
             tx: Some(tx),
-            cache,
+            reader,
             pending,
             workers,
         }
@@ -73,7 +65,7 @@ impl Prefetcher {
     /// its way already.
     pub fn want(&self, h: Hash, len: u32) {
         let Some(tx) = &self.tx else { return };
-        if self.cache.contains(&h) || !lock(&self.pending).insert(h) {
+        if self.reader.cached(&h) || !lock(&self.pending).insert(h) {
             return;
         }
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send((h, len)) {
@@ -95,7 +87,7 @@ impl Drop for Prefetcher {
 mod tests {
     use super::*;
     use crate::blocks::{add_ref, prepare, Codec};
-    use crate::kv::OpenOptions;
+    use crate::kv::{KvStore, OpenOptions};
 
     #[test]
     fn wanted_blocks_arrive_in_the_cache_and_missing_ones_are_dropped() {
@@ -114,20 +106,20 @@ mod tests {
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
         let p = prepare(&data, &codec).unwrap();
         store.transact(|t| add_ref(t, &p, None)).unwrap();
-        let cache = Arc::new(BlockCache::new(1 << 20));
-        let pf = Prefetcher::new(store.clone(), cache.clone(), 2, 8);
+        let reader = Arc::new(BlockReader::new(store.clone(), 1 << 20));
+        let pf = Prefetcher::new(reader.clone(), 2, 8);
         pf.want(p.hash, p.len);
         pf.want([7; 32], 100); // no such block: fetched, fails, dropped
         let t0 = std::time::Instant::now();
-        while !cache.contains(&p.hash) {
+        while !reader.cached(&p.hash) {
             assert!(
                 t0.elapsed().as_secs() < 10,
                 "prefetched block never arrived"
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert_eq!(&cache.get(&p.hash).unwrap()[..], &data[..]);
+        assert_eq!(&reader.get(&p.hash, p.len).unwrap()[..], &data[..]);
         drop(pf);
-        assert!(!cache.contains(&[7; 32]));
+        assert!(!reader.cached(&[7; 32]));
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use super::attr::Attr;
 use super::{
-    check_name, corrupt, drop_last_link, errno, free_inode, load_dir, load_inode, lock, save_inode,
-    Caller, Fs, FsError, Result,
+    check_name, corrupt, drop_last_link, errno, free_inode, load_dir, load_inode, lock, nlink_down,
+    nlink_up, save_inode, Caller, Freeing, Fs, FsError, Result,
 };
 use crate::keyspace::records::{Dirent, Inode, Kind};
 use crate::keyspace::{self as ks, Ino, ROOT_INO};
@@ -189,10 +189,10 @@ impl Fs {
                     ino,
                     kind: node.kind,
                 }
-                .encode(),
+                .encode()?,
             )?;
             if node.kind == Kind::Dir {
-                dir.nlink += 1;
+                nlink_up(parent, &mut dir)?;
             }
             dir.mtime = now;
             dir.ctime = now;
@@ -225,9 +225,9 @@ impl Fs {
             t.put(
                 Cf::Meta,
                 &ks::dirent_key(parent, name),
-                &Dirent { ino, kind: i.kind }.encode(),
+                &Dirent { ino, kind: i.kind }.encode()?,
             )?;
-            i.nlink += 1;
+            nlink_up(ino, &mut i)?;
             i.ctime = now;
             save_inode(t, ino, &i)?;
             dir.mtime = now;
@@ -256,7 +256,9 @@ impl Fs {
         self.writable()?;
         check_name(name)?;
         let _ns = lock(&self.ns_lock);
+        let mut freeing = (0, Freeing::Kept);
         self.txn(|t| {
+            freeing = (0, Freeing::Kept);
             let mut dir = load_dir(t, parent)?;
             let ent = get_dirent(t, parent, name)?.ok_or(FsError::Errno(libc::ENOENT))?;
             let mut child = load_inode(t, ent.ino)?;
@@ -271,7 +273,7 @@ impl Fs {
                     if !dir_is_empty(t, ent.ino)? {
                         return errno(libc::ENOTEMPTY);
                     }
-                    dir.nlink -= 1;
+                    nlink_down(parent, &mut dir)?;
                     child.nlink = 0;
                 }
                 (false, false) => child.nlink = child.nlink.saturating_sub(1),
@@ -279,14 +281,16 @@ impl Fs {
             t.delete(Cf::Meta, &ks::dirent_key(parent, name))?;
             child.ctime = now;
             if child.nlink == 0 {
-                drop_last_link(t, ent.ino, &child)?;
+                freeing = (ent.ino, drop_last_link(t, ent.ino, &child)?);
             } else {
                 save_inode(t, ent.ino, &child)?;
             }
             dir.mtime = now;
             dir.ctime = now;
             save_inode(t, parent, &dir)
-        })
+        })?;
+        self.finish_freeing(freeing.0, freeing.1);
+        Ok(())
     }
 
     pub fn rename(
@@ -307,7 +311,9 @@ impl Fs {
             return errno(libc::EINVAL);
         }
         let _ns = lock(&self.ns_lock);
+        let mut freeing = (0, Freeing::Kept);
         self.txn(|t| {
+            freeing = (0, Freeing::Kept);
             let mut touched = Touched::default();
             let now = Timestamp::now();
             load_dir(t, parent)?;
@@ -336,18 +342,22 @@ impl Fs {
             }
             if exchange {
                 let d = dst.ok_or(FsError::Errno(libc::ENOENT))?;
-                t.put(Cf::Meta, &ks::dirent_key(parent, name), &d.encode())?;
-                t.put(Cf::Meta, &ks::dirent_key(newparent, newname), &src.encode())?;
+                t.put(Cf::Meta, &ks::dirent_key(parent, name), &d.encode()?)?;
+                t.put(
+                    Cf::Meta,
+                    &ks::dirent_key(newparent, newname),
+                    &src.encode()?,
+                )?;
                 if parent != newparent {
                     if src.kind == Kind::Dir {
                         touched.get(t, src.ino)?.parent = newparent;
-                        touched.get(t, parent)?.nlink -= 1;
-                        touched.get(t, newparent)?.nlink += 1;
+                        nlink_down(parent, touched.get(t, parent)?)?;
+                        nlink_up(newparent, touched.get(t, newparent)?)?;
                     }
                     if d.kind == Kind::Dir {
                         touched.get(t, d.ino)?.parent = parent;
-                        touched.get(t, newparent)?.nlink -= 1;
-                        touched.get(t, parent)?.nlink += 1;
+                        nlink_down(newparent, touched.get(t, newparent)?)?;
+                        nlink_up(parent, touched.get(t, parent)?)?;
                     }
                 }
                 touched.get(t, d.ino)?.ctime = now;
@@ -364,14 +374,14 @@ impl Fs {
                             let mut v = victim;
                             v.nlink = 0;
                             free_inode(t, d.ino, &v)?;
-                            touched.get(t, newparent)?.nlink -= 1;
+                            nlink_down(newparent, touched.get(t, newparent)?)?;
                         }
                         (false, false) => {
                             let mut v = victim;
-                            v.nlink -= 1;
+                            nlink_down(d.ino, &mut v)?;
                             v.ctime = now;
                             if v.nlink == 0 {
-                                drop_last_link(t, d.ino, &v)?;
+                                freeing = (d.ino, drop_last_link(t, d.ino, &v)?);
                             } else {
                                 save_inode(t, d.ino, &v)?;
                             }
@@ -379,11 +389,15 @@ impl Fs {
                     }
                 }
                 t.delete(Cf::Meta, &ks::dirent_key(parent, name))?;
-                t.put(Cf::Meta, &ks::dirent_key(newparent, newname), &src.encode())?;
+                t.put(
+                    Cf::Meta,
+                    &ks::dirent_key(newparent, newname),
+                    &src.encode()?,
+                )?;
                 if src.kind == Kind::Dir && parent != newparent {
                     touched.get(t, src.ino)?.parent = newparent;
-                    touched.get(t, parent)?.nlink -= 1;
-                    touched.get(t, newparent)?.nlink += 1;
+                    nlink_down(parent, touched.get(t, parent)?)?;
+                    nlink_up(newparent, touched.get(t, newparent)?)?;
                 }
             }
             touched.get(t, src.ino)?.ctime = now;
@@ -393,7 +407,9 @@ impl Fs {
                 d.ctime = now;
             }
             touched.save(t)
-        })
+        })?;
+        self.finish_freeing(freeing.0, freeing.1);
+        Ok(())
     }
 
     /// EINVAL if `dir` is `target` or one of its ancestors (a directory may not move into its

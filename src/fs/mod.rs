@@ -4,12 +4,15 @@
 //! conflict tracking, writes its changes, and is re-run whole on conflict. Nothing leaves the
 //! closure before commit: attributes returned to the caller are built from the committed
 //! values. File data goes through the per-inode write-back buffer of [`file`], which commits
-//! whole blocks on flush, fsync, release, a timer and memory pressure.
+//! whole blocks on flush, fsync, release, a timer and memory pressure. Block content is read
+//! only through the [`blocks::reader::BlockReader`], never with a file's mutex held or inside
+//! a transaction (see [`file`]).
 //!
 //! Locks, in the order they may be taken: `ns_lock` (operations that can drop a link count to
 //! zero, and last release), then `files` (the open-file table), then one file's state.
 
 mod attr;
+mod buffer;
 mod dir;
 mod file;
 mod lock;
@@ -30,6 +33,7 @@ use crate::util::{lock, Timestamp};
 pub use attr::{Attr, SetAttr, SetTime, StatFs, XattrReply};
 pub use dir::{DirEntry, NewNode};
 pub use file::FileState;
+
 pub use lock::{LockKind, LockQuery, LockSpec};
 pub use space::{disk_space, DiskSpace};
 
@@ -49,9 +53,27 @@ pub enum FsError {
     Kv(#[from] KvError),
 }
 
+impl FsError {
+    /// The store's disk is full (ENOSPC to the caller).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, FsError::Kv(KvError::NoSpace(_)))
+    }
+
+    /// A write reached a store opened read-only (EROFS).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, FsError::Kv(KvError::ReadOnly))
+    }
+}
+
 impl Retryable for FsError {
     fn is_conflict(&self) -> bool {
         matches!(self, FsError::Kv(KvError::Conflict))
+    }
+}
+
+impl From<crate::keyspace::records::EncodeError> for FsError {
+    fn from(e: crate::keyspace::records::EncodeError) -> Self {
+        FsError::Kv(e.into())
     }
 }
 
@@ -62,6 +84,10 @@ impl From<BlockError> for FsError {
             BlockError::Corrupt { hash, reason } => FsError::Corrupt {
                 key: ks::describe_key(&ks::block_key(&hash)),
                 reason,
+            },
+            BlockError::Missing { hash } => FsError::Corrupt {
+                key: ks::describe_key(&ks::block_key(&hash)),
+                reason: "block missing".into(),
             },
         }
     }
@@ -119,8 +145,8 @@ pub struct Fs {
     ino_pool: Mutex<(u64, u64)>,
     ns_lock: Mutex<()>,
     files: Mutex<HashMap<Ino, Arc<FileState>>>,
-    /// Verified contents of recently read blocks.
-    cache: Arc<blocks::cache::BlockCache>,
+    /// The one way to block content: cache of verified blocks, single-flight reads.
+    blocks: Arc<blocks::reader::BlockReader>,
     prefetch: blocks::prefetch::Prefetcher,
     handles: Mutex<Handles>,
     dirty_total: AtomicU64,
@@ -139,13 +165,9 @@ impl Fs {
     pub fn new(store: KvStore, format: FormatRecord, opts: FsOptions) -> Fs {
         let bs = format.block_size as u64;
         let store = Arc::new(store);
-        let cache = Arc::new(blocks::cache::BlockCache::new(32 << 20));
-        let prefetch = blocks::prefetch::Prefetcher::new(
-            store.clone(),
-            cache.clone(),
-            PREFETCH_THREADS,
-            PREFETCH_QUEUE,
-        );
+        let reader = Arc::new(blocks::reader::BlockReader::new(store.clone(), 32 << 20));
+        let prefetch =
+            blocks::prefetch::Prefetcher::new(reader.clone(), PREFETCH_THREADS, PREFETCH_QUEUE);
         Fs {
             store,
             codec: Codec::from_format(&format),
@@ -160,7 +182,7 @@ impl Fs {
             ino_pool: Mutex::new((0, 0)),
             ns_lock: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
-            cache,
+            blocks: reader,
             prefetch,
             handles: Mutex::new(Handles {
                 next: 1,
@@ -262,6 +284,21 @@ impl Fs {
         Ok(())
     }
 
+    /// Free what is left of `ino` after an operation freed part of it, one bounded
+    /// transaction at a time. A failure leaves it to the sweeper (it is marked garbage).
+    pub(crate) fn finish_freeing(&self, ino: Ino, first: Freeing) {
+        let mut state = first;
+        while state == Freeing::Partly {
+            match self.txn(|t| free_if_unused(t, ino)) {
+                Ok(s) => state = s,
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, "freeing a file's blocks stopped; the sweeper goes on");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Clean shutdown: drop this mount's open counts and locks from the keyspace, freeing
     /// inodes whose last user it was. The kernel has released every handle by now, except
     /// after a lazy or forced unmount.
@@ -269,11 +306,12 @@ impl Fs {
         let _ns = lock(&self.ns_lock);
         let inos: Vec<Ino> = lock(&self.files).keys().copied().collect();
         for ino in inos.into_iter().chain(self.locks.inodes()) {
-            self.txn(|t| {
+            let freeing = self.txn(|t| {
                 t.delete(Cf::Meta, &ks::open_key(ino, self.mount_id))?;
                 lock::drop_mount_locks(t, ino, self.mount_id)?;
                 free_if_unused(t, ino)
             })?;
+            self.finish_freeing(ino, freeing);
         }
         lock(&self.files).clear();
         Ok(())
@@ -301,17 +339,30 @@ pub(crate) fn any_open(t: &mut dyn Txn, ino: Ino) -> Result<bool> {
     Ok(!t.scan(Cf::Meta, &s, &e, 1)?.is_empty())
 }
 
-/// Free `ino` if it has no names and no mount has it open.
-pub fn free_if_unused(t: &mut dyn Txn, ino: Ino) -> Result<bool> {
+/// Block-map entries one transaction drops when it frees a file. A file's blocks are freed
+/// in transactions of at most this many (each entry costs three small writes), so freeing a
+/// huge file stays within what any engine takes in one transaction (FoundationDB: 10 MB,
+/// 5 s); the inode waits under its garbage mark between them, consistent at every step.
+pub const FREE_BATCH: usize = 4096;
+
+/// What an attempt to free an inode did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freeing {
+    /// Not freed: it has names or is open (or is gone already).
+    Kept,
+    /// Part of its blocks were dropped; it waits under its garbage mark for the rest.
+    Partly,
+    Done,
+}
+
+/// Free `ino` if it has no names and no mount has it open (a batch of its blocks at most).
+pub fn free_if_unused(t: &mut dyn Txn, ino: Ino) -> Result<Freeing> {
     match load_inode_opt(t, ino)? {
-        Some(i) if i.nlink == 0 && !any_open(t, ino)? => {
-            free_inode(t, ino, &i)?;
-            Ok(true)
-        }
-        Some(_) => Ok(false),
+        Some(i) if i.nlink == 0 && !any_open(t, ino)? => free_inode(t, ino, &i),
+        Some(_) => Ok(Freeing::Kept),
         None => {
             t.delete(Cf::Meta, &ks::garbage_key(ino))?;
-            Ok(false)
+            Ok(Freeing::Kept)
         }
     }
 }
@@ -339,7 +390,7 @@ pub(crate) fn load_inode(t: &mut dyn Txn, ino: Ino) -> Result<Inode> {
 }
 
 pub(crate) fn save_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
-    Ok(t.put(Cf::Meta, &ks::inode_key(ino), &inode.encode())?)
+    Ok(t.put(Cf::Meta, &ks::inode_key(ino), &inode.encode()?)?)
 }
 
 pub(crate) fn load_dir(t: &mut dyn Txn, ino: Ino) -> Result<Inode> {
@@ -354,13 +405,31 @@ pub(crate) fn load_dir(t: &mut dyn Txn, ino: Ino) -> Result<Inode> {
     Ok(d)
 }
 
+/// One link fewer. A stored count already at 0 is corrupt: EIO with the key in the log, never
+/// an arithmetic panic in a FUSE worker.
+pub(crate) fn nlink_down(ino: Ino, i: &mut Inode) -> Result<()> {
+    i.nlink = i.nlink.checked_sub(1).ok_or_else(|| FsError::Corrupt {
+        key: ks::describe_key(&ks::inode_key(ino)),
+        reason: "link count is already 0".into(),
+    })?;
+    Ok(())
+}
+
+/// One link more; EMLINK where the count would overflow.
+pub(crate) fn nlink_up(_ino: Ino, i: &mut Inode) -> Result<()> {
+    i.nlink = i.nlink.checked_add(1).ok_or(FsError::Errno(libc::EMLINK))?;
+    Ok(())
+}
+
 /// Round a block's content length up to what it is charged in st_blocks.
 pub(crate) fn charge(len: u32) -> u64 {
     (len as u64).div_ceil(4096) * 4096
 }
 
 /// Drop the last name of `ino`: free it now, or mark it garbage while a mount has it open.
-pub(crate) fn drop_last_link(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
+/// `Partly`: a huge file whose remaining blocks the caller frees after its commit
+/// ([`Fs::finish_freeing`]).
+pub(crate) fn drop_last_link(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<Freeing> {
     // One scan of the sub-keys answers "open anywhere?" and lists what a free deletes; the
     // tracked pseudo-key read makes it safe against a concurrent open (see `any_open`).
     t.get(Cf::Meta, &ks::open_pseudo_key(ino))?;
@@ -371,17 +440,23 @@ pub(crate) fn drop_last_link(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result
         .any(|(k, _)| matches!(ks::parse_inode_key(k), ks::InodeKey::Open(..)));
     if open {
         save_inode(t, ino, inode)?;
-        let g = GarbageRecord {
-            since: Timestamp::now(),
-        };
-        Ok(t.put(Cf::Meta, &ks::garbage_key(ino), &g.encode())?)
+        mark_garbage(t, ino)?;
+        Ok(Freeing::Kept)
     } else {
         free_inode_keys(t, ino, inode, &subs)
     }
 }
 
-/// Delete an inode with everything under it, dropping its block references.
-pub fn free_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<()> {
+fn mark_garbage(t: &mut dyn Txn, ino: Ino) -> Result<()> {
+    let g = GarbageRecord {
+        since: Timestamp::now(),
+    };
+    Ok(t.put(Cf::Meta, &ks::garbage_key(ino), &g.encode()?)?)
+}
+
+/// Delete an inode with everything under it, dropping its block references: at most
+/// [`FREE_BATCH`] of them in this transaction (`Partly` when more remain).
+pub fn free_inode(t: &mut dyn Txn, ino: Ino, inode: &Inode) -> Result<Freeing> {
     let (s, e) = ks::inode_sub_range(ino);
     let subs = t.scan(Cf::Meta, &s, &e, usize::MAX)?;
     free_inode_keys(t, ino, inode, &subs)
@@ -393,15 +468,25 @@ fn free_inode_keys(
     ino: Ino,
     inode: &Inode,
     subs: &[crate::kv::Pair],
-) -> Result<()> {
+) -> Result<Freeing> {
     // Blocks are mapped only below the size, each charged in `alloc`: an empty file has none.
     if inode.kind == Kind::File && (inode.size > 0 || inode.alloc > 0) {
         let (s, e) = ks::fmap_range(ino, 0, u64::MAX);
-        for (k, v) in t.scan(Cf::Fmap, &s, &e, usize::MAX)? {
+        let entries = t.scan(Cf::Fmap, &s, &e, FREE_BATCH + 1)?;
+        let more = entries.len() > FREE_BATCH;
+        let mut left = inode.clone();
+        for (k, v) in entries.into_iter().take(FREE_BATCH) {
             let ent =
                 crate::keyspace::records::FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
             blocks::drop_ref(t, &ent.hash)?;
+            left.alloc = left.alloc.saturating_sub(charge(ent.len));
             t.delete(Cf::Fmap, &k)?;
+        }
+        if more {
+            left.nlink = 0;
+            save_inode(t, ino, &left)?;
+            mark_garbage(t, ino)?;
+            return Ok(Freeing::Partly);
         }
     }
     for (k, _) in subs {
@@ -409,7 +494,7 @@ fn free_inode_keys(
     }
     t.delete(Cf::Meta, &ks::inode_key(ino))?;
     t.delete(Cf::Meta, &ks::garbage_key(ino))?;
-    Ok(())
+    Ok(Freeing::Done)
 }
 
 /// Xattr names: 1 to 255 bytes (the VFS answers ERANGE otherwise).
