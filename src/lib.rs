@@ -2,14 +2,15 @@
 //! content-addressed, deduplicated blocks) lives as keys in one transactional RocksDB store.
 //!
 //! Layers, arrows pointing down only (see DESIGN.md):
-//! `cli` (src/main.rs) → [`mount`] → [`fuse`] (the only fuser code) → [`fs`] (one retried
-//! transaction per operation) → [`blocks`] → [`keyspace`] → [`kv`] (the only RocksDB code).
-//! Beside them, the operator's tools: [`gc`] (process table and sweeper), [`audit`] (fsck),
-//! [`dump`] and [`status`].
+//! `cli` (src/main.rs) → [`mount`] (and [`control`]) → [`fuse`] (the only fuser code) →
+//! [`fs`] (one retried transaction per operation) → [`blocks`] → [`keyspace`] → [`kv`] (the
+//! engine trait; `kv::rocks` is the only RocksDB code). Beside them, the operator's tools:
+//! [`gc`] (process table and sweeper), [`audit`] (fsck), [`dump`] and [`status`].
 
 pub mod audit;
 pub mod bench;
 pub mod blocks;
+pub mod control;
 pub mod dump;
 pub mod fs;
 pub mod fuse;
@@ -17,6 +18,8 @@ pub mod gc;
 pub mod keyspace;
 pub mod kv;
 pub mod mount;
+#[cfg(test)]
+mod sim;
 pub mod status;
 pub mod store;
 pub mod util;

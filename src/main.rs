@@ -259,7 +259,7 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
             if dry_run {
                 req.push_str(" dry-run");
             }
-            let reply = mount::control_request(dir, &req)?;
+            let reply = kvfs::control::request(dir, &req)?;
             println!(
                 "(swept by the mount serving this store)\n{}",
                 reply.trim_end()
@@ -383,7 +383,7 @@ fn mount_cmd(
     if foreground && !daemon_child {
         mount::block_signals();
         init_logging(log.as_deref());
-        return mount::run(store_dir, mountpoint, &opts, || {});
+        return Ok(mount::run(store_dir, mountpoint, &opts, || {})?);
     }
     if daemon_child {
         mount::block_signals();
@@ -402,7 +402,7 @@ fn mount_cmd(
             // Before readiness the parent is still listening on our stdout.
             let _ = writeln!(std::io::stdout(), "{e:#}");
         }
-        return r;
+        return Ok(r?);
     }
     // The parent: start the background child and wait until it reports the mount ready.
     let exe = std::env::current_exe()?;

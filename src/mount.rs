@@ -1,20 +1,17 @@
-//! Running a mount: open the store, register in the process table and sweep what dead mounts
-//! left, serve FUSE requests on several threads, flush on a timer, beat the heartbeat, sweep
-//! in the background, answer the tools on the control socket, and end cleanly (everything
-//! flushed and synced, open counts and locks dropped, process entry removed) on unmount,
-//! SIGTERM, SIGINT or SIGHUP.
+//! Running a mount: parse its options, open the store, register in the process table and
+//! sweep what dead mounts left, serve FUSE requests ([`crate::fuse::session`]), flush on a
+//! timer, beat the heartbeat, sweep in the background, answer the tools
+//! ([`crate::control`]), and end cleanly (everything flushed and synced, open counts and locks
+//! dropped, process entry removed) on unmount, SIGTERM, SIGINT or SIGHUP.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuser::{Config, MountOption, Session, SessionACL};
-
+use crate::control;
 use crate::fs::{Fs, FsOptions};
-use crate::fuse::KvFuse;
+use crate::fuse::session::{Mounted, SessionOptions};
 use crate::gc::{self, SweepOptions};
 use crate::store;
 use crate::util::Timestamp;
@@ -128,6 +125,33 @@ fn wait_for_signal() -> i32 {
     }
 }
 
+/// Why a mount could not start or did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("{path}: {source}")]
+    Path {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}: mount point is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{path}: cannot mount: {source}")]
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("FUSE session ended with an error: {0}")]
+    Session(std::io::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Fs(#[from] crate::fs::FsError),
+    #[error(transparent)]
+    Kv(#[from] crate::kv::KvError),
+}
+
 /// Mount `store_dir` on `mountpoint` and serve until unmounted. `ready` is called once the
 /// kernel has the mount.
 pub fn run(
@@ -135,14 +159,17 @@ pub fn run(
     mountpoint: &Path,
     opts: &MountOpts,
     ready: impl FnOnce(),
-) -> anyhow::Result<()> {
+) -> Result<(), MountError> {
     if !store_dir.is_dir() {
         return Err(store::StoreError::Missing(store_dir.to_path_buf()).into());
     }
-    let store_dir: PathBuf = std::fs::canonicalize(store_dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", store_dir.display()))?;
+    let store_dir: PathBuf =
+        std::fs::canonicalize(store_dir).map_err(|source| MountError::Path {
+            path: store_dir.to_path_buf(),
+            source,
+        })?;
     if !mountpoint.is_dir() {
-        anyhow::bail!("{}: mount point is not a directory", mountpoint.display());
+        return Err(MountError::NotADirectory(mountpoint.to_path_buf()));
     }
     let (kv, format) = store::open(&store_dir)?;
     let fs = Arc::new(Fs::new(
@@ -172,65 +199,58 @@ pub fn run(
         }
     }
 
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(store_dir.display().to_string()),
-        MountOption::Subtype("kvfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-    ];
-    if opts.read_only {
-        config.mount_options.push(MountOption::RO);
-    }
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    config.acl = match opts.acl.as_deref() {
-        Some("allow_root") => SessionACL::RootAndOwner,
-        Some(_) => SessionACL::All,
-        None if root => SessionACL::All,
-        None => SessionACL::Owner,
+    let so = SessionOptions {
+        read_only: opts.read_only,
+        acl: opts.acl.clone(),
+        threads: opts.threads.unwrap_or(4),
     };
-    config.n_threads = Some(opts.threads.unwrap_or(4));
-
-    let mut session = Session::new(KvFuse::new(fs.clone(), &store_dir), mountpoint, &config)
-        .map_err(|e| anyhow::anyhow!("{}: cannot mount: {e}", mountpoint.display()))?;
+    let mut session = Mounted::new(fs.clone(), &store_dir, mountpoint, &so).map_err(|source| {
+        MountError::Mount {
+            path: mountpoint.to_path_buf(),
+            source,
+        }
+    })?;
     if !opts.read_only {
         let max = opts.max_dirty.unwrap_or(DEFAULT_MAX_DIRTY);
         if max > 0 {
             raise_dirty_limit(mountpoint, max);
         }
     }
-    let mut unmounter = session.unmount_callable();
-    std::thread::Builder::new()
-        .name("kvfs-signals".into())
-        .spawn(move || {
+    let mut unmounter = session.unmounter();
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(MountError::Thread)
+    };
+    spawn(
+        "kvfs-signals",
+        Box::new(move || {
             let sig = wait_for_signal();
             tracing::info!(sig, "signal received; unmounting");
             if let Err(e) = unmounter.unmount() {
                 tracing::error!(error = %e, "unmount failed");
             }
-        })?;
+        }),
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     {
         let (fs, stop) = (fs.clone(), stop.clone());
-        workers.push(
-            std::thread::Builder::new()
-                .name("kvfs-maint".into())
-                .spawn(move || maintenance(&fs, &stop, started))?,
-        );
+        workers.push(spawn(
+            "kvfs-maint",
+            Box::new(move || maintenance(&fs, &stop, started)),
+        )?);
     }
     let sock = store::control_socket(&store_dir);
     if !opts.read_only {
-        match bind_control(&sock) {
+        match control::bind(&sock) {
             Ok(listener) => {
                 let (fs, stop) = (fs.clone(), stop.clone());
-                workers.push(
-                    std::thread::Builder::new()
-                        .name("kvfs-control".into())
-                        .spawn(move || serve_control(&fs, listener, &stop))?,
-                );
+                workers.push(spawn(
+                    "kvfs-control",
+                    Box::new(move || control::serve(&fs, listener, &stop)),
+                )?);
             }
             Err(e) => tracing::warn!(
                 socket = %sock.display(),
@@ -253,15 +273,10 @@ pub fn run(
         gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))?;
         gc::unregister(fs.store(), fs.mount_id())?;
         fs.store().sync()?;
-        fs.store().flush_all()?;
+        fs.store().checkpoint()?;
     }
     tracing::info!("unmounted cleanly");
-    match served {
-        // A lazy (`umount -l`) or forced unmount ends the connection with an abort once the
-        // last user lets go: an ordinary end, after which everything above still ran.
-        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
-        r => r.map_err(|e| anyhow::anyhow!("FUSE session ended with an error: {e}")),
-    }
+    served.map_err(MountError::Session)
 }
 
 /// Let the kernel hold up to `bytes` of dirty pages for the FUSE mount on `mountpoint`
@@ -385,94 +400,16 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
             // disk is short of space, otherwise once a good amount has been freed.
             if freed > 0 {
                 let low = fs.space_low();
-                let bar = RECLAIM_AFTER.max(fs.store().block_file_bytes() / 10);
+                let bar = RECLAIM_AFTER.max(fs.store().block_storage_bytes() / 10);
                 if low || freed * fs.block_size() >= bar {
                     tracing::info!(blocks = freed, low, "reclaiming the space of freed blocks");
-                    match fs.store().reclaim_block_space() {
+                    match fs.store().reclaim_freed_space() {
                         Ok(()) => freed = 0,
                         Err(e) => tracing::error!(error = %e, "compaction failed"),
                     }
                 }
             }
         }
-    }
-}
-
-fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
-    // We hold the store's lock, so a socket file left there belongs to a dead mount.
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    l.set_nonblocking(true)?;
-    Ok(l)
-}
-
-/// Answer the tools: one request line, a reply, close. Requests: `gc [dry-run] [timeout=S]`.
-fn serve_control(fs: &Fs, listener: UnixListener, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                if let Err(e) = answer(fs, conn) {
-                    tracing::warn!(error = %e, "control request failed");
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "control socket failed");
-                return;
-            }
-        }
-    }
-}
-
-fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
-    let mut words = line.split_whitespace();
-    let reply = match words.next() {
-        Some("gc") => {
-            let mut o = SweepOptions::by_mount(fs.mount_id(), false);
-            for w in words {
-                match w.split_once('=') {
-                    None if w == "dry-run" => o.dry_run = true,
-                    Some(("timeout", n)) => {
-                        o.timeout = Duration::from_secs(n.parse().unwrap_or(o.timeout.as_secs()))
-                    }
-                    _ => {}
-                }
-            }
-            // Buffered writes first, so the sweep sees what the user sees.
-            match fs.flush_all().and_then(|_| gc::collect(fs.store(), &o)) {
-                Ok(r) => format!("ok\n{r}\n"),
-                Err(e) => format!("error: {e}\n"),
-            }
-        }
-        _ => format!("error: unknown request {:?}\n", line.trim()),
-    };
-    (&conn).write_all(reply.as_bytes())
-}
-
-/// Ask the mount serving `store_dir` to run a request; its reply, without the status line.
-pub fn control_request(store_dir: &Path, request: &str) -> anyhow::Result<String> {
-    let sock = store::control_socket(store_dir);
-    let mut conn = UnixStream::connect(&sock).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: the store is in use but its mount does not answer on {} ({e})",
-            store_dir.display(),
-            sock.display()
-        )
-    })?;
-    conn.set_read_timeout(Some(Duration::from_secs(600)))?;
-    conn.write_all(format!("{request}\n").as_bytes())?;
-    let mut reply = String::new();
-    std::io::Read::read_to_string(&mut conn, &mut reply)?;
-    match reply.split_once('\n') {
-        Some(("ok", rest)) => Ok(rest.to_string()),
-        _ => anyhow::bail!("{}", reply.trim().trim_start_matches("error: ")),
     }
 }
 

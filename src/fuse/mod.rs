@@ -2,6 +2,8 @@
 //! and results into replies; [`errno`] is the one mapping from errors to errno values, and the
 //! one place that logs store failures (key and reason) before answering EIO or ENOSPC.
 
+pub mod session;
+
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,6 @@ use crate::fs::{
     Attr, Caller, Fs, FsError, LockKind, LockSpec, NewNode, SetAttr, SetTime, XattrReply,
 };
 use crate::keyspace::records::Kind;
-use crate::kv::KvError;
 use crate::util::Timestamp;
 
 /// How long the kernel may cache attributes and entries. Every change goes through this
@@ -34,13 +35,13 @@ pub fn errno(op: &str, e: &FsError) -> Errno {
             tracing::error!(op, key = %key, reason = %reason, "corrupt record; answering EIO");
             Errno::EIO
         }
-        FsError::Kv(KvError::NoSpace(m)) => {
-            tracing::error!(op, reason = %m, "store disk full; answering ENOSPC");
+        e if e.is_no_space() => {
+            tracing::error!(op, reason = %e, "store disk full; answering ENOSPC");
             Errno::ENOSPC
         }
-        FsError::Kv(KvError::ReadOnly) => Errno::EROFS,
-        FsError::Kv(k) => {
-            tracing::error!(op, reason = %k, "store error; answering EIO");
+        e if e.is_read_only() => Errno::EROFS,
+        e => {
+            tracing::error!(op, reason = %e, "store error; answering EIO");
             Errno::EIO
         }
     }

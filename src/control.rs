@@ -1,0 +1,106 @@
+//! The control socket of a mount (`STORE/kvfs.sock`, 0600): how the tools reach the process
+//! that holds the store. One request line, one reply, close. Requests: `gc [dry-run]
+//! [timeout=S]` (the sweep, after flushing buffered writes, so it sees what the user sees).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::fs::Fs;
+use crate::gc::{self, SweepOptions};
+use crate::store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{store}: the store is in use but its mount does not answer on {socket} ({source})")]
+    NoAnswer {
+        store: PathBuf,
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The mount answered with an error.
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    // We hold the store's lock, so a socket file left there belongs to a dead mount.
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Answer the tools: one request line, a reply, close. Requests: `gc [dry-run] [timeout=S]`.
+pub fn serve(fs: &Fs, listener: UnixListener, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                if let Err(e) = answer(fs, conn) {
+                    tracing::warn!(error = %e, "control request failed");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "control socket failed");
+                return;
+            }
+        }
+    }
+}
+
+fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let reply = match words.next() {
+        Some("gc") => {
+            let mut o = SweepOptions::by_mount(fs.mount_id(), false);
+            for w in words {
+                match w.split_once('=') {
+                    None if w == "dry-run" => o.dry_run = true,
+                    Some(("timeout", n)) => {
+                        o.timeout = Duration::from_secs(n.parse().unwrap_or(o.timeout.as_secs()))
+                    }
+                    _ => {}
+                }
+            }
+            // Buffered writes first, so the sweep sees what the user sees.
+            match fs.flush_all().and_then(|_| gc::collect(fs.store(), &o)) {
+                Ok(r) => format!("ok\n{r}\n"),
+                Err(e) => format!("error: {e}\n"),
+            }
+        }
+        _ => format!("error: unknown request {:?}\n", line.trim()),
+    };
+    (&conn).write_all(reply.as_bytes())
+}
+
+/// Ask the mount serving `store_dir` to run a request; its reply, without the status line.
+pub fn request(store_dir: &Path, request: &str) -> Result<String, ControlError> {
+    let sock = store::control_socket(store_dir);
+    let mut conn = UnixStream::connect(&sock).map_err(|source| ControlError::NoAnswer {
+        store: store_dir.to_path_buf(),
+        socket: sock.clone(),
+        source,
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(600)))?;
+    conn.write_all(format!("{request}\n").as_bytes())?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut reply)?;
+    match reply.split_once('\n') {
+        Some(("ok", rest)) => Ok(rest.to_string()),
+        _ => Err(ControlError::Refused(
+            reply.trim().trim_start_matches("error: ").to_string(),
+        )),
+    }
+}
