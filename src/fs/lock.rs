@@ -173,7 +173,7 @@ fn set_owner_locks(
         t.put(
             Cf::Meta,
             &ks::lock_key(ino, mount, owner, start),
-            &rec.encode(),
+            &rec.encode()?,
         )?;
     }
     t.put(Cf::Meta, &ks::lock_pseudo_key(ino), &[1])?;

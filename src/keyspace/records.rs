@@ -45,14 +45,32 @@ fn err(what: &'static str, reason: impl Into<String>) -> DecodeError {
     }
 }
 
-fn encode_tagged<T: Serialize>(tag: u8, v: &T) -> Vec<u8> {
-    let mut out = vec![tag];
-    // postcard into a Vec cannot fail for these plain structs.
-    out.extend(postcard::to_allocvec(v).unwrap_or_default());
-    out
+/// A record that could not be encoded: never written (an empty value would read back as
+/// corrupt), the operation fails instead.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("cannot encode {what}: {reason}")]
+pub struct EncodeError {
+    pub what: &'static str,
+    pub reason: String,
 }
 
-fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
+impl From<EncodeError> for crate::kv::KvError {
+    fn from(e: EncodeError) -> Self {
+        crate::kv::KvError::Other(e.to_string())
+    }
+}
+
+fn encode_tagged<T: Serialize>(tag: u8, v: &T) -> Result<Vec<u8>, EncodeError> {
+    let mut out = vec![tag];
+    let body = postcard::to_allocvec(v).map_err(|e| EncodeError {
+        what: std::any::type_name::<T>(),
+        reason: e.to_string(),
+    })?;
+    out.extend(body);
+    Ok(out)
+}
+
+fn encode_v1<T: Serialize>(v: &T) -> Result<Vec<u8>, EncodeError> {
     encode_tagged(1, v)
 }
 
@@ -103,13 +121,13 @@ pub struct FormatRecordV1 {
 }
 
 impl FormatRecordV1 {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_v1(self)
     }
 }
 
 impl FormatRecord {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_tagged(2, self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -218,7 +236,7 @@ pub struct Inode {
 }
 
 impl Inode {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_v1(self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -257,7 +275,7 @@ pub struct Dirent {
 }
 
 impl Dirent {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_v1(self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -274,7 +292,7 @@ pub struct FmapEntry {
 }
 
 impl FmapEntry {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_v1(self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -294,7 +312,7 @@ pub struct BlockInfo {
 }
 
 impl BlockInfo {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_v1(self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -309,7 +327,7 @@ pub struct GarbageRecord {
 }
 
 impl GarbageRecord {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_v1(self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -330,7 +348,7 @@ pub struct ProcessRecord {
 }
 
 impl ProcessRecord {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_v1(self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -350,7 +368,7 @@ pub struct LockRecord {
 }
 
 impl LockRecord {
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_v1(self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
@@ -416,23 +434,23 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let i = sample_inode();
-        assert_eq!(Inode::decode(&i.encode()).unwrap(), i);
+        assert_eq!(Inode::decode(&i.encode().unwrap()).unwrap(), i);
         let d = Dirent {
             ino: 9,
             kind: Kind::Dir,
         };
-        assert_eq!(Dirent::decode(&d.encode()).unwrap(), d);
+        assert_eq!(Dirent::decode(&d.encode().unwrap()).unwrap(), d);
         let f = FmapEntry {
             hash: [7; 32],
             len: 100,
         };
-        assert_eq!(FmapEntry::decode(&f.encode()).unwrap(), f);
+        assert_eq!(FmapEntry::decode(&f.encode().unwrap()).unwrap(), f);
         assert_eq!(decode_counter(&encode_counter(77)).unwrap(), 77);
     }
 
     #[test]
     fn unknown_version_tag_is_an_error_not_a_panic() {
-        let mut b = sample_inode().encode();
+        let mut b = sample_inode().encode().unwrap();
         b[0] = 2;
         assert!(Inode::decode(&b).unwrap_err().reason.contains("version"));
         assert!(Inode::decode(&[]).is_err());
@@ -440,7 +458,7 @@ mod tests {
 
     #[test]
     fn every_truncation_and_bit_flip_decodes_or_errors_without_panic() {
-        let b = sample_inode().encode();
+        let b = sample_inode().encode().unwrap();
         for n in 0..b.len() {
             let _ = Inode::decode(&b[..n]);
         }

@@ -48,7 +48,7 @@ fn mount_refuses_missing_store_non_store_and_other_major() {
             t.put(
                 kvfs::kv::Cf::Meta,
                 kvfs::keyspace::META_FORMAT,
-                &rec.encode(),
+                &rec.encode().unwrap(),
             )
         })
         .unwrap();

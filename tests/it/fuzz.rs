@@ -52,7 +52,8 @@ fn valid_values() -> Vec<Vec<u8>> {
             parent: 0,
             target: b"abc".to_vec(),
         }
-        .encode(),
+        .encode()
+        .unwrap(),
         ProcessRecord {
             host: "h".into(),
             pid: 9,
@@ -60,13 +61,15 @@ fn valid_values() -> Vec<Vec<u8>> {
             heartbeat: t,
             beats: 3,
         }
-        .encode(),
+        .encode()
+        .unwrap(),
         LockRecord {
             end: u64::MAX,
             write: true,
             pid: 4,
         }
-        .encode(),
+        .encode()
+        .unwrap(),
     ];
     let data: Vec<u8> = b"abcabcabc".iter().cycle().take(3000).copied().collect();
     for (c, p) in [

@@ -147,7 +147,7 @@ fn audit_reports_injected_damage_and_repair_fixes_it() {
             let k = ks::inode_key(wrong);
             let mut i = Inode::decode(&t.get(Cf::Meta, &k)?.unwrap()).unwrap();
             i.nlink = 5;
-            t.put(Cf::Meta, &k, &i.encode())
+            t.put(Cf::Meta, &k, &i.encode().unwrap())
         })
         .unwrap();
         let _ = orphan;
