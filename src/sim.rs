@@ -1,0 +1,947 @@
+//! The seeded simulation: the real [`Fs`] (no FUSE) on the fault-injecting in-memory engine,
+//! driven by random operations from a seed, checked against a model after every step.
+//!
+//! Operations: create, mkdir, symlink, write at random offsets (and now and then a write big
+//! enough to take the write-ahead path), truncate, rename (over files and directories,
+//! `RENAME_NOREPLACE`, `RENAME_EXCHANGE`), link, unlink (also of open files), rmdir, xattrs,
+//! record locks, fsync, syncfs, close, reads, and crashes. The engine fails commits with I/O
+//! errors and conflicts on a seeded schedule, and a crash drops what was never synced
+//! (keeping a random prefix of the rest).
+//!
+//! Checks: after every operation the filesystem's tree (names, inode numbers, kinds, link
+//! counts, sizes, content, xattrs, symlink targets) equals the model's; an operation that
+//! failed on an injected fault left the tree either as before or as after it, never between.
+//! After every crash and recovery (the mount's own start-up sweep): `audit` finds no problem,
+//! every file fsynced and not changed since reads back exactly, and a crash right after a
+//! syncfs loses nothing at all. A failure panics with the seed, so `KVFS_SIM_SEED=N` replays it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::audit::{audit, AuditOptions};
+use crate::fs::{Caller, Fs, FsError, FsOptions, LockKind, LockSpec, NewNode, XattrReply};
+use crate::gc::{self, SweepOptions};
+use crate::keyspace::records::{FormatRecord, Kind};
+use crate::keyspace::{Ino, ROOT_INO};
+use crate::kv::mem::{Faults, MemEngine};
+use crate::kv::{KvError, KvStore};
+use crate::store::{self, FormatOptions};
+
+/// Small blocks, so that small files span several.
+const BS: u32 = 4096;
+const NAMES: [&[u8]; 5] = [b"a", b"b", b"c", b"d", b"e"];
+const WHO: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: 1,
+};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn pct(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
+        (!v.is_empty()).then(|| &v[self.below(v.len() as u64) as usize])
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Node {
+    kind: Kind,
+    /// File content or symlink target.
+    data: Vec<u8>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// What the filesystem must show: nodes by inode and names by (directory, name).
+#[derive(Clone, Debug, Default)]
+struct Model {
+    nodes: BTreeMap<Ino, Node>,
+    entries: BTreeMap<(Ino, Vec<u8>), Ino>,
+}
+
+/// What one name shows: (inode, kind, nlink, content or target, xattrs).
+type Seen = (Ino, Kind, u32, Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>);
+/// The tree as seen from the root, by path.
+type View = BTreeMap<Vec<u8>, Seen>;
+
+impl Model {
+    fn new() -> Model {
+        let mut m = Model::default();
+        m.nodes.insert(ROOT_INO, node(Kind::Dir, Vec::new()));
+        m
+    }
+
+    fn children(&self, dir: Ino) -> Vec<(Vec<u8>, Ino)> {
+        self.entries
+            .range((dir, Vec::new())..(dir + 1, Vec::new()))
+            .map(|((_, n), i)| (n.clone(), *i))
+            .collect()
+    }
+
+    fn nlink(&self, ino: Ino) -> u32 {
+        match self.nodes.get(&ino).map(|n| n.kind) {
+            Some(Kind::Dir) => {
+                2 + self
+                    .children(ino)
+                    .iter()
+                    .filter(|(_, c)| self.nodes[c].kind == Kind::Dir)
+                    .count() as u32
+            }
+            _ => self.entries.values().filter(|i| **i == ino).count() as u32,
+        }
+    }
+
+    fn view(&self) -> View {
+        let mut out = View::new();
+        let mut stack = vec![(b"/".to_vec(), ROOT_INO)];
+        while let Some((path, dir)) = stack.pop() {
+            for (name, ino) in self.children(dir) {
+                let n = &self.nodes[&ino];
+                let mut p = path.clone();
+                p.extend_from_slice(&name);
+                out.insert(
+                    p.clone(),
+                    (
+                        ino,
+                        n.kind,
+                        self.nlink(ino),
+                        n.data.clone(),
+                        n.xattrs.clone(),
+                    ),
+                );
+                if n.kind == Kind::Dir {
+                    p.push(b'/');
+                    stack.push((p, ino));
+                }
+            }
+        }
+        out
+    }
+
+    fn dirs(&self) -> Vec<Ino> {
+        let reachable: Vec<Ino> = self.view().values().map(|v| v.0).collect();
+        std::iter::once(ROOT_INO)
+            .chain(
+                reachable
+                    .into_iter()
+                    .filter(|i| self.nodes[i].kind == Kind::Dir),
+            )
+            .collect()
+    }
+
+    fn names(&self) -> Vec<(Ino, Vec<u8>)> {
+        self.entries.keys().cloned().collect()
+    }
+
+    fn files(&self) -> Vec<Ino> {
+        let mut v: Vec<Ino> = self
+            .entries
+            .values()
+            .copied()
+            .filter(|i| self.nodes[i].kind == Kind::File)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn reachable(&self, ino: Ino) -> bool {
+        ino == ROOT_INO || self.entries.values().any(|i| *i == ino)
+    }
+
+    /// The model after a successful rename.
+    fn rename(&mut self, from: (Ino, Vec<u8>), to: (Ino, Vec<u8>), exchange: bool) {
+        let src = self.entries[&from];
+        if exchange {
+            let dst = self.entries[&to];
+            self.entries.insert(from, dst);
+            self.entries.insert(to, src);
+            return;
+        }
+        if let Some(dst) = self.entries.get(&to).copied() {
+            if dst == src {
+                return;
+            }
+            if self.nodes[&dst].kind == Kind::Dir {
+                self.nodes.remove(&dst);
+            }
+        }
+        self.entries.remove(&from);
+        self.entries.insert(to, src);
+    }
+}
+
+/// The names whose entries differ, one line each: what the filesystem has, what the model has.
+fn diff(got: &View, want: &View) -> String {
+    let short = |v: Option<&Seen>| match v {
+        None => "absent".to_string(),
+        Some((ino, kind, nlink, data, x)) => format!(
+            "ino {ino} {kind:?} nlink {nlink} {} bytes (xxh3 {:016x}) xattrs {:?}",
+            data.len(),
+            xxhash_rust::xxh3::xxh3_64(data),
+            x.keys()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect::<Vec<_>>()
+        ),
+    };
+    let mut out = String::new();
+    for p in got
+        .keys()
+        .chain(want.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (g, w) = (got.get(p), want.get(p));
+        if g != w {
+            out += &format!(
+                "  {}: fs {} / model {}\n",
+                String::from_utf8_lossy(p),
+                short(g),
+                short(w)
+            );
+        }
+    }
+    out
+}
+
+fn node(kind: Kind, data: Vec<u8>) -> Node {
+    Node {
+        kind,
+        data,
+        xattrs: BTreeMap::new(),
+    }
+}
+
+fn patch(data: &mut Vec<u8>, off: usize, bytes: &[u8]) {
+    if data.len() < off + bytes.len() {
+        data.resize(off + bytes.len(), 0);
+    }
+    data[off..off + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Counters a run prints at its end.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub seeds: u64,
+    pub ops: u64,
+    pub faults: u64,
+    pub failed_ops: u64,
+    pub crashes: u64,
+}
+
+struct Sim {
+    seed: u64,
+    rng: Rng,
+    engine: Arc<MemEngine>,
+    format: FormatRecord,
+    fs: Option<Fs>,
+    model: Model,
+    /// Open handles: handle -> inode.
+    handles: Vec<(u64, Ino)>,
+    /// Content each file had when it was last made durable and not changed since.
+    durable: HashMap<Ino, Vec<u8>>,
+    /// Nothing was committed since the last successful syncfs.
+    clean_since_sync: bool,
+    stats: Stats,
+    /// Chances (per mille) of an I/O error and a conflict per commit.
+    faults: (u32, u32),
+}
+
+fn is_injected(e: &FsError) -> bool {
+    matches!(e, FsError::Kv(KvError::Other(m)) if m.contains("injected"))
+}
+
+impl Sim {
+    fn new(seed: u64, faults: (u32, u32)) -> Sim {
+        let engine = MemEngine::new();
+        engine.set_faults(Faults::seeded(seed));
+        let kv = KvStore::with_engine(Arc::new(engine.clone()));
+        let format = store::init(
+            &kv,
+            &FormatOptions {
+                block_size: BS,
+                ..Default::default()
+            },
+        )
+        .expect("init");
+        let mut sim = Sim {
+            seed,
+            rng: Rng(seed),
+            engine,
+            format,
+            fs: None,
+            model: Model::new(),
+            handles: Vec::new(),
+            durable: HashMap::new(),
+            clean_since_sync: false,
+            stats: Stats::default(),
+            faults,
+        };
+        sim.start();
+        sim
+    }
+
+    fn fs(&self) -> &Fs {
+        self.fs.as_ref().expect("mounted")
+    }
+
+    fn fail(&self, what: String) -> ! {
+        panic!("simulation seed {} failed: {what} (replay: KVFS_SIM_SEED={} cargo test --lib sim::tests::replay -- --ignored --nocapture)", self.seed, self.seed)
+    }
+
+    /// Start a "mount" as `kvfs mount` does: register, sweep what earlier ones left, recover
+    /// written-ahead blocks. Faults are off while it starts and while it is checked.
+    fn start(&mut self) {
+        self.faults_off();
+        let fs = Fs::new(
+            KvStore::with_engine(Arc::new(self.engine.clone())),
+            self.format.clone(),
+            // Whether a read updates atime depends on the clock: off, so a seed replays exactly.
+            // (KVFS_SIM_ATIME=1 turns it on, for a run that needs it.)
+            FsOptions {
+                noatime: std::env::var_os("KVFS_SIM_ATIME").is_none(),
+                ..Default::default()
+            },
+        );
+        gc::register(fs.store(), fs.mount_id())
+            .unwrap_or_else(|e| self.fail(format!("register: {e}")));
+        gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))
+            .unwrap_or_else(|e| self.fail(format!("start-up sweep: {e}")));
+        self.fs = Some(fs);
+        self.faults_on();
+    }
+
+    fn faults_off(&self) {
+        let mut f = self.engine.faults();
+        f.commit_error = 0;
+        f.conflict = 0;
+        f.bulk_error = 0;
+        self.engine.set_faults(f);
+    }
+
+    fn faults_on(&self) {
+        let mut f = self.engine.faults();
+        f.commit_error = self.faults.0;
+        f.conflict = self.faults.1;
+        f.bulk_error = self.faults.0;
+        self.engine.set_faults(f);
+    }
+
+    /// The filesystem's tree as [`Model::view`] shows the model's.
+    fn fs_view(&self) -> View {
+        let fs = self.fs();
+        let mut out = View::new();
+        let mut stack = vec![(b"/".to_vec(), ROOT_INO)];
+        while let Some((path, dir)) = stack.pop() {
+            let dh = fs
+                .opendir(dir)
+                .unwrap_or_else(|e| self.fail(format!("opendir {dir}: {e}")));
+            let list = fs
+                .readdir(dh)
+                .unwrap_or_else(|e| self.fail(format!("readdir: {e}")));
+            fs.releasedir(dh);
+            for ent in list.iter().filter(|e| e.name != b"." && e.name != b"..") {
+                let a = fs
+                    .getattr(ent.ino)
+                    .unwrap_or_else(|e| self.fail(format!("getattr {}: {e}", ent.ino)));
+                let data = match a.kind {
+                    Kind::File => self.content(ent.ino, a.size),
+                    Kind::Symlink => fs
+                        .readlink(ent.ino)
+                        .unwrap_or_else(|e| self.fail(format!("readlink: {e}"))),
+                    _ => Vec::new(),
+                };
+                let mut xattrs = BTreeMap::new();
+                if let Ok(XattrReply::Data(names)) = fs.listxattr(ent.ino, 65536) {
+                    for n in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+                        if let Ok(XattrReply::Data(v)) = fs.getxattr(ent.ino, n, 65536) {
+                            xattrs.insert(n.to_vec(), v);
+                        }
+                    }
+                }
+                let mut p = path.clone();
+                p.extend_from_slice(&ent.name);
+                out.insert(p.clone(), (ent.ino, a.kind, a.nlink, data, xattrs));
+                if a.kind == Kind::Dir {
+                    p.push(b'/');
+                    stack.push((p, ent.ino));
+                }
+            }
+        }
+        out
+    }
+
+    /// A file's content, through a handle the simulation holds if there is one (a temporary
+    /// handle's close would flush the shared buffer).
+    fn content(&self, ino: Ino, size: u64) -> Vec<u8> {
+        let fs = self.fs();
+        let held = self
+            .handles
+            .iter()
+            .find(|(_, i)| *i == ino)
+            .map(|(h, _)| *h);
+        let fh = match held {
+            Some(h) => h,
+            None => fs
+                .open(ino, false)
+                .unwrap_or_else(|e| self.fail(format!("open {ino}: {e}"))),
+        };
+        let mut out = Vec::new();
+        while (out.len() as u64) < size {
+            let chunk = fs
+                .read(fh, out.len() as u64, 1 << 20)
+                .unwrap_or_else(|e| self.fail(format!("read {ino}: {e}")));
+            if chunk.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&chunk);
+        }
+        if held.is_none() {
+            fs.release(fh)
+                .unwrap_or_else(|e| self.fail(format!("release {ino}: {e}")));
+        }
+        out
+    }
+
+    fn check_tree(&self, what: &str) {
+        self.faults_off();
+        let got = self.fs_view();
+        let want = self.model.view();
+        if got != want {
+            self.fail(format!(
+                "after {what}: the tree differs from the model:\n{}",
+                diff(&got, &want)
+            ));
+        }
+        self.faults_on();
+    }
+
+    fn new_data(&mut self, len: usize) -> Vec<u8> {
+        let b = self.rng.next() as u8;
+        (0..len)
+            .map(|i| b.wrapping_add((i / 512) as u8) | 1)
+            .collect()
+    }
+
+    /// One random operation, checked.
+    fn step(&mut self) {
+        self.stats.ops += 1;
+        let before = self.model.clone();
+        let roll = self.rng.below(100);
+        let (what, res): (&str, Result<(), FsError>) = match roll {
+            0..=9 => ("create", self.op_create(Kind::File)),
+            10..=13 => ("mkdir", self.op_create(Kind::Dir)),
+            14..=15 => ("symlink", self.op_create(Kind::Symlink)),
+            16..=17 => ("open", self.op_open()),
+            18..=35 => ("write", self.op_write(false)),
+            36 => ("big write", self.op_write(true)),
+            37..=41 => ("truncate", self.op_truncate()),
+            42..=51 => ("rename", self.op_rename()),
+            52..=55 => ("link", self.op_link()),
+            56..=62 => ("unlink", self.op_unlink(false)),
+            63..=65 => ("rmdir", self.op_unlink(true)),
+            66..=70 => ("xattr", self.op_xattr()),
+            71..=73 => ("lock", self.op_lock()),
+            74..=79 => ("fsync", self.op_fsync()),
+            80..=81 => ("syncfs", self.op_syncfs()),
+            82..=89 => ("close", self.op_close()),
+            90..=96 => ("read", self.op_read()),
+            _ => {
+                self.crash();
+                return;
+            }
+        };
+        if std::env::var_os("KVFS_SIM_TRACE").is_some() {
+            eprintln!(
+                "seed {} step {}: {what} -> {res:?}",
+                self.seed, self.stats.ops
+            );
+        }
+        match res {
+            Ok(()) => self.check_tree(what),
+            Err(e) if is_injected(&e) => {
+                self.stats.failed_ops += 1;
+                // Either wholly done or not at all: the model may hold the op's effect (when
+                // the op applies it before its commit, as a buffered write does) or not.
+                let after = self.model.clone();
+                self.model = before;
+                self.faults_off();
+                let got = self.fs_view();
+                self.faults_on();
+                if got == after.view() {
+                    self.model = after;
+                } else {
+                    self.check_tree(&format!("{what} failed on an injected fault ({e})"));
+                }
+            }
+            Err(FsError::Errno(_)) => self.check_tree(what),
+            Err(e) => self.fail(format!("{what}: {e}")),
+        }
+        if !matches!(what, "read" | "syncfs") {
+            self.clean_since_sync = false;
+        }
+        let f = self.engine.faults();
+        self.stats.faults = f.errors_injected + f.conflicts_injected;
+        if std::env::var_os("KVFS_SIM_AUDIT_EACH").is_some() {
+            self.audit_clean(what);
+        }
+    }
+
+    /// `audit` finds no problem (faults off meanwhile).
+    fn audit_clean(&self, after: &str) {
+        self.faults_off();
+        let report = audit(self.fs().store(), &AuditOptions::default())
+            .unwrap_or_else(|e| self.fail(format!("audit after {after}: {e}")));
+        if !report.problems.is_empty() {
+            self.fail(format!("audit after {after}:\n{report}"));
+        }
+        self.faults_on();
+    }
+
+    fn pick_dir(&mut self) -> Ino {
+        let dirs = self.model.dirs();
+        *self.rng.pick(&dirs).unwrap_or(&ROOT_INO)
+    }
+
+    fn pick_name(&mut self) -> Vec<u8> {
+        NAMES[self.rng.below(NAMES.len() as u64) as usize].to_vec()
+    }
+
+    fn op_create(&mut self, kind: Kind) -> Result<(), FsError> {
+        let (dir, name) = (self.pick_dir(), self.pick_name());
+        let target = b"some/target".to_vec();
+        let n = NewNode {
+            kind,
+            mode: if kind == Kind::Dir { 0o755 } else { 0o644 },
+            umask: 0,
+            rdev: 0,
+            target: &target,
+        };
+        let fs = self.fs.as_ref().expect("mounted");
+        let ino = if kind == Kind::File {
+            let (a, fh) = fs.create_open(dir, &name, &n, WHO)?;
+            self.handles.push((fh, a.ino));
+            a.ino
+        } else {
+            fs.create_node(dir, &name, &n, WHO)?.ino
+        };
+        let data = if kind == Kind::Symlink {
+            target
+        } else {
+            Vec::new()
+        };
+        self.model.nodes.insert(ino, node(kind, data));
+        self.model.entries.insert((dir, name), ino);
+        Ok(())
+    }
+
+    fn op_open(&mut self) -> Result<(), FsError> {
+        let files = self.model.files();
+        let Some(&ino) = self.rng.pick(&files) else {
+            return Ok(());
+        };
+        let fh = self.fs().open(ino, true)?;
+        self.handles.push((fh, ino));
+        Ok(())
+    }
+
+    fn op_write(&mut self, big: bool) -> Result<(), FsError> {
+        let Some(&(fh, ino)) = self.rng.pick(&self.handles.clone()) else {
+            return Ok(());
+        };
+        let (off, len) = if big {
+            (0, (4 << 20) + (self.rng.below(8) << 16) as usize)
+        } else {
+            (
+                self.rng.below(3 * BS as u64) as usize,
+                1 + self.rng.below(2 * BS as u64) as usize,
+            )
+        };
+        let data = self.new_data(len);
+        self.durable.remove(&ino);
+        // The model takes the write first: a write the buffer accepted stays even when its
+        // room-making flush fails (the data is retried at the next flush).
+        if let Some(n) = self.model.nodes.get_mut(&ino) {
+            patch(&mut n.data, off, &data);
+        }
+        self.fs().write(fh, off as u64, &data).map(|_| ())
+    }
+
+    fn op_truncate(&mut self) -> Result<(), FsError> {
+        let files = self.model.files();
+        let Some(&ino) = self.rng.pick(&files) else {
+            return Ok(());
+        };
+        let size = self.rng.below(4 * BS as u64);
+        self.fs().truncate(ino, size)?;
+        self.durable.remove(&ino);
+        if let Some(n) = self.model.nodes.get_mut(&ino) {
+            n.data.resize(size as usize, 0);
+        }
+        Ok(())
+    }
+
+    fn op_rename(&mut self) -> Result<(), FsError> {
+        let names = self.model.names();
+        let Some(from) = self.rng.pick(&names).cloned() else {
+            return Ok(());
+        };
+        let to = (self.pick_dir(), self.pick_name());
+        let flags = match self.rng.below(6) {
+            0 => libc::RENAME_NOREPLACE,
+            1 => libc::RENAME_EXCHANGE,
+            _ => 0,
+        };
+        self.fs().rename(from.0, &from.1, to.0, &to.1, flags)?;
+        self.model.rename(from, to, flags == libc::RENAME_EXCHANGE);
+        self.forget_unreachable();
+        Ok(())
+    }
+
+    fn op_link(&mut self) -> Result<(), FsError> {
+        let files = self.model.files();
+        let Some(&ino) = self.rng.pick(&files) else {
+            return Ok(());
+        };
+        let to = (self.pick_dir(), self.pick_name());
+        self.fs().link(ino, to.0, &to.1)?;
+        self.model.entries.insert(to, ino);
+        Ok(())
+    }
+
+    fn op_unlink(&mut self, dir: bool) -> Result<(), FsError> {
+        let names = self.model.names();
+        let Some(at) = self.rng.pick(&names).cloned() else {
+            return Ok(());
+        };
+        if dir {
+            self.fs().rmdir(at.0, &at.1)?;
+        } else {
+            self.fs().unlink(at.0, &at.1)?;
+        }
+        let ino = self.model.entries.remove(&at);
+        if let Some(ino) = ino.filter(|_| dir) {
+            self.model.nodes.remove(&ino);
+        }
+        self.forget_unreachable();
+        Ok(())
+    }
+
+    /// Files no name reaches any more are not checked for durability (a crash may or may not
+    /// keep their last unlink).
+    fn forget_unreachable(&mut self) {
+        let m = &self.model;
+        self.durable.retain(|ino, _| m.reachable(*ino));
+    }
+
+    fn op_xattr(&mut self) -> Result<(), FsError> {
+        let names = self.model.names();
+        let Some(at) = self.rng.pick(&names).cloned() else {
+            return Ok(());
+        };
+        let ino = self.model.entries[&at];
+        let name = [b"user.".as_slice(), &self.pick_name()].concat();
+        if self.rng.pct(70) {
+            let len = 1 + self.rng.below(100) as usize;
+            let v = self.new_data(len);
+            self.fs().setxattr(ino, &name, &v, 0)?;
+            if let Some(n) = self.model.nodes.get_mut(&ino) {
+                n.xattrs.insert(name, v);
+            }
+        } else {
+            self.fs().removexattr(ino, &name)?;
+            if let Some(n) = self.model.nodes.get_mut(&ino) {
+                n.xattrs.remove(&name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Take a write lock through one handle, see it from another owner, drop it.
+    fn op_lock(&mut self) -> Result<(), FsError> {
+        let Some(&(fh, ino)) = self.rng.pick(&self.handles.clone()) else {
+            return Ok(());
+        };
+        let spec = |owner: u64, kind: LockKind| LockSpec {
+            owner,
+            start: 0,
+            end: u64::MAX,
+            kind,
+            pid: 1,
+        };
+        let fs = self.fs();
+        fs.setlk(ino, fh, &spec(fh, LockKind::Write), None)?;
+        let seen = fs.getlk(ino, &spec(u64::MAX, LockKind::Write))?;
+        if seen.map(|l| l.owner) != Some(fh) {
+            self.fail(format!(
+                "a lock held by {fh} on {ino} is not seen by another owner: {seen:?}"
+            ));
+        }
+        fs.setlk(ino, fh, &spec(fh, LockKind::Unlock), None)?;
+        if let Some(l) = fs.getlk(ino, &spec(u64::MAX, LockKind::Write))? {
+            self.fail(format!("a released lock is still seen: {l:?}"));
+        }
+        Ok(())
+    }
+
+    fn op_fsync(&mut self) -> Result<(), FsError> {
+        let Some(&(fh, ino)) = self.rng.pick(&self.handles.clone()) else {
+            return Ok(());
+        };
+        self.fs().fsync(fh)?;
+        if self.model.reachable(ino) {
+            self.durable
+                .insert(ino, self.model.nodes[&ino].data.clone());
+        }
+        Ok(())
+    }
+
+    fn op_syncfs(&mut self) -> Result<(), FsError> {
+        self.fs().sync_all()?;
+        for ino in self.model.files() {
+            self.durable
+                .insert(ino, self.model.nodes[&ino].data.clone());
+        }
+        self.clean_since_sync = true;
+        Ok(())
+    }
+
+    fn op_close(&mut self) -> Result<(), FsError> {
+        if self.handles.is_empty() {
+            return Ok(());
+        }
+        let i = self.rng.below(self.handles.len() as u64) as usize;
+        let (fh, _) = self.handles.remove(i);
+        self.fs().release(fh)
+    }
+
+    fn op_read(&mut self) -> Result<(), FsError> {
+        let Some(&(fh, ino)) = self.rng.pick(&self.handles.clone()) else {
+            return Ok(());
+        };
+        let off = self.rng.below(4 * BS as u64);
+        let len = 1 + self.rng.below(2 * BS as u64) as u32;
+        let got = self.fs().read(fh, off, len)?;
+        let data = &self.model.nodes[&ino].data;
+        let from = (off as usize).min(data.len());
+        let to = (off as usize + len as usize).min(data.len());
+        if got[..] != data[from..to] {
+            self.fail(format!(
+                "read of {ino} at {off}+{len} differs from the model"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Kill the "process" (drop the Fs without any clean-up), lose what the engine never
+    /// synced, start again, and check what must have survived.
+    fn crash(&mut self) {
+        self.stats.crashes += 1;
+        let exact = self.clean_since_sync && self.rng.pct(50);
+        let extra = if exact {
+            0
+        } else {
+            self.rng.below(self.engine.unsynced() as u64 + 1) as usize
+        };
+        self.fs = None;
+        self.handles.clear();
+        self.engine.crash(extra);
+        self.start();
+        self.audit_clean("a crash");
+        self.faults_off();
+        let fs = self.fs();
+        for (ino, want) in &self.durable {
+            let a = fs
+                .getattr(*ino)
+                .unwrap_or_else(|e| self.fail(format!("fsynced file {ino} lost in a crash: {e}")));
+            if self.content(*ino, a.size) != *want {
+                self.fail(format!("fsynced content of {ino} changed in a crash"));
+            }
+        }
+        if exact {
+            self.check_tree("a crash right after syncfs");
+        } else {
+            self.model = self.model_from_fs();
+        }
+        self.clean_since_sync = false;
+        self.faults_on();
+    }
+
+    /// After a crash that kept an unknown prefix, the model learns what survived.
+    fn model_from_fs(&self) -> Model {
+        let mut m = Model::new();
+        let view = self.fs_view();
+        for (path, (ino, kind, _, data, xattrs)) in &view {
+            let cut = path.iter().rposition(|b| *b == b'/').unwrap_or(0);
+            let parent = if cut == 0 {
+                ROOT_INO
+            } else {
+                view.get(&path[..cut])
+                    .map(|p| p.0)
+                    .unwrap_or_else(|| self.fail(format!("parent of {path:?} not in the tree")))
+            };
+            m.nodes.insert(
+                *ino,
+                Node {
+                    kind: *kind,
+                    data: data.clone(),
+                    xattrs: xattrs.clone(),
+                },
+            );
+            m.entries.insert((parent, path[cut + 1..].to_vec()), *ino);
+        }
+        m
+    }
+}
+
+/// Run `seeds` seeds from `first`, `ops` operations each.
+pub fn run(first: u64, seeds: u64, ops: u64, faults: (u32, u32)) -> Stats {
+    let mut total = Stats::default();
+    for seed in first..first + seeds {
+        let mut sim = Sim::new(seed, faults);
+        for _ in 0..ops {
+            sim.step();
+        }
+        sim.crash();
+        total.seeds += 1;
+        total.ops += sim.stats.ops;
+        total.faults += sim.stats.faults;
+        total.failed_ops += sim.stats.failed_ops;
+        total.crashes += sim.stats.crashes;
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_file_is_freed_in_bounded_transactions() {
+        let engine = MemEngine::new();
+        let kv = KvStore::with_engine(Arc::new(engine.clone()));
+        let format = store::init(
+            &kv,
+            &FormatOptions {
+                block_size: BS,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let fs = Fs::new(kv, format, FsOptions::default());
+        let n = NewNode {
+            kind: Kind::File,
+            mode: 0o644,
+            umask: 0,
+            rdev: 0,
+            target: b"",
+        };
+        let blocks = 2 * crate::fs::FREE_BATCH + 10;
+        let mut last_ino = 0;
+        for name in [&b"unlinked"[..], b"released"] {
+            let (a, fh) = fs.create_open(ROOT_INO, name, &n, WHO).unwrap();
+            for b in 0..blocks {
+                let mut data = vec![1u8; BS as usize];
+                data[..8].copy_from_slice(&(b as u64).to_le_bytes());
+                data[8] = name[0];
+                fs.write(fh, (b * BS as usize) as u64, &data).unwrap();
+            }
+            engine.take_largest_commit();
+            if name == b"unlinked" {
+                fs.release(fh).unwrap();
+                fs.unlink(ROOT_INO, name).unwrap();
+            } else {
+                // Unlinked while open: the last close frees it.
+                fs.unlink(ROOT_INO, name).unwrap();
+                fs.release(fh).unwrap();
+            }
+            let largest = engine.take_largest_commit();
+            assert!(
+                largest <= 3 * crate::fs::FREE_BATCH + 32,
+                "one commit made {largest} writes"
+            );
+            assert!(fs.getattr(a.ino).is_err(), "the inode is gone");
+            last_ino = a.ino;
+        }
+        crate::blocks::collect_all_garbage(fs.store()).unwrap();
+        let report = audit(fs.store(), &AuditOptions::default()).unwrap();
+        assert!(report.problems.is_empty(), "{report}");
+        assert_eq!(
+            report.counts.fmap_entries, 0,
+            "{last_ino}: every block dropped"
+        );
+        assert_eq!(report.counts.blocks, 0, "every block freed");
+    }
+
+    /// CI's bounded run.
+    #[test]
+    fn random_operations_survive_faults_and_crashes() {
+        let t0 = std::time::Instant::now();
+        let s = run(1, 40, 150, (20, 30));
+        eprintln!("simulation: {s:?} in {:.1?}", t0.elapsed());
+        assert!(s.crashes >= 40 && s.faults > 0, "{s:?}");
+    }
+
+    /// `tools/sim SECONDS`: seeds until the time is up, then the totals.
+    #[test]
+    #[ignore]
+    fn long() {
+        let secs: u64 = std::env::var("KVFS_SIM_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60);
+        let first: u64 = std::env::var("KVFS_SIM_FIRST")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(crate::util::rand_u64)
+            % 1_000_000_000;
+        let t0 = std::time::Instant::now();
+        let mut total = Stats::default();
+        let mut seed = first;
+        while t0.elapsed().as_secs() < secs {
+            let s = run(seed, 1, 200, (20, 30));
+            seed += 1;
+            total.seeds += s.seeds;
+            total.ops += s.ops;
+            total.faults += s.faults;
+            total.failed_ops += s.failed_ops;
+            total.crashes += s.crashes;
+        }
+        let mins = t0.elapsed().as_secs_f64() / 60.0;
+        println!(
+            "seeds {first}..{seed}: {} seeds ({:.0}/min), {} operations, {} faults injected ({} operations failed on one), {} crashes survived",
+            total.seeds,
+            total.seeds as f64 / mins,
+            total.ops,
+            total.faults,
+            total.failed_ops,
+            total.crashes
+        );
+    }
+
+    /// Replay one seed: `KVFS_SIM_SEED=N cargo test --lib sim::tests::replay -- --ignored`.
+    #[test]
+    #[ignore]
+    fn replay() {
+        let seed: u64 = std::env::var("KVFS_SIM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .expect("KVFS_SIM_SEED");
+        println!("{:?}", run(seed, 1, 200, (20, 30)));
+    }
+}
