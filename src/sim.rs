@@ -63,8 +63,10 @@ impl Rng {
 #[derive(Clone, Debug, PartialEq)]
 struct Node {
     kind: Kind,
-    /// File content or symlink target.
-    data: Vec<u8>,
+    /// File content or symlink target (shared: the model is cloned before every step).
+    data: Arc<Vec<u8>>,
+    /// [`digest`] of `data`, kept current by [`Node::change`].
+    dg: (usize, u64),
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
@@ -75,8 +77,12 @@ struct Model {
     entries: BTreeMap<(Ino, Vec<u8>), Ino>,
 }
 
-/// What one name shows: (inode, kind, nlink, content or target, xattrs).
-type Seen = (Ino, Kind, u32, Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>);
+/// What one name shows: (inode, kind, nlink, content or target as (length, xxh3), xattrs).
+type Seen = (Ino, Kind, u32, (usize, u64), BTreeMap<Vec<u8>, Vec<u8>>);
+
+fn digest(data: &[u8]) -> (usize, u64) {
+    (data.len(), xxhash_rust::xxh3::xxh3_64(data))
+}
 /// The tree as seen from the root, by path.
 type View = BTreeMap<Vec<u8>, Seen>;
 
@@ -117,13 +123,7 @@ impl Model {
                 p.extend_from_slice(&name);
                 out.insert(
                     p.clone(),
-                    (
-                        ino,
-                        n.kind,
-                        self.nlink(ino),
-                        n.data.clone(),
-                        n.xattrs.clone(),
-                    ),
+                    (ino, n.kind, self.nlink(ino), n.dg, n.xattrs.clone()),
                 );
                 if n.kind == Kind::Dir {
                     p.push(b'/');
@@ -134,15 +134,21 @@ impl Model {
         out
     }
 
+    /// Directories reachable from the root (the root first).
     fn dirs(&self) -> Vec<Ino> {
-        let reachable: Vec<Ino> = self.view().values().map(|v| v.0).collect();
-        std::iter::once(ROOT_INO)
-            .chain(
-                reachable
+        let mut out = vec![ROOT_INO];
+        let mut i = 0;
+        while i < out.len() {
+            let d = out[i];
+            out.extend(
+                self.children(d)
                     .into_iter()
-                    .filter(|i| self.nodes[i].kind == Kind::Dir),
-            )
-            .collect()
+                    .map(|(_, c)| c)
+                    .filter(|c| self.nodes[c].kind == Kind::Dir),
+            );
+            i += 1;
+        }
+        out
     }
 
     fn names(&self) -> Vec<(Ino, Vec<u8>)> {
@@ -191,10 +197,8 @@ impl Model {
 fn diff(got: &View, want: &View) -> String {
     let short = |v: Option<&Seen>| match v {
         None => "absent".to_string(),
-        Some((ino, kind, nlink, data, x)) => format!(
-            "ino {ino} {kind:?} nlink {nlink} {} bytes (xxh3 {:016x}) xattrs {:?}",
-            data.len(),
-            xxhash_rust::xxh3::xxh3_64(data),
+        Some((ino, kind, nlink, (len, h), x)) => format!(
+            "ino {ino} {kind:?} nlink {nlink} {len} bytes (xxh3 {h:016x}) xattrs {:?}",
             x.keys()
                 .map(|k| String::from_utf8_lossy(k).into_owned())
                 .collect::<Vec<_>>()
@@ -219,10 +223,18 @@ fn diff(got: &View, want: &View) -> String {
     out
 }
 
+impl Node {
+    fn change(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        f(Arc::make_mut(&mut self.data));
+        self.dg = digest(&self.data);
+    }
+}
+
 fn node(kind: Kind, data: Vec<u8>) -> Node {
     Node {
         kind,
-        data,
+        dg: digest(&data),
+        data: Arc::new(data),
         xattrs: BTreeMap::new(),
     }
 }
@@ -260,6 +272,12 @@ struct Sim {
     stats: Stats,
     /// Chances (per mille) of an I/O error and a conflict per commit.
     faults: (u32, u32),
+    /// The last steps with their arguments and results, printed with a failure.
+    history: std::collections::VecDeque<String>,
+    /// Arguments of the step under way.
+    args: String,
+    /// Files whose content the step under way may have changed.
+    touched: std::collections::HashSet<Ino>,
 }
 
 fn is_injected(e: &FsError) -> bool {
@@ -291,6 +309,9 @@ impl Sim {
             clean_since_sync: false,
             stats: Stats::default(),
             faults,
+            history: Default::default(),
+            args: String::new(),
+            touched: Default::default(),
         };
         sim.start();
         sim
@@ -301,6 +322,10 @@ impl Sim {
     }
 
     fn fail(&self, what: String) -> ! {
+        eprintln!("last steps of seed {}:", self.seed);
+        for h in &self.history {
+            eprintln!("  {h}");
+        }
         panic!("simulation seed {} failed: {what} (replay: KVFS_SIM_SEED={} cargo test --lib sim::tests::replay -- --ignored --nocapture)", self.seed, self.seed)
     }
 
@@ -342,8 +367,10 @@ impl Sim {
         self.engine.set_faults(f);
     }
 
-    /// The filesystem's tree as [`Model::view`] shows the model's.
-    fn fs_view(&self) -> View {
+    /// The filesystem's tree as [`Model::view`] shows the model's. File content is read for
+    /// every file when `all`, else only for the files the step touched; the others are
+    /// taken as the model has them if their size agrees.
+    fn fs_view(&self, all: bool) -> View {
         let fs = self.fs();
         let mut out = View::new();
         let mut stack = vec![(b"/".to_vec(), ROOT_INO)];
@@ -359,12 +386,18 @@ impl Sim {
                 let a = fs
                     .getattr(ent.ino)
                     .unwrap_or_else(|e| self.fail(format!("getattr {}: {e}", ent.ino)));
-                let data = match a.kind {
-                    Kind::File => self.content(ent.ino, a.size),
-                    Kind::Symlink => fs
-                        .readlink(ent.ino)
-                        .unwrap_or_else(|e| self.fail(format!("readlink: {e}"))),
-                    _ => Vec::new(),
+                let unread = (!all && !self.touched.contains(&ent.ino))
+                    .then(|| self.model.nodes.get(&ent.ino))
+                    .flatten()
+                    .filter(|n| n.data.len() as u64 == a.size);
+                let seen = match (a.kind, unread) {
+                    (Kind::File, Some(n)) => n.dg,
+                    (Kind::File, None) => digest(&self.content(ent.ino, a.size)),
+                    (Kind::Symlink, _) => digest(
+                        &fs.readlink(ent.ino)
+                            .unwrap_or_else(|e| self.fail(format!("readlink: {e}"))),
+                    ),
+                    _ => digest(&[]),
                 };
                 let mut xattrs = BTreeMap::new();
                 if let Ok(XattrReply::Data(names)) = fs.listxattr(ent.ino, 65536) {
@@ -376,7 +409,7 @@ impl Sim {
                 }
                 let mut p = path.clone();
                 p.extend_from_slice(&ent.name);
-                out.insert(p.clone(), (ent.ino, a.kind, a.nlink, data, xattrs));
+                out.insert(p.clone(), (ent.ino, a.kind, a.nlink, seen, xattrs));
                 if a.kind == Kind::Dir {
                     p.push(b'/');
                     stack.push((p, ent.ino));
@@ -418,9 +451,11 @@ impl Sim {
         out
     }
 
-    fn check_tree(&self, what: &str) {
+    /// The tree equals the model's; every file's content is compared when `all`, else that
+    /// of the files the step touched.
+    fn check_tree(&self, what: &str, all: bool) {
         self.faults_off();
-        let got = self.fs_view();
+        let got = self.fs_view(all);
         let want = self.model.view();
         if got != want {
             self.fail(format!(
@@ -441,6 +476,7 @@ impl Sim {
     /// One random operation, checked.
     fn step(&mut self) {
         self.stats.ops += 1;
+        self.touched.clear();
         let before = self.model.clone();
         let roll = self.rng.below(100);
         let (what, res): (&str, Result<(), FsError>) = match roll {
@@ -466,14 +502,17 @@ impl Sim {
                 return;
             }
         };
+        let line = format!("step {}: {what} {} -> {res:?}", self.stats.ops, self.args);
+        self.args.clear();
         if std::env::var_os("KVFS_SIM_TRACE").is_some() {
-            eprintln!(
-                "seed {} step {}: {what} -> {res:?}",
-                self.seed, self.stats.ops
-            );
+            eprintln!("seed {} {line}", self.seed);
         }
+        if self.history.len() >= 60 {
+            self.history.pop_front();
+        }
+        self.history.push_back(line);
         match res {
-            Ok(()) => self.check_tree(what),
+            Ok(()) => self.check_tree(what, self.stats.ops % 10 == 0),
             Err(e) if is_injected(&e) => {
                 self.stats.failed_ops += 1;
                 // Either wholly done or not at all: the model may hold the op's effect (when
@@ -481,15 +520,15 @@ impl Sim {
                 let after = self.model.clone();
                 self.model = before;
                 self.faults_off();
-                let got = self.fs_view();
+                let got = self.fs_view(true);
                 self.faults_on();
                 if got == after.view() {
                     self.model = after;
                 } else {
-                    self.check_tree(&format!("{what} failed on an injected fault ({e})"));
+                    self.check_tree(&format!("{what} failed on an injected fault ({e})"), true);
                 }
             }
-            Err(FsError::Errno(_)) => self.check_tree(what),
+            Err(FsError::Errno(_)) => self.check_tree(what, false),
             Err(e) => self.fail(format!("{what}: {e}")),
         }
         if !matches!(what, "read" | "syncfs") {
@@ -532,6 +571,7 @@ impl Sim {
             rdev: 0,
             target: &target,
         };
+        self.args = format!("{dir}/{}", String::from_utf8_lossy(&name));
         let fs = self.fs.as_ref().expect("mounted");
         let ino = if kind == Kind::File {
             let (a, fh) = fs.create_open(dir, &name, &n, WHO)?;
@@ -556,6 +596,7 @@ impl Sim {
             return Ok(());
         };
         let fh = self.fs().open(ino, true)?;
+        self.args = format!("ino {ino} as fh {fh}");
         self.handles.push((fh, ino));
         Ok(())
     }
@@ -573,11 +614,13 @@ impl Sim {
             )
         };
         let data = self.new_data(len);
+        self.args = format!("fh {fh} ino {ino} at {off} len {len}");
+        self.touched.insert(ino);
         self.durable.remove(&ino);
         // The model takes the write first: a write the buffer accepted stays even when its
         // room-making flush fails (the data is retried at the next flush).
         if let Some(n) = self.model.nodes.get_mut(&ino) {
-            patch(&mut n.data, off, &data);
+            n.change(|d| patch(d, off, &data));
         }
         self.fs().write(fh, off as u64, &data).map(|_| ())
     }
@@ -588,10 +631,12 @@ impl Sim {
             return Ok(());
         };
         let size = self.rng.below(4 * BS as u64);
+        self.args = format!("ino {ino} to {size}");
+        self.touched.insert(ino);
         self.fs().truncate(ino, size)?;
         self.durable.remove(&ino);
         if let Some(n) = self.model.nodes.get_mut(&ino) {
-            n.data.resize(size as usize, 0);
+            n.change(|d| d.resize(size as usize, 0));
         }
         Ok(())
     }
@@ -607,6 +652,13 @@ impl Sim {
             1 => libc::RENAME_EXCHANGE,
             _ => 0,
         };
+        self.args = format!(
+            "{}/{} -> {}/{} flags {flags}",
+            from.0,
+            String::from_utf8_lossy(&from.1),
+            to.0,
+            String::from_utf8_lossy(&to.1)
+        );
         self.fs().rename(from.0, &from.1, to.0, &to.1, flags)?;
         self.model.rename(from, to, flags == libc::RENAME_EXCHANGE);
         self.forget_unreachable();
@@ -619,6 +671,7 @@ impl Sim {
             return Ok(());
         };
         let to = (self.pick_dir(), self.pick_name());
+        self.args = format!("ino {ino} as {}/{}", to.0, String::from_utf8_lossy(&to.1));
         self.fs().link(ino, to.0, &to.1)?;
         self.model.entries.insert(to, ino);
         Ok(())
@@ -703,10 +756,11 @@ impl Sim {
         let Some(&(fh, ino)) = self.rng.pick(&self.handles.clone()) else {
             return Ok(());
         };
+        self.args = format!("fh {fh} ino {ino}");
         self.fs().fsync(fh)?;
         if self.model.reachable(ino) {
             self.durable
-                .insert(ino, self.model.nodes[&ino].data.clone());
+                .insert(ino, self.model.nodes[&ino].data.to_vec());
         }
         Ok(())
     }
@@ -715,7 +769,7 @@ impl Sim {
         self.fs().sync_all()?;
         for ino in self.model.files() {
             self.durable
-                .insert(ino, self.model.nodes[&ino].data.clone());
+                .insert(ino, self.model.nodes[&ino].data.to_vec());
         }
         self.clean_since_sync = true;
         Ok(())
@@ -726,7 +780,8 @@ impl Sim {
             return Ok(());
         }
         let i = self.rng.below(self.handles.len() as u64) as usize;
-        let (fh, _) = self.handles.remove(i);
+        let (fh, ino) = self.handles.remove(i);
+        self.args = format!("fh {fh} ino {ino}");
         self.fs().release(fh)
     }
 
@@ -758,6 +813,10 @@ impl Sim {
         } else {
             self.rng.below(self.engine.unsynced() as u64 + 1) as usize
         };
+        self.history.push_back(format!(
+            "crash keeping {extra} of {} unsynced commits",
+            self.engine.unsynced()
+        ));
         self.fs = None;
         self.handles.clear();
         self.engine.crash(extra);
@@ -774,7 +833,7 @@ impl Sim {
             }
         }
         if exact {
-            self.check_tree("a crash right after syncfs");
+            self.check_tree("a crash right after syncfs", true);
         } else {
             self.model = self.model_from_fs();
         }
@@ -785,8 +844,8 @@ impl Sim {
     /// After a crash that kept an unknown prefix, the model learns what survived.
     fn model_from_fs(&self) -> Model {
         let mut m = Model::new();
-        let view = self.fs_view();
-        for (path, (ino, kind, _, data, xattrs)) in &view {
+        let view = self.fs_view(true);
+        for (path, (ino, kind, _, _, xattrs)) in &view {
             let cut = path.iter().rposition(|b| *b == b'/').unwrap_or(0);
             let parent = if cut == 0 {
                 ROOT_INO
@@ -795,14 +854,17 @@ impl Sim {
                     .map(|p| p.0)
                     .unwrap_or_else(|| self.fail(format!("parent of {path:?} not in the tree")))
             };
-            m.nodes.insert(
-                *ino,
-                Node {
-                    kind: *kind,
-                    data: data.clone(),
-                    xattrs: xattrs.clone(),
-                },
-            );
+            let data = match kind {
+                Kind::File => {
+                    let size = self.fs().getattr(*ino).map(|a| a.size).unwrap_or(0);
+                    self.content(*ino, size)
+                }
+                Kind::Symlink => self.fs().readlink(*ino).unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            let mut n = node(*kind, data);
+            n.xattrs = xattrs.clone();
+            m.nodes.insert(*ino, n);
             m.entries.insert((parent, path[cut + 1..].to_vec()), *ino);
         }
         m
@@ -910,21 +972,32 @@ mod tests {
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(crate::util::rand_u64)
             % 1_000_000_000;
+        // One worker per core, each taking the next seed.
         let t0 = std::time::Instant::now();
-        let mut total = Stats::default();
-        let mut seed = first;
-        while t0.elapsed().as_secs() < secs {
-            let s = run(seed, 1, 200, (20, 30));
-            seed += 1;
-            total.seeds += s.seeds;
-            total.ops += s.ops;
-            total.faults += s.faults;
-            total.failed_ops += s.failed_ops;
-            total.crashes += s.crashes;
-        }
+        let next = std::sync::atomic::AtomicU64::new(first);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let total = std::sync::Mutex::new(Stats::default());
+        std::thread::scope(|sc| {
+            for _ in 0..workers {
+                sc.spawn(|| {
+                    while t0.elapsed().as_secs() < secs {
+                        let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let s = run(seed, 1, 200, (20, 30));
+                        let mut t = crate::util::lock(&total);
+                        t.seeds += s.seeds;
+                        t.ops += s.ops;
+                        t.faults += s.faults;
+                        t.failed_ops += s.failed_ops;
+                        t.crashes += s.crashes;
+                    }
+                });
+            }
+        });
+        let total = crate::util::lock(&total);
+        let seed = next.load(std::sync::atomic::Ordering::Relaxed);
         let mins = t0.elapsed().as_secs_f64() / 60.0;
         println!(
-            "seeds {first}..{seed}: {} seeds ({:.0}/min), {} operations, {} faults injected ({} operations failed on one), {} crashes survived",
+            "seeds {first}..{seed}: {} seeds ({:.0}/min on {workers} cores), {} operations, {} faults injected ({} operations failed on one), {} crashes survived",
             total.seeds,
             total.seeds as f64 / mins,
             total.ops,
