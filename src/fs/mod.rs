@@ -173,7 +173,7 @@ impl Fs {
             codec: Codec::from_format(&format),
             format,
             bs,
-            mount_id: crate::util::rand_u64().max(1),
+            mount_id: MountId::random(),
             locks: lock::LockTable::default(),
             space: space::SpaceGuard::new(opts.space_path.clone()),
             file_limit: opts.file_buffer_limit.unwrap_or(8 << 20),

@@ -104,8 +104,27 @@ impl Prefix {
     }
 }
 
-/// A mount's random id: the `p` key and the owner part of open counts and locks.
-pub type MountId = u64;
+/// A mount's random id: the `p` key and the owner part of open counts and locks. A type of its
+/// own: it sits in keys beside inode numbers, lock owners and offsets, all of them u64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MountId(pub u64);
+
+impl MountId {
+    /// A fresh random id (never 0).
+    pub fn random() -> MountId {
+        MountId(crate::util::rand_u64().max(1))
+    }
+
+    pub fn to_be_bytes(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
+}
+
+impl std::fmt::LowerHex for MountId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
 
 /// Sub-key tags after `i ino` (the seed's scheme).
 pub mod inode_sub {
@@ -210,7 +229,7 @@ pub fn parse_lock_key(key: &[u8]) -> Option<(MountId, u64, u64)> {
             .ok()
             .map(u64::from_be_bytes)
     };
-    Some((n(10)?, n(18)?, n(26)?))
+    Some((MountId(n(10)?), n(18)?, n(26)?))
 }
 
 /// `i ino \xfe 'l'`: the lock-table pseudo-key.
@@ -250,7 +269,7 @@ pub fn parse_inode_key(key: &[u8]) -> InodeKey<'_> {
             None => InodeKey::Unknown,
         },
         Some((&inode_sub::OPEN, m)) => match <[u8; 8]>::try_from(m) {
-            Ok(m) => InodeKey::Open(ino, u64::from_be_bytes(m)),
+            Ok(m) => InodeKey::Open(ino, MountId(u64::from_be_bytes(m))),
             Err(_) => InodeKey::Unknown,
         },
         Some((&inode_sub::XATTR, name)) if !name.is_empty() => InodeKey::Xattr(ino, name),
@@ -271,6 +290,7 @@ pub fn process_key_id(key: &[u8]) -> Option<MountId> {
     (key.len() == 9 && key[0] == Prefix::Process.byte())
         .then(|| key_ino(key))
         .flatten()
+        .map(MountId)
 }
 
 /// `d parent name`
@@ -453,22 +473,31 @@ mod tests {
 
     #[test]
     fn sub_keys_parse_back_and_stay_inside_their_inode() {
-        let k = lock_key(5, 0xabc, 7, 100);
-        assert_eq!(parse_inode_key(&k), InodeKey::Lock(5, 0xabc, 7, 100));
-        assert_eq!(parse_inode_key(&open_key(5, 9)), InodeKey::Open(5, 9));
+        let k = lock_key(5, MountId(0xabc), 7, 100);
+        assert_eq!(
+            parse_inode_key(&k),
+            InodeKey::Lock(5, MountId(0xabc), 7, 100)
+        );
+        assert_eq!(
+            parse_inode_key(&open_key(5, MountId(9))),
+            InodeKey::Open(5, MountId(9))
+        );
         assert_eq!(
             parse_inode_key(&xattr_key(5, b"user.x")),
             InodeKey::Xattr(5, b"user.x")
         );
         assert_eq!(parse_inode_key(&inode_key(5)), InodeKey::Record(5));
         let (s, e) = inode_sub_range(5);
-        for k in [k, open_key(5, 9), lock_pseudo_key(5)] {
+        for k in [k, open_key(5, MountId(9)), lock_pseudo_key(5)] {
             assert!(s <= k && k < e);
         }
         let (ls, le) = lock_range(5);
-        assert!(ls <= lock_key(5, u64::MAX, u64::MAX, u64::MAX));
-        assert!(lock_key(5, u64::MAX, u64::MAX, u64::MAX) < le && le <= open_key(5, 0));
-        assert_eq!(process_key_id(&process_key(42)), Some(42));
+        assert!(ls <= lock_key(5, MountId(u64::MAX), u64::MAX, u64::MAX));
+        assert!(
+            lock_key(5, MountId(u64::MAX), u64::MAX, u64::MAX) < le
+                && le <= open_key(5, MountId(0))
+        );
+        assert_eq!(process_key_id(&process_key(MountId(42))), Some(MountId(42)));
     }
 
     #[test]
