@@ -133,11 +133,15 @@ pub fn add_ref(t: &mut dyn Txn, b: &Prepared, ahead: Option<u64>) -> Result<(), 
         }
         t.put(Cf::Bidx, &info_key, &info.encode()?)?;
     }
-    t.merge(
-        Cf::Bidx,
-        &ks::refcount_key(&b.hash, shard()),
-        &1i64.to_le_bytes(),
-    )
+    add_shared_ref(t, &b.hash)
+}
+
+/// Add one reference to a block stored already, for a copy that shares it. The caller read,
+/// with tracking and in the same transaction, a map entry that names the block: the sweeper
+/// frees a block only in a transaction that reads every refcount shard with tracking, so
+/// either it sees this reference or one of the two retries.
+pub fn add_shared_ref(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
+    t.merge(Cf::Bidx, &ks::refcount_key(h, shard()), &1i64.to_le_bytes())
 }
 
 /// Drop one reference; the block becomes a garbage candidate.

@@ -359,7 +359,10 @@ impl Fs {
                 if let (Some(_), Some(p)) = (token, p) {
                     named.push(p.hash);
                 }
-                replace_block(t, ino, &mut inode.alloc, *bn, p.as_ref(), token)?;
+                let new = p
+                    .as_ref()
+                    .map_or(NewBlock::Hole, |p| NewBlock::Prepared(p, token));
+                replace_block(t, ino, &mut inode.alloc, *bn, new)?;
             }
             inode.size = size;
             if let Some(m) = mtime {
@@ -434,45 +437,58 @@ impl Fs {
     }
 }
 
-/// Point block `bn` of `ino` at `new` (None: a hole), moving references and the st_blocks
-/// charge. `ahead`: the token [`blocks::write_ahead`] stored `new`'s value with, if it did.
+/// What a block-map slot is to hold.
+pub(super) enum NewBlock<'a> {
+    Hole,
+    /// A block prepared by this flush: stored if new (`ahead`: the token
+    /// [`blocks::write_ahead`] stored its value with, if it did).
+    Prepared(&'a blocks::Prepared, Option<u64>),
+    /// A block another map names already (a copy sharing it): one more reference.
+    Shared(FmapEntry),
+}
+
+/// Point block `bn` of `ino` at `new`, moving references and the st_blocks charge.
 pub(super) fn replace_block(
     t: &mut dyn Txn,
     ino: Ino,
     alloc: &mut u64,
     bn: u64,
-    new: Option<&blocks::Prepared>,
-    ahead: Option<u64>,
+    new: NewBlock,
 ) -> Result<()> {
     let key = ks::fmap_key(ino, bn);
     let old = match t.get(Cf::Fmap, &key)? {
         Some(v) => Some(FmapEntry::decode(&v).map_err(|e| corrupt(&key, e))?),
         None => None,
     };
-    if let (Some(o), Some(n)) = (&old, new) {
+    let ent = match new {
+        NewBlock::Hole => None,
+        NewBlock::Prepared(p, _) => Some(FmapEntry {
+            hash: p.hash,
+            len: p.len,
+        }),
+        NewBlock::Shared(e) => Some(e),
+    };
+    if let (Some(o), Some(n)) = (&old, &ent) {
         if o.hash == n.hash {
             return Ok(());
         }
     }
-    if let Some(o) = old {
+    if let Some(o) = &old {
         blocks::drop_ref(t, &o.hash)?;
         *alloc = alloc.saturating_sub(charge(o.len));
     }
     match new {
-        Some(n) => {
-            blocks::add_ref(t, n, ahead)?;
-            let ent = FmapEntry {
-                hash: n.hash,
-                len: n.len,
-            };
-            t.put(Cf::Fmap, &key, &ent.encode()?)?;
-            *alloc += charge(ent.len);
+        NewBlock::Prepared(p, ahead) => blocks::add_ref(t, p, ahead)?,
+        NewBlock::Shared(e) => blocks::add_shared_ref(t, &e.hash)?,
+        NewBlock::Hole => {}
+    }
+    match ent {
+        Some(e) => {
+            t.put(Cf::Fmap, &key, &e.encode()?)?;
+            *alloc += charge(e.len);
         }
-        None => {
-            if old.is_some() {
-                t.delete(Cf::Fmap, &key)?;
-            }
-        }
+        None if old.is_some() => t.delete(Cf::Fmap, &key)?,
+        None => {}
     }
     Ok(())
 }

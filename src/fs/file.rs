@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::buffer::replace_block;
+use super::buffer::{replace_block, NewBlock};
 use super::{
     charge, corrupt, errno, free_if_unused, load_inode, load_inode_opt, lock, save_inode, Fs,
     FsError, Result,
@@ -346,7 +346,10 @@ fn cut_to(
                 if ent.len as usize > tail {
                     match cut {
                         Some((was, p)) if *was == ent.hash => {
-                            replace_block(t, ino, &mut inode.alloc, bn, p.as_ref(), None)?
+                            let new = p
+                                .as_ref()
+                                .map_or(NewBlock::Hole, |p| NewBlock::Prepared(p, None));
+                            replace_block(t, ino, &mut inode.alloc, bn, new)?
                         }
                         _ => return Ok(false),
                     }

@@ -16,6 +16,7 @@ mod buffer;
 mod dir;
 mod file;
 mod lock;
+mod ranges;
 mod space;
 
 use std::collections::HashMap;

@@ -9,4 +9,5 @@ mod fuzz;
 mod locks;
 mod model;
 mod posix;
+mod ranges;
 mod tools;
