@@ -1,5 +1,12 @@
 //! Operations on ranges of blocks: `copy_file_range` that shares blocks instead of copying
-//! them, and `lseek` SEEK_DATA/SEEK_HOLE answered from the block map.
+//! them, `fallocate` in all of ext4's modes, and `lseek` SEEK_DATA/SEEK_HOLE answered from the
+//! block map.
+//!
+//! fallocate: allocating (mode 0, `KEEP_SIZE`) stores nothing, since unwritten blocks are holes,
+//! but refuses with ENOSPC a length the disk could not take beside its reserve; `PUNCH_HOLE`
+//! and `ZERO_RANGE` drop the whole blocks of the range from the map and write zeros into the
+//! partial ends; `COLLAPSE_RANGE` and `INSERT_RANGE` (block-aligned, as ext4 wants for its own
+//! block size) only move block-map entries, in one transaction.
 //!
 //! A copy maps the destination's whole blocks that lie inside the range, at the same offset
 //! within a block as the source, to the source's blocks (one more reference each; no content
@@ -107,6 +114,70 @@ impl Fs {
         Ok(())
     }
 
+    /// fallocate(2) on handle `fh`.
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        self.writable()?;
+        let end = offset.checked_add(len).filter(|e| *e <= i64::MAX as u64);
+        let end = end.ok_or(FsError::Errno(libc::EFBIG))?;
+        if len == 0 {
+            return errno(libc::EINVAL);
+        }
+        let st = self.handle_state(fh)?;
+        let bs = self.bs;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let size = lock(&st.inner).size;
+        let op = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => {
+                self.space.can_hold(len)?;
+                Range::Allocate
+            }
+            libc::FALLOC_FL_PUNCH_HOLE if keep => Range::Zero,
+            libc::FALLOC_FL_ZERO_RANGE => Range::Zero,
+            libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE if keep => {
+                return errno(libc::EINVAL)
+            }
+            m @ (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) => {
+                let collapse = m == libc::FALLOC_FL_COLLAPSE_RANGE;
+                if offset % bs != 0 || len % bs != 0 {
+                    return errno(libc::EINVAL);
+                }
+                if (collapse && end >= size) || (!collapse && offset >= size) {
+                    return errno(libc::EINVAL);
+                }
+                if !collapse {
+                    self.space.check(0)?;
+                    if size + len > i64::MAX as u64 {
+                        return errno(libc::EFBIG);
+                    }
+                }
+                Range::Shift { collapse }
+            }
+            _ => return errno(libc::EOPNOTSUPP),
+        };
+        if let Range::Zero = op {
+            // The partial blocks at either end get zeros, within the file (and past it when
+            // the size is to grow).
+            let limit = if keep { size.min(end) } else { end };
+            let (head_end, tail_start) = (
+                offset.next_multiple_of(bs).min(end),
+                (end / bs * bs).max(offset),
+            );
+            for (a, b) in [(offset, head_end), (tail_start.max(head_end), end)] {
+                let b = b.min(limit);
+                if a < b && !(a % bs == 0 && b - a == bs) {
+                    self.write(fh, a, &vec![0u8; (b - a) as usize])?;
+                }
+            }
+        }
+        let (mut s, r) = self.flush_locked(&st, lock(&st.inner));
+        r?;
+        let new_size = self.txn(|t| change_range(t, st.ino, offset, end, bs, keep, op))?;
+        s.size = new_size;
+        s.committed_size = new_size;
+        s.epoch += 1;
+        Ok(())
+    }
+
     /// lseek(2) SEEK_DATA / SEEK_HOLE from `offset`: a mapped block is data, an absent one a
     /// hole, and the end of the file is a hole. ENXIO at or past the end, or when no data
     /// follows (SEEK_DATA). Buffered writes are flushed first.
@@ -156,6 +227,83 @@ impl Fs {
             }
         })
     }
+}
+
+/// What a fallocate does to the block map.
+#[derive(Clone, Copy)]
+enum Range {
+    /// Nothing mapped (holes are free); the size may grow.
+    Allocate,
+    /// Whole blocks inside the range become holes; the size may grow.
+    Zero,
+    /// Block-aligned: the blocks after the range move down over it, or up to open it.
+    Shift { collapse: bool },
+}
+
+/// The transaction of a fallocate on `[offset, end)`; returns the new size.
+fn change_range(
+    t: &mut dyn Txn,
+    ino: Ino,
+    offset: u64,
+    end: u64,
+    bs: u64,
+    keep: bool,
+    op: Range,
+) -> Result<u64> {
+    let mut inode = load_inode(t, ino)?;
+    if inode.kind != Kind::File {
+        return errno(libc::ENODEV);
+    }
+    let grow = |size: u64| if keep { size } else { size.max(end) };
+    match op {
+        Range::Allocate => inode.size = grow(inode.size),
+        Range::Zero => {
+            let (from, to) = (offset.div_ceil(bs), end / bs);
+            if from < to {
+                let (s, e) = ks::fmap_range(ino, from, to);
+                for (k, _) in t.scan(Cf::Fmap, &s, &e, usize::MAX)? {
+                    if let Some(bn) = ks::fmap_blockno(&k) {
+                        replace_block(t, ino, &mut inode.alloc, bn, NewBlock::Hole)?;
+                    }
+                }
+            }
+            inode.size = grow(inode.size);
+        }
+        Range::Shift { collapse } => {
+            let n = (end - offset) / bs;
+            let first = offset / bs;
+            let (s, e) = ks::fmap_range(ino, first, u64::MAX);
+            let entries = t.scan(Cf::Fmap, &s, &e, usize::MAX)?;
+            let mut moved = Vec::with_capacity(entries.len());
+            for (k, v) in &entries {
+                let Some(bn) = ks::fmap_blockno(k) else {
+                    continue;
+                };
+                let ent = FmapEntry::decode(v).map_err(|e| corrupt(k, e))?;
+                t.get(Cf::Fmap, k)?;
+                if collapse && bn < first + n {
+                    // Collapsed away: the reference goes.
+                    replace_block(t, ino, &mut inode.alloc, bn, NewBlock::Hole)?;
+                    continue;
+                }
+                t.delete(Cf::Fmap, k)?;
+                moved.push((if collapse { bn - n } else { bn + n }, ent));
+            }
+            for (bn, ent) in moved {
+                t.put(Cf::Fmap, &ks::fmap_key(ino, bn), &ent.encode()?)?;
+            }
+            inode.size = if collapse {
+                inode.size - (end - offset)
+            } else {
+                inode.size + (end - offset)
+            };
+        }
+    }
+    let now = Timestamp::now();
+    inode.mtime = now;
+    inode.ctime = now;
+    save_inode(t, ino, &inode)?;
+    Ok(inode.size)
 }
 
 /// The transaction of one copy batch: the destination's blocks `blocks` take what the

@@ -77,6 +77,18 @@ impl SpaceGuard {
         }
     }
 
+    /// ENOSPC unless `bytes` more fit on the disk beside the reserve, without counting them as
+    /// taken: what fallocate promises before any data comes.
+    pub fn can_hold(&self, bytes: u64) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        match disk_space(path) {
+            Ok(d) if d.usable() < bytes => Err(super::FsError::Errno(libc::ENOSPC)),
+            _ => Ok(()),
+        }
+    }
+
     /// ENOSPC when the disk is below the reserve, or `bytes` of new data would take it
     /// there: call before taking new data (`bytes`) or names (0).
     pub fn check(&self, bytes: u64) -> Result<()> {

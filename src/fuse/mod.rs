@@ -418,6 +418,23 @@ impl Filesystem for KvFuse {
         reply.written(n as u32)
     }
 
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.empty(
+            reply,
+            "fallocate",
+            self.fs.fallocate(fh.0, offset, length, mode),
+        )
+    }
+
     fn lseek(
         &self,
         _req: &Request,

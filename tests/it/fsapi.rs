@@ -229,3 +229,43 @@ fn unlinked_open_inode_left_by_a_dead_mount_is_freed_at_next_mount() {
     assert_eq!(count(&fs, Prefix::Block), 0);
     assert_eq!(count(&fs, Prefix::Inode), 1, "only the root remains");
 }
+
+#[test]
+fn collapse_and_insert_range_move_block_map_entries() {
+    let (_d, fs) = new_fs();
+    let bs = fs.block_size();
+    let ino = file(&fs, "f");
+    let fh = fs.open(ino, true).unwrap();
+    let data = pattern(3, (8 * bs) as usize);
+    fs.write(fh, 0, &data).unwrap();
+    let read_all = |fs: &Fs| {
+        let size = fs.getattr(ino).unwrap().size;
+        fs.read(fh, 0, size as u32).unwrap()
+    };
+    // Collapse blocks 2 and 3: what followed moves down.
+    fs.fallocate(fh, 2 * bs, 2 * bs, libc::FALLOC_FL_COLLAPSE_RANGE)
+        .unwrap();
+    let mut want = data.clone();
+    want.drain((2 * bs) as usize..(4 * bs) as usize);
+    assert!(read_all(&fs) == want, "after collapse");
+    // Insert a hole of one block at block 1.
+    fs.fallocate(fh, bs, bs, libc::FALLOC_FL_INSERT_RANGE)
+        .unwrap();
+    want.splice(bs as usize..bs as usize, vec![0u8; bs as usize]);
+    assert!(read_all(&fs) == want, "after insert");
+    assert_eq!(fs.getattr(ino).unwrap().size, 7 * bs);
+    // Unaligned, or reaching the end: EINVAL, as ext4.
+    for (off, len, mode) in [
+        (100, bs, libc::FALLOC_FL_COLLAPSE_RANGE),
+        (6 * bs, bs, libc::FALLOC_FL_COLLAPSE_RANGE),
+        (7 * bs, bs, libc::FALLOC_FL_INSERT_RANGE),
+    ] {
+        assert!(matches!(
+            fs.fallocate(fh, off, len, mode),
+            Err(kvfs::fs::FsError::Errno(libc::EINVAL))
+        ));
+    }
+    fs.release(fh).unwrap();
+    let report = kvfs::audit::audit(fs.store(), &Default::default()).unwrap();
+    assert!(report.problems.is_empty(), "{report}");
+}

@@ -4,7 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 
@@ -210,4 +210,121 @@ fn seek_data_and_hole_match_a_plain_directory() {
             "{name}: (offset, SEEK_DATA / SEEK_HOLE result or -errno)"
         );
     }
+}
+
+/// fallocate(2) cases: (mode, offset, length) on a file of 6 blocks + 100 bytes with a hole
+/// in its second block.
+const FALLOCATE: &[(i32, u64, u64)] = &[
+    (0, 6 * BS + 100, 3 * BS),
+    (libc::FALLOC_FL_KEEP_SIZE, 5 * BS, 4 * BS),
+    (
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        BS + 100,
+        3 * BS,
+    ),
+    (
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        2 * BS,
+        2 * BS,
+    ),
+    (
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        5 * BS + 7,
+        3 * BS,
+    ),
+    (
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        300,
+        500,
+    ),
+    (libc::FALLOC_FL_PUNCH_HOLE, BS, BS),
+    (libc::FALLOC_FL_ZERO_RANGE, 4 * BS + 9, 4 * BS),
+    (
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        5 * BS,
+        4 * BS,
+    ),
+    (libc::FALLOC_FL_ZERO_RANGE, 100, 200),
+    (libc::FALLOC_FL_COLLAPSE_RANGE, BS, 2 * BS),
+    (libc::FALLOC_FL_COLLAPSE_RANGE, 0, BS),
+    (libc::FALLOC_FL_COLLAPSE_RANGE, 100, BS),
+    (libc::FALLOC_FL_COLLAPSE_RANGE, 4 * BS, 3 * BS),
+    (libc::FALLOC_FL_INSERT_RANGE, 2 * BS, BS),
+    (libc::FALLOC_FL_INSERT_RANGE, 0, 2 * BS),
+    (libc::FALLOC_FL_INSERT_RANGE, 7 * BS, BS),
+    (
+        libc::FALLOC_FL_INSERT_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        BS,
+        BS,
+    ),
+    (0, 0, 0),
+];
+
+fn run_fallocate(dir: &Path) -> Vec<(i32, u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    for (i, &(mode, off, len)) in FALLOCATE.iter().enumerate() {
+        let p = dir.join(format!("fa{i}"));
+        let mut data = pattern(i as u64 + 300, (6 * BS + 100) as usize);
+        data[BS as usize..2 * BS as usize].fill(0);
+        fs::write(&p, &data).unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        // SAFETY: a valid descriptor.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+        let err = if r < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap()
+        } else {
+            0
+        };
+        drop(f);
+        let md = fs::metadata(&p).unwrap();
+        out.push((err, md.len(), fs::read(&p).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn fallocate_matches_a_plain_directory_in_every_mode() {
+    let Some(mut m) = mount() else { return };
+    let plain = plain_dir(&m);
+    let want = run_fallocate(&plain);
+    let got = run_fallocate(&m.mnt);
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let (mode, off, len) = FALLOCATE[i];
+        if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+            // The kernel's FUSE client refuses these modes itself (fs/fuse/file.c accepts only
+            // KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE); kvfs implements them behind it (fsapi).
+            assert_eq!(g.0, libc::EOPNOTSUPP, "case {i}");
+            continue;
+        }
+        assert_eq!(
+            (g.0, g.1),
+            (w.0, w.1),
+            "case {i} (mode {mode:#x} at {off} len {len}): errno, size"
+        );
+        assert!(
+            g.2 == w.2,
+            "case {i} (mode {mode:#x} at {off} len {len}): content differs"
+        );
+    }
+    // A punched hole frees its blocks.
+    let p = m.path("punch");
+    fs::write(&p, pattern(9, (8 * BS) as usize)).unwrap();
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.sync_all().unwrap();
+    let before = fs::metadata(&p).unwrap().blocks();
+    // SAFETY: a valid descriptor.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            (6 * BS) as i64,
+        )
+    };
+    assert_eq!(r, 0);
+    drop(f);
+    let after = fs::metadata(&p).unwrap().blocks();
+    assert_eq!(after * 4, before, "st_blocks {before} -> {after}");
+    m.unmount();
+    audit_clean(&m.store);
 }
