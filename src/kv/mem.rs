@@ -469,21 +469,7 @@ impl Txn for MemSnap<'_> {
         Ok(lock(&self.engine.state).value(cf, key, self.seq))
     }
 
-    fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.get(cf, key)
-    }
-
-    fn put(&mut self, _: Cf, _: &[u8], _: &[u8]) -> Result<(), KvError> {
-        Err(KvError::ReadOnly)
-    }
-
-    fn delete(&mut self, _: Cf, _: &[u8]) -> Result<(), KvError> {
-        Err(KvError::ReadOnly)
-    }
-
-    fn merge(&mut self, _: Cf, _: &[u8], _: &[u8]) -> Result<(), KvError> {
-        Err(KvError::ReadOnly)
-    }
+    super::snapshot_txn_methods!();
 
     fn scan(
         &mut self,

@@ -124,6 +124,29 @@ pub trait Txn {
     ) -> Result<Vec<Pair>, KvError>;
 }
 
+/// The [`Txn`] methods of a read-only snapshot: untracked reads are its plain reads, and every
+/// write is refused with [`KvError::ReadOnly`]. One definition for every engine's snapshot.
+macro_rules! snapshot_txn_methods {
+    () => {
+        fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+            self.get(cf, key)
+        }
+
+        fn put(&mut self, _: Cf, _: &[u8], _: &[u8]) -> Result<(), KvError> {
+            Err(KvError::ReadOnly)
+        }
+
+        fn delete(&mut self, _: Cf, _: &[u8]) -> Result<(), KvError> {
+            Err(KvError::ReadOnly)
+        }
+
+        fn merge(&mut self, _: Cf, _: &[u8], _: &[u8]) -> Result<(), KvError> {
+            Err(KvError::ReadOnly)
+        }
+    };
+}
+pub(crate) use snapshot_txn_methods;
+
 /// A read-write transaction of an engine: a [`Txn`] that can be committed. Dropping it
 /// without commit rolls it back.
 pub trait EngineTxn: Txn {

@@ -338,21 +338,7 @@ impl<D: rocksdb::DBAccess> Txn for SnapRead<'_, D> {
         Ok(self.snap.get_cf(self.engine.cf(cf)?, key)?)
     }
 
-    fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.get(cf, key)
-    }
-
-    fn put(&mut self, _: Cf, _: &[u8], _: &[u8]) -> Result<(), KvError> {
-        Err(KvError::ReadOnly)
-    }
-
-    fn delete(&mut self, _: Cf, _: &[u8]) -> Result<(), KvError> {
-        Err(KvError::ReadOnly)
-    }
-
-    fn merge(&mut self, _: Cf, _: &[u8], _: &[u8]) -> Result<(), KvError> {
-        Err(KvError::ReadOnly)
-    }
+    super::snapshot_txn_methods!();
 
     fn scan(
         &mut self,
