@@ -99,7 +99,7 @@ enum Cmd {
     Mount {
         store: PathBuf,
         mountpoint: PathBuf,
-        /// Comma-separated options: ro, noatime, allow_other, allow_root, threads=N.
+        /// Comma-separated options: ro, noatime, strictatime, nodiratime, dev, suid, allow_other, allow_root, threads=N, max_dirty=SIZE.
         #[arg(short = 'o', default_value = "")]
         options: String,
         /// Stay attached to the terminal and log to stderr.

@@ -21,6 +21,13 @@ use crate::util::Timestamp;
 pub struct MountOpts {
     pub read_only: bool,
     pub noatime: bool,
+    /// `strictatime`: every read updates the access time.
+    pub strictatime: bool,
+    /// `nodiratime`: listing a directory does not.
+    pub nodiratime: bool,
+    /// `dev` / `suid`: device nodes and set-id bits work (root only; the default is off).
+    pub dev: bool,
+    pub suid: bool,
     /// `allow_other` (default when mounting as root) or `allow_root`.
     pub acl: Option<String>,
     pub threads: Option<usize>,
@@ -47,12 +54,17 @@ impl MountOpts {
                 "ro" => o.read_only = true,
                 "rw" => o.read_only = false,
                 "noatime" => o.noatime = true,
-                "atime" | "relatime" => o.noatime = false,
+                "atime" | "relatime" => (o.noatime, o.strictatime) = (false, false),
+                "strictatime" => (o.noatime, o.strictatime) = (false, true),
+                "nodiratime" => o.nodiratime = true,
+                "diratime" => o.nodiratime = false,
+                "dev" => o.dev = true,
+                "nodev" => o.dev = false,
+                "suid" => o.suid = true,
+                "nosuid" => o.suid = false,
                 "allow_other" | "allow_root" => o.acl = Some(opt.to_string()),
                 "default_permissions"
                 | "defaults"
-                | "dev"
-                | "suid"
                 | "exec"
                 | "auto"
                 | "noauto"
@@ -60,8 +72,6 @@ impl MountOpts {
                 | "_netdev"
                 | "user"
                 | "nouser"
-                | "nodev"
-                | "nosuid"
                 | "noexec" => {}
                 _ => match opt.split_once('=') {
                     Some(("max_dirty", n)) => {
@@ -178,6 +188,8 @@ pub fn run(
         FsOptions {
             read_only: opts.read_only,
             noatime: opts.noatime,
+            strictatime: opts.strictatime,
+            nodiratime: opts.nodiratime,
             space_path: Some(store_dir.clone()),
             ..Default::default()
         },
@@ -203,6 +215,8 @@ pub fn run(
         read_only: opts.read_only,
         acl: opts.acl.clone(),
         threads: opts.threads.unwrap_or(4),
+        dev: opts.dev,
+        suid: opts.suid,
     };
     let mut session = Mounted::new(fs.clone(), &store_dir, mountpoint, &so).map_err(|source| {
         MountError::Mount {
@@ -430,6 +444,10 @@ mod tests {
             Some(512 << 20)
         );
         assert_eq!(MountOpts::parse("max_dirty=0").unwrap().max_dirty, Some(0));
+        let o = MountOpts::parse("dev,suid,strictatime,nodiratime").unwrap();
+        assert!(o.dev && o.suid && o.strictatime && o.nodiratime && !o.noatime);
+        let o = MountOpts::parse("dev,nodev,suid,nosuid,strictatime,relatime").unwrap();
+        assert!(!o.dev && !o.suid && !o.strictatime);
         assert!(MountOpts::parse("max_dirty=lots").is_err());
     }
 

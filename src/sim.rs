@@ -379,7 +379,7 @@ impl Sim {
                 .opendir(dir)
                 .unwrap_or_else(|e| self.fail(format!("opendir {dir}: {e}")));
             let list = fs
-                .readdir(dh)
+                .readdir(dh, 0)
                 .unwrap_or_else(|e| self.fail(format!("readdir: {e}")));
             fs.releasedir(dh);
             for ent in list.iter().filter(|e| e.name != b"." && e.name != b"..") {

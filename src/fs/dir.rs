@@ -85,8 +85,9 @@ impl Fs {
                 None => {
                     let d = load_inode(t, parent)?;
                     match name {
-                        _ if d.kind != Kind::Dir => return errno(libc::ENOTDIR),
+                        // "." of any node is the node: how the kernel resolves a file handle.
                         b"." => parent,
+                        _ if d.kind != Kind::Dir => return errno(libc::ENOTDIR),
                         b".." => d.parent,
                         _ => return errno(libc::ENOENT),
                     }
@@ -431,14 +432,55 @@ impl Fs {
         })
     }
 
-    /// Open a directory: its listing is read once, so later readdir calls page through a
-    /// stable list whatever changes meanwhile (as POSIX allows).
+    /// Open a directory. Its listing is read at the first read from offset 0, and kept so
+    /// later reads page through a stable list whatever changes meanwhile (as POSIX allows);
+    /// a read from offset 0 again (`rewinddir`) reads it anew, so the stream then reflects
+    /// the directory as it is (as POSIX requires).
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
-        let entries = self.look(|t| {
+        self.look(|t| match load_inode(t, ino)?.kind {
+            Kind::Dir => Ok(()),
+            _ => errno(libc::ENOTDIR),
+        })?;
+        let mut h = lock(&self.handles);
+        let fh = h.next;
+        h.next += 1;
+        h.dirs.insert(fh, (ino, None));
+        Ok(fh)
+    }
+
+    /// The listing of directory handle `fh` for a read from `offset` (entries `.`, `..`, then
+    /// the names; each entry's own offset is its position + 1).
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let (ino, kept) = lock(&self.handles)
+            .dirs
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::Errno(libc::EBADF))?;
+        if let Some(list) = kept.filter(|_| offset > 0) {
+            return Ok(list);
+        }
+        let (list, due) = self.list_dir(ino)?;
+        let list = Arc::new(list);
+        if let Some(d) = lock(&self.handles).dirs.get_mut(&fh) {
+            d.1 = Some(list.clone());
+        }
+        if due {
+            // As for a file's read: the listing stands even if its atime cannot be written.
+            if let Err(e) = self.touch_atime(ino) {
+                tracing::debug!(ino, error = %e, "directory atime not updated");
+            }
+        }
+        Ok(list)
+    }
+
+    /// The entries of `ino`, and whether listing it updates its access time.
+    fn list_dir(&self, ino: Ino) -> Result<(Vec<DirEntry>, bool)> {
+        self.look(|t| {
             let d = load_inode(t, ino)?;
             if d.kind != Kind::Dir {
                 return errno(libc::ENOTDIR);
             }
+            let due = !self.opts.nodiratime && super::atime_due(&self.opts, &d);
             let mut out = vec![
                 DirEntry {
                     ino,
@@ -460,22 +502,8 @@ impl Fs {
                     name: ks::dirent_name(&k).to_vec(),
                 });
             }
-            Ok(out)
-        })?;
-        let mut h = lock(&self.handles);
-        let fh = h.next;
-        h.next += 1;
-        h.dirs.insert(fh, Arc::new(entries));
-        Ok(fh)
-    }
-
-    /// Entries from position `offset` on; each entry's own offset is its position + 1.
-    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
-        lock(&self.handles)
-            .dirs
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::Errno(libc::EBADF))
+            Ok((out, due))
+        })
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use super::buffer::{replace_block, NewBlock};
 use super::{
-    charge, corrupt, errno, free_if_unused, load_inode, load_inode_opt, lock, save_inode, Fs,
-    FsError, Result,
+    atime_due, charge, corrupt, errno, free_if_unused, load_inode, load_inode_opt, lock,
+    save_inode, Fs, FsError, Result,
 };
 use crate::blocks::{self, BlockError};
 use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Kind};
@@ -146,7 +146,7 @@ impl Fs {
                     }
                 }
             }
-            Ok((!self.opts.noatime && relatime_due(&inode), wanted))
+            Ok((atime_due(&self.opts, &inode), wanted))
         })?;
         let held: Vec<(u64, Arc<Vec<u8>>)> = s
             .dirty
@@ -171,7 +171,7 @@ impl Fs {
         for (bn, img) in &held {
             place(&mut out, *bn, &img[..]);
         }
-        if atime_due && !self.opts.read_only {
+        if atime_due {
             // The data is read; a full disk or a conflict storm must not turn that into an
             // error because the access time could not be written.
             if let Err(e) = self.touch_atime(ino) {
@@ -223,7 +223,7 @@ impl Fs {
         })
     }
 
-    fn touch_atime(&self, ino: Ino) -> Result<()> {
+    pub(super) fn touch_atime(&self, ino: Ino) -> Result<()> {
         self.txn(|t| {
             if let Some(mut i) = load_inode_opt(t, ino)? {
                 i.atime = Timestamp::now();
@@ -372,10 +372,4 @@ fn cut_to(
     inode.ctime = now;
     save_inode(t, ino, &inode)?;
     Ok(true)
-}
-
-/// relatime: update atime when it is not newer than mtime/ctime, or is a day old.
-fn relatime_due(i: &crate::keyspace::records::Inode) -> bool {
-    let now = Timestamp::now();
-    i.atime <= i.mtime || i.atime <= i.ctime || now.secs - i.atime.secs >= 24 * 3600
 }

@@ -119,7 +119,12 @@ pub struct Caller {
 #[derive(Clone, Debug, Default)]
 pub struct FsOptions {
     pub read_only: bool,
+    /// No access times at all (`noatime`).
     pub noatime: bool,
+    /// Every read updates the access time (`strictatime`), not only under relatime's rule.
+    pub strictatime: bool,
+    /// Listing a directory leaves its access time alone (`nodiratime`).
+    pub nodiratime: bool,
     /// Bytes of buffered writes per file before the write path flushes it itself.
     pub file_buffer_limit: Option<u64>,
     /// Bytes of buffered writes over all files before writers flush.
@@ -155,11 +160,15 @@ pub struct Fs {
     total_limit: u64,
 }
 
+/// A directory's entries as read for an open handle.
+type Listing = Arc<Vec<DirEntry>>;
+
 #[derive(Default)]
 struct Handles {
     next: u64,
     files: HashMap<u64, Arc<FileState>>,
-    dirs: HashMap<u64, Arc<Vec<DirEntry>>>,
+    /// Open directories: the inode and, once read, its listing.
+    dirs: HashMap<u64, (Ino, Option<Listing>)>,
 }
 
 impl Fs {
@@ -496,6 +505,19 @@ fn free_inode_keys(
     t.delete(Cf::Meta, &ks::inode_key(ino))?;
     t.delete(Cf::Meta, &ks::garbage_key(ino))?;
     Ok(Freeing::Done)
+}
+
+/// Whether a read of `i` now updates its access time under `o`: never with `noatime`,
+/// always with `strictatime`, else by relatime's rule (atime not newer than mtime or ctime,
+/// or a day old), as ext4.
+pub(crate) fn atime_due(o: &FsOptions, i: &Inode) -> bool {
+    let now = Timestamp::now();
+    !o.noatime
+        && !o.read_only
+        && (o.strictatime
+            || i.atime <= i.mtime
+            || i.atime <= i.ctime
+            || now.secs - i.atime.secs >= 24 * 3600)
 }
 
 /// Xattr names: 1 to 255 bytes (the VFS answers ERANGE otherwise).

@@ -189,6 +189,14 @@ impl Filesystem for KvFuse {
         // Listings carry attributes (the kernel decides when they pay off).
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // File handles (name_to_handle_at, open_by_handle_at, NFS export): inode numbers are
+        // never reused, so a handle resolves by number (LOOKUP of "." in the node itself).
+        if config
+            .add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT)
+            .is_err()
+        {
+            tracing::warn!("kernel lacks FUSE_EXPORT_SUPPORT; file handles give ESTALE");
+        }
         // Record locks go to us (and so into the keyspace), not to the kernel's local table.
         if config
             .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)
@@ -566,7 +574,7 @@ impl Filesystem for KvFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = try_reply!(reply, "readdir", self.fs.readdir(fh.0));
+        let entries = try_reply!(reply, "readdir", self.fs.readdir(fh.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let name = OsStr::from_bytes(&e.name);
             if reply.add(INodeNo(e.ino), i as u64 + 1, kind(e.kind), name) {
@@ -585,7 +593,7 @@ impl Filesystem for KvFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = try_reply!(reply, "readdirplus", self.fs.readdir(fh.0));
+        let entries = try_reply!(reply, "readdirplus", self.fs.readdir(fh.0, offset));
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let a = match self.fs.getattr(e.ino) {
                 Ok(a) => a,

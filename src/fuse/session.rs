@@ -17,6 +17,10 @@ pub struct SessionOptions {
     pub acl: Option<String>,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Device nodes may be opened / set-id bits honoured (asked for with `-o dev` / `-o suid`;
+    /// only root's mounts get them, as the kernel lets no one else).
+    pub dev: bool,
+    pub suid: bool,
 }
 
 /// A mounted filesystem, not yet serving.
@@ -42,18 +46,26 @@ impl Mounted {
         o: &SessionOptions,
     ) -> std::io::Result<Mounted> {
         let mut config = Config::default();
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
         config.mount_options = vec![
             MountOption::FSName(store_dir.display().to_string()),
             MountOption::Subtype("kvfs".into()),
             MountOption::DefaultPermissions,
-            MountOption::NoDev,
-            MountOption::NoSuid,
+            if o.dev && root {
+                MountOption::Dev
+            } else {
+                MountOption::NoDev
+            },
+            if o.suid && root {
+                MountOption::Suid
+            } else {
+                MountOption::NoSuid
+            },
         ];
         if o.read_only {
             config.mount_options.push(MountOption::RO);
         }
-        // SAFETY: geteuid cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
         config.acl = match o.acl.as_deref() {
             Some("allow_root") => SessionACL::RootAndOwner,
             Some(_) => SessionACL::All,

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod crash;
 mod data;
+mod edges;
 mod fsapi;
 mod fuzz;
 mod locks;
