@@ -381,7 +381,8 @@ impl Sim {
             let list = fs
                 .readdir(dh, 0)
                 .unwrap_or_else(|e| self.fail(format!("readdir: {e}")));
-            fs.releasedir(dh);
+            fs.releasedir(dh)
+                .unwrap_or_else(|e| self.fail(format!("releasedir: {e}")));
             for ent in list.iter().filter(|e| e.name != b"." && e.name != b"..") {
                 let a = fs
                     .getattr(ent.ino)

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use super::attr::Attr;
 use super::{
-    check_name, corrupt, drop_last_link, errno, free_inode, load_dir, load_inode, lock, nlink_down,
-    nlink_up, save_inode, Caller, Freeing, Fs, FsError, Result,
+    check_name, corrupt, drop_last_link, errno, load_dir, load_inode, lock, nlink_down, nlink_up,
+    save_inode, Caller, Freeing, Fs, FsError, Result,
 };
 use crate::keyspace::records::{Dirent, Inode, Kind};
 use crate::keyspace::{self as ks, Ino, ROOT_INO};
@@ -374,7 +374,9 @@ impl Fs {
                             }
                             let mut v = victim;
                             v.nlink = 0;
-                            free_inode(t, d.ino, &v)?;
+                            v.ctime = now;
+                            // Freed now, or when its last open handle closes.
+                            freeing = (d.ino, drop_last_link(t, d.ino, &v)?);
                             nlink_down(newparent, touched.get(t, newparent)?)?;
                         }
                         (false, false) => {
@@ -437,10 +439,20 @@ impl Fs {
     /// a read from offset 0 again (`rewinddir`) reads it anew, so the stream then reflects
     /// the directory as it is (as POSIX requires).
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
-        self.look(|t| match load_inode(t, ino)?.kind {
+        let is_dir = |t: &mut dyn Txn| match load_inode(t, ino)?.kind {
             Kind::Dir => Ok(()),
             _ => errno(libc::ENOTDIR),
-        })?;
+        };
+        // Counted open in the keyspace like a file, so that a directory removed while open
+        // (rmdir, rename over it) keeps its inode, nlink 0, until the last close.
+        if self.opts.read_only {
+            self.look(is_dir)?;
+        } else {
+            self.txn(|t| {
+                is_dir(t)?;
+                self.count_open(t, ino)
+            })?;
+        }
         let mut h = lock(&self.handles);
         let fh = h.next;
         h.next += 1;
@@ -506,7 +518,11 @@ impl Fs {
         })
     }
 
-    pub fn releasedir(&self, fh: u64) {
-        lock(&self.handles).dirs.remove(&fh);
+    pub fn releasedir(&self, fh: u64) -> Result<()> {
+        let Some((ino, _)) = lock(&self.handles).dirs.remove(&fh) else {
+            return errno(libc::EBADF);
+        };
+        let _ns = lock(&self.ns_lock);
+        self.uncount_open(ino)
     }
 }

@@ -245,24 +245,7 @@ impl Fs {
             s.open -= 1;
             r
         };
-        // The count goes down, and the last close anywhere of an unlinked file frees it.
-        if !self.opts.read_only {
-            let freeing = self.txn(|t| {
-                let key = ks::open_key(ino, self.mount_id);
-                let n = match t.get(Cf::Meta, &key)? {
-                    Some(v) => decode_counter(&v).map_err(|e| corrupt(&key, e))?,
-                    None => 0,
-                };
-                if n > 1 {
-                    t.put(Cf::Meta, &key, &encode_counter(n - 1))?;
-                } else {
-                    t.delete(Cf::Meta, &key)?;
-                    t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
-                }
-                free_if_unused(t, ino)
-            })?;
-            self.finish_freeing(ino, freeing);
-        }
+        let uncounted = self.uncount_open(ino);
         let mut files = lock(&self.files);
         let last = {
             let s = lock(&st.inner);
@@ -271,7 +254,31 @@ impl Fs {
         if last {
             files.remove(&ino);
         }
-        flushed.and(unlocked)
+        flushed.and(uncounted).and(unlocked)
+    }
+
+    /// One handle of this mount on `ino` fewer in the keyspace; the last close anywhere of an
+    /// unlinked file or removed directory frees it (not on read-only mounts).
+    pub(super) fn uncount_open(&self, ino: Ino) -> Result<()> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        let freeing = self.txn(|t| {
+            let key = ks::open_key(ino, self.mount_id);
+            let n = match t.get(Cf::Meta, &key)? {
+                Some(v) => decode_counter(&v).map_err(|e| corrupt(&key, e))?,
+                None => 0,
+            };
+            if n > 1 {
+                t.put(Cf::Meta, &key, &encode_counter(n - 1))?;
+            } else {
+                t.delete(Cf::Meta, &key)?;
+                t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+            }
+            free_if_unused(t, ino)
+        })?;
+        self.finish_freeing(ino, freeing);
+        Ok(())
     }
 
     /// Set the size of `ino`: cut blocks past it (zeroing the tail of the last one) or extend

@@ -269,11 +269,15 @@ impl Fs {
     /// Inodes this mount holds open (for re-registering after its `p` record vanished, and
     /// for the clean-shutdown release).
     pub fn open_inodes(&self) -> Vec<(Ino, u32)> {
-        lock(&self.files)
+        let mut counts: HashMap<Ino, u32> = lock(&self.files)
             .iter()
             .map(|(i, s)| (*i, s.open_count()))
             .filter(|(_, n)| *n > 0)
-            .collect()
+            .collect();
+        for (ino, _) in lock(&self.handles).dirs.values() {
+            *counts.entry(*ino).or_default() += 1;
+        }
+        counts.into_iter().collect()
     }
 
     /// Write this mount's open counts again (after its process entry was reaped by mistake).
@@ -314,7 +318,10 @@ impl Fs {
     /// after a lazy or forced unmount.
     pub fn release_all(&self) -> Result<()> {
         let _ns = lock(&self.ns_lock);
-        let inos: Vec<Ino> = lock(&self.files).keys().copied().collect();
+        let mut inos: Vec<Ino> = lock(&self.files).keys().copied().collect();
+        inos.extend(lock(&self.handles).dirs.drain().map(|(_, (ino, _))| ino));
+        inos.sort_unstable();
+        inos.dedup();
         for ino in inos.into_iter().chain(self.locks.inodes()) {
             let freeing = self.txn(|t| {
                 t.delete(Cf::Meta, &ks::open_key(ino, self.mount_id))?;

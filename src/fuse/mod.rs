@@ -624,8 +624,7 @@ impl Filesystem for KvFuse {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.fs.releasedir(fh.0);
-        reply.ok()
+        self.empty(reply, "releasedir", self.fs.releasedir(fh.0))
     }
 
     fn fsyncdir(

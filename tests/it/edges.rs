@@ -212,3 +212,43 @@ fn access_times_follow_relatime_strictatime_and_nodiratime() {
     };
     assert_eq!(atime_case(&m.mnt), (false, false), "nodiratime");
 }
+
+/// fstat through a descriptor of a directory removed while open, by rename over it and by
+/// rmdir: (kind is a directory, nlink) or the errno.
+fn removed_open_dir_case(dir: &Path) -> Vec<Result<(bool, u64), i32>> {
+    use std::os::unix::fs::MetadataExt;
+    fs::create_dir_all(dir.join("rod/victim")).unwrap();
+    fs::create_dir_all(dir.join("rod/other")).unwrap();
+    fs::create_dir_all(dir.join("rod/gone")).unwrap();
+    let held = File::open(dir.join("rod/victim")).unwrap();
+    let held2 = File::open(dir.join("rod/gone")).unwrap();
+    fs::rename(dir.join("rod/other"), dir.join("rod/victim")).unwrap();
+    fs::remove_dir(dir.join("rod/gone")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    [held, held2]
+        .iter()
+        .map(|f| {
+            f.metadata()
+                .map(|m| (m.is_dir(), m.nlink()))
+                .map_err(|e| e.raw_os_error().unwrap_or(-1))
+        })
+        .collect()
+}
+
+#[test]
+fn a_directory_removed_while_open_still_stats_with_no_links() {
+    let Some(mut m) = mount() else { return };
+    let plain = plain_dir(&m);
+    let want = removed_open_dir_case(&plain);
+    assert_eq!(want, vec![Ok((true, 0)), Ok((true, 0))], "ext4");
+    assert_eq!(removed_open_dir_case(&m.mnt), want);
+    // Closed, they are freed: nothing left for audit to find.
+    m.unmount();
+    let out = std::process::Command::new(KVFS)
+        .arg("audit")
+        .arg(&m.store)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("wait for"), "{text}");
+}
