@@ -156,6 +156,9 @@ pub struct Fs {
     prefetch: blocks::prefetch::Prefetcher,
     handles: Mutex<Handles>,
     dirty_total: AtomicU64,
+    /// When this mount's operations last committed (ms since `started`).
+    last_change: AtomicU64,
+    started: std::time::Instant,
     file_limit: u64,
     total_limit: u64,
 }
@@ -199,6 +202,8 @@ impl Fs {
                 ..Default::default()
             }),
             dirty_total: AtomicU64::new(0),
+            last_change: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -236,7 +241,23 @@ impl Fs {
     }
 
     fn txn<T>(&self, f: impl FnMut(&mut dyn Txn) -> Result<T>) -> Result<T> {
-        self.store.transact(f)
+        let r = self.store.transact(f);
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_change
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// How long no filesystem operation has changed the store and nothing is buffered (the
+    /// mount's own bookkeeping, heartbeat and sweeps, does not count).
+    pub fn idle_for(&self) -> std::time::Duration {
+        if self.dirty_total.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return std::time::Duration::ZERO;
+        }
+        let last = self.last_change.load(std::sync::atomic::Ordering::Relaxed);
+        std::time::Duration::from_millis(
+            (self.started.elapsed().as_millis() as u64).saturating_sub(last),
+        )
     }
 
     /// A look without a change: one consistent snapshot, no conflict tracking, no commit.
