@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::fs::Fs;
 use crate::gc::{self, SweepOptions};
+use crate::replica;
 use crate::store;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +81,58 @@ fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
                 Err(e) => format!("error: {e}\n"),
             }
         }
+        Some("replica-add") => {
+            let (name, fp) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
+            let url = words.collect::<Vec<_>>().join(" ");
+            let fp = (fp != "-").then(|| fp.to_string());
+            match replica::add(fs.store(), name, &url, fp) {
+                Ok(()) => "ok\n".to_string(),
+                Err(e) => format!("error: {e}\n"),
+            }
+        }
+        Some("replica-remove") => match replica::remove(fs.store(), words.next().unwrap_or("")) {
+            Ok(()) => "ok\n".to_string(),
+            Err(e) => format!("error: {e}\n"),
+        },
+        Some("replica-sync") => {
+            let secs = words.next().and_then(|w| w.parse().ok()).unwrap_or(600);
+            match replica_sync(fs, Duration::from_secs(secs)) {
+                Ok(r) => format!("ok\n{r}"),
+                Err(e) => format!("error: {e}\n"),
+            }
+        }
         _ => format!("error: unknown request {:?}\n", line.trim()),
     };
     (&conn).write_all(reply.as_bytes())
+}
+
+/// Buffered writes flushed, logged, and shipped by the mount's replication thread: wait until
+/// every replica acknowledged them (or `timeout`). One line per replica.
+fn replica_sync(fs: &Fs, timeout: Duration) -> Result<String, replica::ReplicaError> {
+    fs.flush_all()
+        .map_err(|e| crate::kv::KvError::Other(e.to_string()))?;
+    replica::log::round(fs.store())?;
+    let target = replica::log::head(fs.store())?.seq;
+    let until = std::time::Instant::now() + timeout;
+    while !replica::ship::all_acked(fs.store(), target)? && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    for (name, r) in replica::replicas(fs.store())? {
+        let state = if r.base.is_some() && r.acked >= target {
+            "in sync".to_string()
+        } else {
+            match &r.error {
+                Some((_, e)) => format!("behind ({e})"),
+                None => "behind (timed out)".to_string(),
+            }
+        };
+        out.push_str(&format!(
+            "{name}\t{state}\tacked {}\tlog {target}\n",
+            r.acked
+        ));
+    }
+    Ok(out)
 }
 
 /// Ask the mount serving `store_dir` to run a request; its reply, without the status line.

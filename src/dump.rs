@@ -11,6 +11,7 @@ use crate::keyspace::records::{
 };
 use crate::keyspace::{self as ks, Ino, InodeKey, Prefix};
 use crate::kv::{decode_i64, KvError, KvStore};
+use crate::replica::{ChangeMarker, LogHead, LogPart, ReplicaRecord, ReplicaState};
 
 /// Longest raw value shown in full (hex); longer ones are cut.
 const SHOW_BYTES: usize = 48;
@@ -44,6 +45,8 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
         Some(Prefix::Meta) => match key {
             ks::META_FORMAT => FormatRecord::decode(v).map(|r| format!("{r:?}")).map_err(e),
             ks::META_NEXT_INO => decode_counter(v).map(|n| n.to_string()).map_err(e),
+            ks::META_LOG_HEAD => LogHead::decode(v).map(|h| format!("{h:?}")).map_err(e),
+            ks::META_REPLICA => ReplicaState::decode(v).map(|r| format!("{r:?}")).map_err(e),
             _ => Err(format!("unknown metadata key, value {}", hex_cut(v))),
         },
         Some(Prefix::Inode) => match ks::parse_inode_key(key) {
@@ -125,6 +128,25 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
             )),
             Err(_) => Err(format!("token is {} bytes, expected 8", v.len())),
         },
+        Some(Prefix::Change) if key.len() == 9 => ChangeMarker::decode(v)
+            .map(|m| format!("{} key(s) changed", m.keys.len()))
+            .map_err(e),
+        Some(Prefix::Log) if key.len() == 13 => LogPart::decode(v)
+            .map(|p| {
+                format!(
+                    "{} change(s){}, chain {}",
+                    p.changes.len(),
+                    if p.last { ", last part" } else { "" },
+                    ks::hex(&p.chain)
+                )
+            })
+            .map_err(e),
+        Some(Prefix::Replica) if key.len() > 1 => ReplicaRecord::decode(v)
+            .map(|r| format!("{r:?}"))
+            .map_err(e),
+        Some(Prefix::Hold) if key.len() == 33 && v.is_empty() => {
+            Ok("held for a group not yet applied".into())
+        }
         _ => Err(format!("unknown key kind, value {}", hex_cut(v))),
     }
 }

@@ -18,6 +18,7 @@ pub mod gc;
 pub mod keyspace;
 pub mod kv;
 pub mod mount;
+pub mod replica;
 #[cfg(test)]
 mod sim;
 pub mod status;

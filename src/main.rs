@@ -14,6 +14,8 @@ use kvfs::mount::{self, MountOpts};
 use kvfs::store::{self, FormatOptions};
 use kvfs::{audit, dump, gc, status};
 
+mod replica_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "kvfs",
@@ -72,8 +74,25 @@ enum Cmd {
         #[arg(long)]
         inode: Option<u64>,
     },
-    /// Mounted or not, live mounts and heartbeats, logical vs stored bytes, ratios.
-    Status { store: PathBuf },
+    /// Mounted or not, live mounts and heartbeats, logical vs stored bytes, ratios, the
+    /// store's size on disk, and replication: each replica's state and lag.
+    Status {
+        store: PathBuf,
+        /// The same facts as JSON (field names in README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a replica store to its primary: over stdio (for ssh:// and exec:) or TCP with
+    /// mutual TLS. Prints this store's certificate fingerprint with --listen.
+    Serve(replica_cmd::ServeArgs),
+    /// Manage the replicas a primary ships to.
+    #[command(subcommand)]
+    Replica(replica_cmd::ReplicaCmd),
+    /// Turn a replica into the primary of its filesystem (when the old primary is lost).
+    Promote { store: PathBuf },
+    /// Print STORE's certificate fingerprint (what `kvfs serve --allow` takes), creating its
+    /// key pair at first use.
+    Fingerprint { store: PathBuf },
     /// The metadata phases of tools/bench in DIR: create, stat (cold), unlink FILES empty
     /// files in one directory, mkdir and rmdir DIRS directories; prints the rates per second.
     BenchMeta {
@@ -162,7 +181,11 @@ fn main() -> ExitCode {
             prefix,
             inode,
         } => dump_cmd(&store, prefix.as_deref(), inode),
-        Cmd::Status { store } => status_cmd(&store),
+        Cmd::Status { store, json } => status_cmd(&store, json),
+        Cmd::Serve(a) => replica_cmd::serve(a),
+        Cmd::Replica(c) => replica_cmd::replica(c),
+        Cmd::Promote { store } => replica_cmd::promote(&store),
+        Cmd::Fingerprint { store } => replica_cmd::fingerprint(&store),
         Cmd::BenchMeta { dir, files, dirs } => kvfs::bench::meta(&dir, files, dirs)
             .map(|r| {
                 println!(
@@ -215,6 +238,7 @@ fn format_cmd(dir: &Path, block_size: u32, compression: &str, parity: bool) -> a
         compression,
         level,
         parity,
+        fs_id: None,
     };
     let rec = store::format_with(dir, &o)?;
     println!(
@@ -240,6 +264,12 @@ fn tool_logging() {
 fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
     tool_logging();
     match store::open(dir) {
+        Ok((kv, _)) if kvfs::replica::apply::is_follower_store(&kv)? => {
+            anyhow::bail!(
+                "{}: a replica; `kvfs serve` frees what its primary deletes (its garbage inodes are the primary's open files)",
+                dir.display()
+            )
+        }
         Ok((kv, _)) => {
             let o = gc::SweepOptions {
                 dry_run,
@@ -331,12 +361,18 @@ fn dump_cmd(dir: &Path, prefix: Option<&str>, inode: Option<u64>) -> anyhow::Res
     Ok(())
 }
 
-fn status_cmd(dir: &Path) -> anyhow::Result<()> {
+fn status_cmd(dir: &Path, json: bool) -> anyhow::Result<()> {
     tool_logging();
     let mounted = store::in_use(dir);
     let (kv, rec) = store::open_read_only(dir)?;
     let s = status::status(dir, &kv, &rec, mounted, gc::DEFAULT_TIMEOUT)?;
-    println!("{s}");
+    let r = kvfs::replica::status::replication(&kv)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status::json(&s, &r))?);
+    } else {
+        println!("{s}");
+        print!("{r}");
+    }
     Ok(())
 }
 

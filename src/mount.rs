@@ -13,6 +13,7 @@ use crate::control;
 use crate::fs::{Fs, FsOptions};
 use crate::fuse::session::{Mounted, SessionOptions};
 use crate::gc::{self, SweepOptions};
+use crate::keyspace::records::FormatRecord;
 use crate::store;
 use crate::util::Timestamp;
 
@@ -181,11 +182,23 @@ pub fn run(
     if !mountpoint.is_dir() {
         return Err(MountError::NotADirectory(mountpoint.to_path_buf()));
     }
-    let (kv, format) = store::open(&store_dir)?;
+    let (kv, format, role) = open_store(&store_dir)?;
+    let read_only = opts.read_only || role != Role::Primary;
+    if read_only && !opts.read_only {
+        tracing::info!("{} is a replica: mounted read-only", store_dir.display());
+    }
+    if !read_only {
+        // Before the first operation: every commit from now on records what it changed.
+        crate::replica::track_if_replicated(&kv)?;
+    }
+    let mut opts = opts.clone();
+    opts.read_only = read_only;
+    let opts = &opts;
     let fs = Arc::new(Fs::new(
         kv,
-        format,
+        format.clone(),
         FsOptions {
+            follow: role == Role::Follower,
             read_only: opts.read_only,
             noatime: opts.noatime,
             strictatime: opts.strictatime,
@@ -256,6 +269,17 @@ pub fn run(
             Box::new(move || maintenance(&fs, &stop, started)),
         )?);
     }
+    if !opts.read_only {
+        let (fs, stop, dir, format) = (fs.clone(), stop.clone(), store_dir.clone(), format.clone());
+        workers.push(spawn(
+            "kvfs-replicate",
+            Box::new(move || crate::replica::ship::run(fs.store(), &format, &dir, &stop)),
+        )?);
+    }
+    if role == Role::Follower {
+        let (fs, stop) = (fs.clone(), stop.clone());
+        workers.push(spawn("kvfs-follow", Box::new(move || follow(&fs, &stop)))?);
+    }
     let sock = store::control_socket(&store_dir);
     if !opts.read_only {
         match control::bind(&sock) {
@@ -291,6 +315,48 @@ pub fn run(
     }
     tracing::info!("unmounted cleanly");
     served.map_err(MountError::Session)
+}
+
+/// What a mount found in the store directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// A filesystem of its own, mountable read-write.
+    Primary,
+    /// A replica: followed read-only (`kvfs serve` may apply to it meanwhile).
+    Follower,
+}
+
+fn open_store(dir: &Path) -> Result<(crate::kv::KvStore, FormatRecord, Role), MountError> {
+    // A replica is always followed, never held: `kvfs serve` must be able to open it to apply
+    // what arrives while it is mounted.
+    let replica = match store::open_read_only(dir) {
+        Ok((peek, _)) => crate::replica::apply::is_follower_store(&peek)
+            .map_err(|e| crate::kv::KvError::Other(e.to_string()))?,
+        Err(_) => false,
+    };
+    if replica {
+        let (kv, f) = store::open_follower(dir)?;
+        return Ok((kv, f, Role::Follower));
+    }
+    let (kv, f) = store::open(dir)?;
+    Ok((kv, f, Role::Primary))
+}
+
+/// Catch up with the replica's server twice a second, so that what it applied shows within
+/// a second (the kernel's attribute and entry caches expire after one more).
+fn follow(fs: &Fs, stop: &AtomicBool) {
+    let mut failing = false;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(500));
+        match fs.store().catch_up() {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                tracing::error!(error = %e, "catching up with the replica's server failed");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Let the kernel hold up to `bytes` of dirty pages for the FUSE mount on `mountpoint`

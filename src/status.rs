@@ -189,3 +189,39 @@ pub fn status(
     })?;
     Ok(s)
 }
+
+/// The status and the replication facts as one JSON object (stable field names: README).
+pub fn json(s: &Status, r: &crate::replica::status::Replication) -> serde_json::Value {
+    let mounts: Vec<serde_json::Value> = s
+        .mounts
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": format!("{:016x}", m.id),
+                "alive": m.alive,
+                "host": m.rec.as_ref().map(|r| r.host.clone()),
+                "pid": m.rec.as_ref().map(|r| r.pid),
+                "heartbeat": m.rec.as_ref().map(|r| r.heartbeat.secs),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "mounted": s.mounted,
+        "format": s.format.as_ref().map(|f| f.version()),
+        "block_size": s.format.as_ref().map(|f| f.block_size),
+        "encoding": s.format.as_ref().map(|f| f.encoding_name()),
+        "fs_id": s.format.as_ref().map(|f| crate::keyspace::hex(&f.fs_id)),
+        "mounts": mounts,
+        "inodes": s.inodes,
+        "files": s.files,
+        "dirs": s.dirs,
+        "garbage_inodes": s.garbage_inodes,
+        "logical_bytes": s.logical_bytes,
+        "referenced_bytes": s.referenced_bytes,
+        "unique_bytes": s.unique_bytes,
+        "stored_bytes": s.stored_bytes,
+        "blocks": s.blocks,
+        "disk_bytes": s.disk_bytes,
+        "replication": r,
+    })
+}

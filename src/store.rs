@@ -80,6 +80,8 @@ pub struct FormatOptions {
     /// zstd level, 1..=19.
     pub level: i8,
     pub parity: bool,
+    /// The filesystem id: random for a new filesystem, the primary's for a replica store.
+    pub fs_id: Option<[u8; 16]>,
 }
 
 impl Default for FormatOptions {
@@ -89,6 +91,7 @@ impl Default for FormatOptions {
             compression: COMP_NONE,
             level: 0,
             parity: false,
+            fs_id: None,
         }
     }
 }
@@ -159,9 +162,12 @@ pub fn format_with(path: &Path, o: &FormatOptions) -> Result<FormatRecord, Store
 /// root directory, synced. Any engine; `format_with` for a store on disk.
 pub fn init(kv: &KvStore, o: &FormatOptions) -> Result<FormatRecord, KvError> {
     let block_size = o.block_size;
-    let mut fs_id = [0u8; 16];
-    fs_id[..8].copy_from_slice(&crate::util::rand_u64().to_le_bytes());
-    fs_id[8..].copy_from_slice(&crate::util::rand_u64().to_le_bytes());
+    let fs_id = o.fs_id.unwrap_or_else(|| {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&crate::util::rand_u64().to_le_bytes());
+        id[8..].copy_from_slice(&crate::util::rand_u64().to_le_bytes());
+        id
+    });
     let rec = FormatRecord {
         major: FORMAT_MAJOR,
         minor: FORMAT_MINOR,
@@ -187,12 +193,11 @@ pub fn init(kv: &KvStore, o: &FormatOptions) -> Result<FormatRecord, KvError> {
     Ok(rec)
 }
 
-/// Open an existing store for reading and writing, alone. A format 1 store, or one of an
-/// older 2.x minor, is upgraded to this build's format (its bytes mean the same; only the
+/// Open an existing store for reading and writing, alone. A format 1 or 2 store is upgraded to this build's format (its bytes mean the same; only the
 /// format record changes; keyspace.md, "Upgrades").
 pub fn open(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
     let (kv, mut rec) = open_with(path, false)?;
-    if rec.major != FORMAT_MAJOR || rec.minor < FORMAT_MINOR {
+    if (rec.major, rec.minor) < (FORMAT_MAJOR, FORMAT_MINOR) {
         let from = rec.version();
         rec.major = FORMAT_MAJOR;
         rec.minor = FORMAT_MINOR;
@@ -213,17 +218,50 @@ pub fn open_read_only(path: &Path) -> Result<(KvStore, FormatRecord), StoreError
     open_with(path, true)
 }
 
+/// Open a store that another process has open for writing (a replica `kvfs serve` keeps
+/// applying to), following it: [`KvStore::catch_up`] shows what it committed since. The
+/// follower's own files live in `STORE/follow-PID`, removed at the next such open.
+pub fn open_follower(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
+    let own = path.join(format!("follow-{}", std::process::id()));
+    if let Ok(rd) = std::fs::read_dir(path) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("follow-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    std::fs::create_dir_all(&own).map_err(|source| StoreError::Io {
+        path: own.clone(),
+        source,
+    })?;
+    open_opts(
+        path,
+        OpenOptions {
+            read_only: true,
+            follow: Some(own),
+            ..Default::default()
+        },
+    )
+}
+
 fn open_with(path: &Path, read_only: bool) -> Result<(KvStore, FormatRecord), StoreError> {
+    open_opts(
+        path,
+        OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+}
+
+fn open_opts(path: &Path, oo: OpenOptions) -> Result<(KvStore, FormatRecord), StoreError> {
+    let read_only = oo.read_only;
     if !path.is_dir() {
         return Err(StoreError::Missing(path.to_path_buf()));
     }
     if !db_path(path).join("CURRENT").exists() {
         return Err(StoreError::NotAStore(path.to_path_buf()));
     }
-    let oo = OpenOptions {
-        read_only,
-        ..Default::default()
-    };
     // A read-only open beside a live mount can race its compactions (a file listed in the
     // manifest is deleted before it is opened): try again a few times.
     let mut attempt = 0;

@@ -25,6 +25,7 @@ mod namespace;
 mod process;
 mod records;
 mod repair;
+mod replication;
 
 use std::fmt;
 use std::time::Duration;
@@ -191,7 +192,8 @@ fn check(store: &KvStore, o: &AuditOptions) -> Result<Ctx> {
     let mounts = process::check(store, &mut cx, o.timeout.unwrap_or(gc::DEFAULT_TIMEOUT))?;
     namespace::check(&mut cx, &r);
     process::check_owners(&mut cx, &r, &mounts);
-    let refs = blockmaps::check(store, &mut cx, &r, format.block_size as u64)?;
+    let mut refs = blockmaps::check(store, &mut cx, &r, format.block_size as u64)?;
+    replication::check(store, &mut cx, &mut refs)?;
     let infos = blockindex::check(store, &mut cx, &refs)?;
     let ahead = ahead::check(store, &mut cx)?;
     content::check(store, &mut cx, o, &format, &infos, &refs, &ahead)?;

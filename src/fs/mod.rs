@@ -131,6 +131,10 @@ pub struct FsOptions {
     pub total_buffer_limit: Option<u64>,
     /// The store's directory: new data is refused while its disk is down to the reserve.
     pub space_path: Option<std::path::PathBuf>,
+    /// The store changes under this (read-only) mount: another process writes it (a replica
+    /// that `kvfs serve` keeps applying to), so the kernel must not keep file pages across
+    /// opens.
+    pub follow: bool,
 }
 
 const INO_BATCH: u64 = 1024;
@@ -223,6 +227,11 @@ impl Fs {
         self.opts.read_only
     }
 
+    /// Whether another process changes the store under this mount ([`FsOptions::follow`]).
+    pub fn follows(&self) -> bool {
+        self.opts.follow
+    }
+
     pub fn mount_id(&self) -> MountId {
         self.mount_id
     }
@@ -241,6 +250,11 @@ impl Fs {
     }
 
     fn txn<T>(&self, f: impl FnMut(&mut dyn Txn) -> Result<T>) -> Result<T> {
+        if self.store.is_read_only() {
+            // An engine opened for reading only (a followed replica): the operation runs on
+            // a snapshot, and any write it attempts fails with EROFS.
+            return self.store.read(f);
+        }
         let r = self.store.transact(f);
         let now = self.started.elapsed().as_millis() as u64;
         self.last_change

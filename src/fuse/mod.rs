@@ -177,10 +177,13 @@ impl Filesystem for KvFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         // Let the kernel gather small writes in its page cache and send them in large
-        // pieces (up to max_write) at writeback, fsync and close.
-        if config
-            .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
-            .is_err()
+        // pieces (up to max_write) at writeback, fsync and close. Not where the store changes
+        // under the mount (a followed replica): in writeback mode the kernel trusts its own
+        // file sizes over ours.
+        if !self.fs.follows()
+            && config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_err()
         {
             tracing::warn!(
                 "kernel lacks FUSE_WRITEBACK_CACHE; writes arrive as the caller makes them"
@@ -367,8 +370,14 @@ impl Filesystem for KvFuse {
         let fh = try_reply!(reply, "open", self.fs.open(ino.0, write));
         // Keep the page cache across opens: every change to a file's data passes through this
         // kernel (one mount owns a store; read-only mounts see a fixed past state), so what it
-        // holds cannot be stale. ext4 serves a re-read from memory too.
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+        // holds cannot be stale. ext4 serves a re-read from memory too. Not on a mount that
+        // follows a replica: its files change under it.
+        let keep = if self.fs.follows() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), keep)
     }
 
     fn read(

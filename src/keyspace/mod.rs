@@ -34,10 +34,14 @@ pub enum Prefix {
     Refcount,
     BlockGarbage,
     WrittenAhead,
+    Change,
+    Log,
+    Replica,
+    Hold,
 }
 
 impl Prefix {
-    pub const ALL: [Prefix; 11] = [
+    pub const ALL: [Prefix; 15] = [
         Prefix::Meta,
         Prefix::Inode,
         Prefix::Dirent,
@@ -49,6 +53,10 @@ impl Prefix {
         Prefix::Refcount,
         Prefix::BlockGarbage,
         Prefix::WrittenAhead,
+        Prefix::Change,
+        Prefix::Log,
+        Prefix::Replica,
+        Prefix::Hold,
     ];
 
     pub const fn byte(self) -> u8 {
@@ -64,17 +72,26 @@ impl Prefix {
             Prefix::Refcount => b'r',
             Prefix::BlockGarbage => b'G',
             Prefix::WrittenAhead => b'W',
+            Prefix::Change => b'c',
+            Prefix::Log => b'L',
+            Prefix::Replica => b'R',
+            Prefix::Hold => b'H',
         }
     }
 
     pub const fn cf(self) -> Cf {
         match self {
-            Prefix::Meta | Prefix::Inode | Prefix::Dirent | Prefix::Garbage | Prefix::Process => {
-                Cf::Meta
-            }
+            Prefix::Meta
+            | Prefix::Inode
+            | Prefix::Dirent
+            | Prefix::Garbage
+            | Prefix::Process
+            | Prefix::Change
+            | Prefix::Log
+            | Prefix::Replica => Cf::Meta,
             Prefix::Fmap => Cf::Fmap,
             Prefix::Block | Prefix::WrittenAhead => Cf::Blocks,
-            Prefix::BlockInfo | Prefix::Refcount | Prefix::BlockGarbage => Cf::Bidx,
+            Prefix::BlockInfo | Prefix::Refcount | Prefix::BlockGarbage | Prefix::Hold => Cf::Bidx,
         }
     }
 
@@ -91,6 +108,10 @@ impl Prefix {
             Prefix::Refcount => "refcount",
             Prefix::BlockGarbage => "garbage-block",
             Prefix::WrittenAhead => "written-ahead",
+            Prefix::Change => "change",
+            Prefix::Log => "log-part",
+            Prefix::Replica => "replica",
+            Prefix::Hold => "hold",
         }
     }
 
@@ -145,6 +166,10 @@ pub mod inode_sub {
 /// `M` keys.
 pub const META_FORMAT: &[u8] = b"Mformat";
 pub const META_NEXT_INO: &[u8] = b"Mnext_ino";
+/// The shipping log's head on a primary (last group written and its chain hash).
+pub const META_LOG_HEAD: &[u8] = b"Mlog";
+/// On a replica store: whose filesystem it follows and what it has applied.
+pub const META_REPLICA: &[u8] = b"Mreplica";
 
 fn with_ino(p: Prefix, ino: Ino, extra: usize) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + extra);

@@ -10,11 +10,11 @@ use crate::util::Timestamp;
 
 /// The on-disk format this build writes. A store of another major is refused at open, except
 /// format 1 stores, which this build upgrades in place (see keyspace.md, "Upgrades").
-pub const FORMAT_MAJOR: u32 = 2;
-pub const FORMAT_MINOR: u32 = 1;
+pub const FORMAT_MAJOR: u32 = 3;
+pub const FORMAT_MINOR: u32 = 0;
 pub const FORMAT_PATCH: u32 = 0;
 /// Older majors this build reads and upgrades.
-pub const UPGRADABLE_MAJORS: &[u32] = &[1];
+pub const UPGRADABLE_MAJORS: &[u32] = &[1, 2];
 
 /// Hash algorithm ids for [`FormatRecord::hash`].
 pub const HASH_SHA256: u8 = 1;
@@ -70,7 +70,7 @@ fn encode_tagged<T: Serialize>(tag: u8, v: &T) -> Result<Vec<u8>, EncodeError> {
     Ok(out)
 }
 
-fn encode_v1<T: Serialize>(v: &T) -> Result<Vec<u8>, EncodeError> {
+pub(crate) fn encode_v1<T: Serialize>(v: &T) -> Result<Vec<u8>, EncodeError> {
     encode_tagged(1, v)
 }
 
@@ -82,7 +82,10 @@ fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T
     Ok(v)
 }
 
-fn decode_v1<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, DecodeError> {
+pub(crate) fn decode_v1<T: DeserializeOwned>(
+    what: &'static str,
+    b: &[u8],
+) -> Result<T, DecodeError> {
     match b.split_first() {
         None => Err(err(what, "empty value")),
         Some((1, body)) => decode_body(what, body),

@@ -222,6 +222,12 @@ pub trait Engine: Send + Sync {
 
     /// Bytes of the whole store on disk (and in memory waiting to be written).
     fn bytes_on_disk(&self) -> u64;
+
+    /// On a read-only open that follows a writer: see what it committed since. Default:
+    /// nothing (the view is fixed, or always current).
+    fn catch_up(&self) -> Result<(), KvError> {
+        Ok(())
+    }
 }
 
 /// Options chosen at open time.
@@ -233,6 +239,9 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Block cache in bytes shared by all families.
     pub cache_bytes: usize,
+    /// With `read_only`: follow the process that has the store open, catching up on what it
+    /// commits ([`KvStore::catch_up`]); the engine may keep its own files here.
+    pub follow: Option<std::path::PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -241,13 +250,85 @@ impl Default for OpenOptions {
             create: false,
             read_only: false,
             cache_bytes: 32 << 20,
+            follow: None,
         }
     }
 }
 
+/// Records which keys each committed transaction wrote, for shipping them elsewhere
+/// (replication). The kv layer knows neither which keys matter nor how the record is encoded:
+/// the tracker says. Installed with [`KvStore::track_changes`].
+pub trait ChangeTracker: Send + Sync {
+    /// Whether a write (put or delete) of `key` in `cf` is to be recorded.
+    fn wants(&self, cf: Cf, key: &[u8]) -> bool;
+    /// The one extra write (family, key, value) recording that a transaction wrote `keys`.
+    /// Its key must be unique to this call, so that it never conflicts.
+    fn marker(&self, keys: &[(Cf, Vec<u8>)]) -> Result<(Cf, Vec<u8>, Vec<u8>), KvError>;
+}
+
+type Tracker = Option<Arc<dyn ChangeTracker>>;
+
 /// The store as the filesystem sees it: an engine plus the transaction loop.
 pub struct KvStore {
     engine: Arc<dyn Engine>,
+    /// Held for reading across each commit, so that once [`KvStore::track_changes`] returns,
+    /// every later commit carries its marker.
+    tracker: std::sync::RwLock<Tracker>,
+}
+
+fn same_tracker(a: &Tracker, b: &Tracker) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// A transaction that notes the keys its tracker wants.
+struct Tracked<'a> {
+    inner: &'a mut dyn Txn,
+    tracker: &'a Tracker,
+    written: Vec<(Cf, Vec<u8>)>,
+}
+
+impl Tracked<'_> {
+    fn note(&mut self, cf: Cf, key: &[u8]) {
+        if let Some(t) = self.tracker {
+            if t.wants(cf, key) {
+                self.written.push((cf, key.to_vec()));
+            }
+        }
+    }
+}
+
+impl Txn for Tracked<'_> {
+    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get(cf, key)
+    }
+    fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get_untracked(cf, key)
+    }
+    fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        self.note(cf, key);
+        self.inner.put(cf, key, value)
+    }
+    fn delete(&mut self, cf: Cf, key: &[u8]) -> Result<(), KvError> {
+        self.note(cf, key);
+        self.inner.delete(cf, key)
+    }
+    fn merge(&mut self, cf: Cf, key: &[u8], operand: &[u8]) -> Result<(), KvError> {
+        self.note(cf, key);
+        self.inner.merge(cf, key, operand)
+    }
+    fn scan(
+        &mut self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Pair>, KvError> {
+        self.inner.scan(cf, start, end, limit)
+    }
 }
 
 /// Most conflicts resolve in a few rounds; past this the caller gets EIO-class `Conflict`
@@ -280,7 +361,29 @@ impl KvStore {
     }
 
     pub fn with_engine(engine: Arc<dyn Engine>) -> KvStore {
-        KvStore { engine }
+        KvStore {
+            engine,
+            tracker: std::sync::RwLock::new(None),
+        }
+    }
+
+    /// Record, from now on, the keys every transaction writes (`None`: stop). When this
+    /// returns, every transaction committing later carries its marker: one that began before
+    /// and had not noted its keys is retried as on a conflict.
+    pub fn track_changes(&self, tracker: Option<Arc<dyn ChangeTracker>>) {
+        *self.tracker.write().unwrap_or_else(|e| e.into_inner()) = tracker;
+    }
+
+    /// Whether a change tracker is installed.
+    pub fn tracks_changes(&self) -> bool {
+        self.current_tracker().is_some()
+    }
+
+    fn current_tracker(&self) -> Tracker {
+        self.tracker
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether this process holds the store alone, so that any other mount recorded in it
@@ -301,8 +404,19 @@ impl KvStore {
         let mut attempt = 0;
         loop {
             let mut t = self.engine.begin().map_err(E::from)?;
+            let tracker = self.current_tracker();
+            let mut tracked = Tracked {
+                inner: t.as_txn(),
+                tracker: &tracker,
+                written: Vec::new(),
+            };
             // On error the transaction is dropped, which rolls it back.
-            let res = f(t.as_txn()).and_then(|v| t.commit().map(|_| v).map_err(E::from));
+            let res = f(&mut tracked).and_then(|v| {
+                let written = std::mem::take(&mut tracked.written);
+                self.commit_tracked(t, &tracker, &written)
+                    .map(|_| v)
+                    .map_err(E::from)
+            });
             match res {
                 Err(e) if e.is_conflict() && attempt + 1 < MAX_ATTEMPTS => {
                     attempt += 1;
@@ -311,6 +425,25 @@ impl KvStore {
                 other => return other,
             }
         }
+    }
+
+    /// Commit `t`, adding the tracker's marker for `written`; a conflict if the tracker
+    /// changed since `t` began (its writes were noted for another tracker or none).
+    fn commit_tracked(
+        &self,
+        mut t: Box<dyn EngineTxn + '_>,
+        began_with: &Tracker,
+        written: &[(Cf, Vec<u8>)],
+    ) -> Result<(), KvError> {
+        let now = self.tracker.read().unwrap_or_else(|e| e.into_inner());
+        if !same_tracker(&now, began_with) {
+            return Err(KvError::Conflict);
+        }
+        if let (Some(tr), false) = (now.as_ref(), written.is_empty()) {
+            let (cf, key, value) = tr.marker(written)?;
+            t.put(cf, &key, &value)?;
+        }
+        t.commit()
     }
 
     /// Run `f` once on a consistent snapshot of the store: reads only (writes fail with
@@ -325,8 +458,11 @@ impl KvStore {
         f(&mut *s)
     }
 
-    /// Make every committed transaction durable.
+    /// Make every committed transaction durable (nothing to do on a read-only open).
     pub fn sync(&self) -> Result<(), KvError> {
+        if self.engine.is_read_only() {
+            return Ok(());
+        }
         self.engine.sync()
     }
 
@@ -370,6 +506,11 @@ impl KvStore {
         mut visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), KvError> {
         self.engine.for_each(cf, start, end, &mut visit)
+    }
+
+    /// See [`Engine::catch_up`].
+    pub fn catch_up(&self) -> Result<(), KvError> {
+        self.engine.catch_up()
     }
 
     /// Total bytes of the store on disk, for statfs and reports.

@@ -51,6 +51,10 @@ pub struct RocksEngine {
     /// One block-space reclaim at a time (the mount's sweeper and `kvfs gc` may both ask):
     /// each switches blob collection on and off around its compaction.
     reclaiming: std::sync::Mutex<()>,
+    /// A secondary instance following a writer: RocksDB gives it no snapshots, so a reader
+    /// holds this for reading while catching up holds it for writing, and a read never
+    /// sees half of a catch-up.
+    follower: Option<std::sync::RwLock<()>>,
 }
 
 fn sum_merge(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
@@ -130,7 +134,14 @@ impl RocksEngine {
             opts.set_block_based_table_factory(&bbo);
             ColumnFamilyDescriptor::new(cf.name(), opts)
         });
-        let db = if o.read_only {
+        let db = if let (true, Some(own)) = (o.read_only, &o.follow) {
+            // A secondary instance: reads the writer's files and WAL, keeps its own info log
+            // in `own`, and catches up on demand.
+            db_opts.set_max_open_files(-1);
+            Db::Ro(rocksdb::DB::open_cf_descriptors_as_secondary(
+                &db_opts, path, own, cfs,
+            )?)
+        } else if o.read_only {
             Db::Ro(rocksdb::DB::open_cf_descriptors_read_only(
                 &db_opts, path, cfs, false,
             )?)
@@ -142,6 +153,7 @@ impl RocksEngine {
         Ok(RocksEngine {
             db,
             reclaiming: std::sync::Mutex::new(()),
+            follower: (o.read_only && o.follow.is_some()).then(|| std::sync::RwLock::new(())),
         })
     }
 
@@ -169,6 +181,13 @@ impl Engine for RocksEngine {
     }
 
     fn snapshot(&self) -> Box<dyn Txn + '_> {
+        if let (Some(gate), Db::Ro(db)) = (&self.follower, &self.db) {
+            return Box::new(GatedRead {
+                engine: self,
+                db,
+                _gate: gate.read().unwrap_or_else(|e| e.into_inner()),
+            });
+        }
         with_db!(self, d => Box::new(SnapRead {
             engine: self,
             snap: d.snapshot(),
@@ -214,6 +233,16 @@ impl Engine for RocksEngine {
 
     fn is_read_only(&self) -> bool {
         matches!(self.db, Db::Ro(_))
+    }
+
+    fn catch_up(&self) -> Result<(), KvError> {
+        match (&self.db, &self.follower) {
+            (Db::Ro(d), Some(gate)) => {
+                let _g = gate.write().unwrap_or_else(|e| e.into_inner());
+                Ok(d.try_catch_up_with_primary()?)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Write `pairs` into `cf` without the WAL, then flush `cf`'s memtable, which writes and
@@ -351,6 +380,34 @@ impl<D: rocksdb::DBAccess> Txn for SnapRead<'_, D> {
     ) -> Result<Vec<Pair>, KvError> {
         let it = self
             .snap
+            .raw_iterator_cf_opt(self.engine.cf(cf)?, bounded(end));
+        collect(it, start, limit)
+    }
+}
+
+/// A consistent read of a follower: plain reads while no catch-up can run.
+struct GatedRead<'a> {
+    engine: &'a RocksEngine,
+    db: &'a rocksdb::DB,
+    _gate: std::sync::RwLockReadGuard<'a, ()>,
+}
+
+impl Txn for GatedRead<'_> {
+    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.db.get_cf(self.engine.cf(cf)?, key)?)
+    }
+
+    super::snapshot_txn_methods!();
+
+    fn scan(
+        &mut self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Pair>, KvError> {
+        let it = self
+            .db
             .raw_iterator_cf_opt(self.engine.cf(cf)?, bounded(end));
         collect(it, start, limit)
     }

@@ -99,6 +99,32 @@ pub fn is_mounted(mnt: &Path) -> bool {
 }
 
 impl Mounted {
+    /// Mount an existing store (a replica, say) on a fresh directory of a new temp dir.
+    pub fn existing(store: &Path, opts: &str) -> Option<Mounted> {
+        if !fuse_available() {
+            return None;
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("kvfs-test")
+            .tempdir_in(
+                std::env::var_os("KVFS_TEST_TMP")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(std::env::temp_dir),
+            )
+            .unwrap();
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mounted {
+            tmp,
+            store: store.to_path_buf(),
+            mnt,
+            child: None,
+            opts: opts.to_string(),
+        };
+        m.start();
+        Some(m)
+    }
+
     pub fn start(&mut self) {
         let mut cmd = Command::new(KVFS);
         cmd.arg("mount")

@@ -11,4 +11,5 @@ mod locks;
 mod model;
 mod posix;
 mod ranges;
+mod replica;
 mod tools;

@@ -1,0 +1,329 @@
+//! The replica's side of a shipment: storing received blocks, applying a group.
+//!
+//! A received block is verified (its SHA-256 is its name) and stored with a **hold**: `H hash`
+//! plus one reference, so that it is kept until the group that names it is applied, even
+//! across a restart (the primary does not send it again: it asks first). Applying a group is
+//! one transaction: every change, the references of the block maps it changes (a map entry
+//! naming a block the replica does not hold is refused: blocks come first), the holds of the
+//! blocks it names released, and `M replica` moved to the group's seq and chain; then a sync,
+//! then the acknowledgement.
+
+use super::{cf_from_u8, hold_key, shippable, Change, ReplicaError, ReplicaState};
+use crate::blocks::{self, encode::Codec, Prepared};
+use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, GarbageRecord, Inode};
+use crate::keyspace::{self as ks, Hash, Prefix};
+use crate::kv::{Cf, KvError, KvStore, Txn};
+use crate::util::Timestamp;
+
+/// The replica's state record (a store without one is not a replica).
+pub fn state(store: &KvStore) -> Result<Option<ReplicaState>, ReplicaError> {
+    store.read(|t| read_state(t))
+}
+
+fn read_state(t: &mut dyn Txn) -> Result<Option<ReplicaState>, ReplicaError> {
+    match t.get(Cf::Meta, ks::META_REPLICA)? {
+        Some(v) => Ok(Some(ReplicaState::decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
+/// Mark a fresh store as a replica that has applied nothing.
+pub fn init_state(store: &KvStore) -> Result<ReplicaState, ReplicaError> {
+    let s = ReplicaState {
+        applied: 0,
+        chain: [0; 32],
+        applied_at: None,
+        promoted: None,
+    };
+    store.transact(|t| t.put(Cf::Meta, ks::META_REPLICA, &s.encode()?))?;
+    store.sync()?;
+    Ok(s)
+}
+
+/// Which of `hashes` this store holds.
+pub fn holding(store: &KvStore, hashes: &[Hash]) -> Result<Vec<bool>, ReplicaError> {
+    hashes
+        .iter()
+        .map(|h| Ok(store.get(Cf::Bidx, &ks::block_info_key(h))?.is_some()))
+        .collect()
+}
+
+/// Verify a received block against its name and encode it the replica's way.
+pub fn prepare_received(
+    hash: &Hash,
+    data: &[u8],
+    block_size: u32,
+    codec: &Codec,
+) -> Result<Prepared, String> {
+    if data.is_empty() || data.len() > block_size as usize {
+        return Err(format!(
+            "block {} of {} bytes (1 to {block_size} allowed)",
+            ks::hex(hash),
+            data.len()
+        ));
+    }
+    if blocks::hash(data) != *hash {
+        return Err(format!(
+            "block {}: content does not match its name (SHA-256)",
+            ks::hex(hash)
+        ));
+    }
+    Ok(Prepared {
+        hash: *hash,
+        len: data.len() as u32,
+        encoded: blocks::encode::encode(codec, data),
+    })
+}
+
+/// Store verified blocks with a hold each, durably.
+pub fn store_held(store: &KvStore, received: &[Prepared]) -> Result<(), ReplicaError> {
+    if received.is_empty() {
+        return Ok(());
+    }
+    store.transact(|t| {
+        for b in received {
+            let hk = hold_key(&b.hash);
+            if t.get(Cf::Bidx, &hk)?.is_none() {
+                t.put(Cf::Bidx, &hk, &[])?;
+                blocks::add_ref(t, b, None)?;
+            }
+        }
+        Ok::<_, KvError>(())
+    })?;
+    store.sync()?;
+    Ok(())
+}
+
+fn fmap_hash(v: &[u8]) -> Result<Hash, ReplicaError> {
+    Ok(FmapEntry::decode(v)?.hash)
+}
+
+/// Delete one shippable key the way its removal on the primary would: a map entry drops its
+/// block reference, an inode its garbage mark.
+fn remove_key(t: &mut dyn Txn, cf: Cf, key: &[u8]) -> Result<(), ReplicaError> {
+    let Some(old) = t.get(cf, key)? else {
+        return Ok(());
+    };
+    if cf == Cf::Fmap {
+        blocks::drop_ref(t, &fmap_hash(&old)?)?;
+    }
+    if cf == Cf::Meta && key.len() == 9 && key[0] == Prefix::Inode.byte() {
+        if let Some(ino) = ks::key_ino(key) {
+            t.delete(Cf::Meta, &ks::garbage_key(ino))?;
+        }
+    }
+    t.delete(cf, key)?;
+    Ok(())
+}
+
+fn put_key(
+    t: &mut dyn Txn,
+    cf: Cf,
+    key: &[u8],
+    value: &[u8],
+    named: &mut Vec<Hash>,
+) -> Result<(), ReplicaError> {
+    if cf == Cf::Fmap {
+        let new = fmap_hash(value)?;
+        if t.get(Cf::Bidx, &ks::block_info_key(&new))?.is_none() {
+            return Err(ReplicaError::Refused {
+                peer: "primary".into(),
+                reason: format!(
+                    "group names block {} for {}, which was never sent",
+                    ks::hex(&new),
+                    ks::describe_key(key)
+                ),
+            });
+        }
+        blocks::add_shared_ref(t, &new)?;
+        if let Some(old) = t.get(Cf::Fmap, key)? {
+            blocks::drop_ref(t, &fmap_hash(&old)?)?;
+        }
+        named.push(new);
+    }
+    if cf == Cf::Meta && key.len() == 9 && key[0] == Prefix::Inode.byte() {
+        // An inode the primary still has open after its last name went: kept, as there, under
+        // a garbage mark (the replica's sweeper never runs on it; `serve` owns the store).
+        let ino = ks::key_ino(key).unwrap_or(0);
+        if Inode::decode(value)?.nlink == 0 {
+            let g = GarbageRecord {
+                since: Timestamp::now(),
+            };
+            t.put(Cf::Meta, &ks::garbage_key(ino), &g.encode()?)?;
+        } else {
+            t.delete(Cf::Meta, &ks::garbage_key(ino))?;
+        }
+    }
+    t.put(cf, key, value)?;
+    Ok(())
+}
+
+fn apply_change(t: &mut dyn Txn, ch: &Change, named: &mut Vec<Hash>) -> Result<(), ReplicaError> {
+    let bad = |cf: u8| ReplicaError::Refused {
+        peer: "primary".into(),
+        reason: format!("change names unknown column family {cf}"),
+    };
+    match ch {
+        Change::Put { cf, key, value } => {
+            let c = cf_from_u8(*cf).ok_or_else(|| bad(*cf))?;
+            if !shippable(c, key) {
+                return Err(refused_key(key));
+            }
+            put_key(t, c, key, value, named)
+        }
+        Change::Delete { cf, key } => {
+            let c = cf_from_u8(*cf).ok_or_else(|| bad(*cf))?;
+            if !shippable(c, key) {
+                return Err(refused_key(key));
+            }
+            remove_key(t, c, key)
+        }
+        Change::Clear { cf, start, end } => {
+            let c = cf_from_u8(*cf).ok_or_else(|| bad(*cf))?;
+            let mut from = start.clone();
+            loop {
+                let page = t.scan(c, &from, end, 4096)?;
+                let n = page.len();
+                for (k, _) in page {
+                    if shippable(c, &k) {
+                        remove_key(t, c, &k)?;
+                    }
+                    from = k;
+                    from.push(0);
+                }
+                if n < 4096 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn refused_key(key: &[u8]) -> ReplicaError {
+    ReplicaError::Refused {
+        peer: "primary".into(),
+        reason: format!(
+            "group writes {}, which is not shipped",
+            ks::describe_key(key)
+        ),
+    }
+}
+
+/// Apply group `seq` (all its parts' changes, in order) in one transaction and sync it.
+/// `prev` must be what this replica applied last, unless it is fresh and this is the group
+/// that gives it the whole filesystem.
+pub fn apply_group(
+    store: &KvStore,
+    seq: u64,
+    prev: &Hash,
+    chain: &Hash,
+    changes: &[Change],
+) -> Result<ReplicaState, ReplicaError> {
+    let refuse = |reason: String| ReplicaError::Refused {
+        peer: "primary".into(),
+        reason,
+    };
+    let is_base = matches!(changes.first(), Some(Change::Clear { .. }));
+    let st = store.transact(|t| {
+        let mut st = read_state(t)?.ok_or_else(|| refuse("this store is not a replica".into()))?;
+        if st.promoted.is_some() {
+            return Err(refuse("this replica was promoted to a primary".into()));
+        }
+        let fresh = st.applied == 0;
+        if !(fresh && is_base) && (seq != st.applied + 1 || *prev != st.chain) {
+            return Err(refuse(format!(
+                "group {seq} does not follow group {} applied here",
+                st.applied
+            )));
+        }
+        let mut named = Vec::new();
+        let mut max_ino = 0;
+        for ch in changes {
+            apply_change(t, ch, &mut named)?;
+            if let Change::Put { key, .. } = ch {
+                if key.len() == 9 && key[0] == Prefix::Inode.byte() {
+                    max_ino = max_ino.max(ks::key_ino(key).unwrap_or(0));
+                }
+            }
+        }
+        // Kept above every inode, as on a primary (a promoted replica allocates from it).
+        let next = match t.get(Cf::Meta, ks::META_NEXT_INO)? {
+            Some(v) => decode_counter(&v)?,
+            None => 0,
+        };
+        if max_ino >= next {
+            t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(max_ino + 1))?;
+        }
+        named.sort_unstable();
+        named.dedup();
+        for h in &named {
+            let hk = hold_key(h);
+            if t.get(Cf::Bidx, &hk)?.is_some() {
+                t.delete(Cf::Bidx, &hk)?;
+                blocks::drop_ref(t, h)?;
+            }
+        }
+        st.applied = seq;
+        st.chain = *chain;
+        st.applied_at = Some(Timestamp::now());
+        t.put(Cf::Meta, ks::META_REPLICA, &st.encode()?)?;
+        Ok(st)
+    })?;
+    store.sync()?;
+    Ok(st)
+}
+
+/// `kvfs promote`: this replica becomes the primary of its filesystem. It keeps what it
+/// applied; inode numbers continue after the highest it holds; blocks held for groups that
+/// will never come are released. It refuses shipments from then on.
+pub fn promote(store: &KvStore) -> Result<ReplicaState, ReplicaError> {
+    let (a, b) = Prefix::Inode.range();
+    let mut max_ino = ks::ROOT_INO;
+    store.for_each(Cf::Meta, &a, &b, |k, _| {
+        if let Some(ino) = ks::key_ino(k) {
+            max_ino = max_ino.max(ino);
+        }
+        true
+    })?;
+    let (ha, hb) = Prefix::Hold.range();
+    let mut holds = Vec::new();
+    store.for_each(Cf::Bidx, &ha, &hb, |k, _| {
+        holds.push(k.to_vec());
+        true
+    })?;
+    let st = store.transact(|t| {
+        let mut st = read_state(t)?.ok_or_else(|| ReplicaError::Refused {
+            peer: "promote".into(),
+            reason: "this store is not a replica".into(),
+        })?;
+        if st.promoted.is_some() {
+            return Err(ReplicaError::Refused {
+                peer: "promote".into(),
+                reason: "this store was promoted already".into(),
+            });
+        }
+        st.promoted = Some(Timestamp::now());
+        t.put(Cf::Meta, ks::META_REPLICA, &st.encode()?)?;
+        let next = match t.get(Cf::Meta, ks::META_NEXT_INO)? {
+            Some(v) => decode_counter(&v)?,
+            None => 0,
+        }
+        .max(max_ino + 1);
+        t.put(Cf::Meta, ks::META_NEXT_INO, &encode_counter(next))?;
+        for k in &holds {
+            if let Some(h) = ks::key_hash(k) {
+                t.delete(Cf::Bidx, k)?;
+                blocks::drop_ref(t, &h)?;
+            }
+        }
+        Ok(st)
+    })?;
+    blocks::collect_all_garbage(store)?;
+    store.sync()?;
+    Ok(st)
+}
+
+/// Whether the store is a replica that still follows a primary (not promoted).
+pub fn is_follower_store(store: &KvStore) -> Result<bool, ReplicaError> {
+    Ok(state(store)?.is_some_and(|s| s.promoted.is_none()))
+}

@@ -1,0 +1,360 @@
+//! The logger: change markers become groups, and groups every replica acknowledged are
+//! trimmed.
+//!
+//! A round reads one snapshot: every marker in it, and the value each marked key has in it.
+//! The group it writes is therefore exactly the difference between the state the previous
+//! group described and this snapshot: a replica applying groups in order moves from one state
+//! the primary had to a later one. The round's transaction deletes exactly the markers it saw
+//! (their keys are unique, so a marker written meanwhile stays for the next round) and adds a
+//! reference to every block the group names, which it drops when the group is trimmed: a block
+//! is never freed while a group that names it waits to be shipped. If one of those blocks was
+//! freed between the snapshot and the transaction (a later write replaced it), the snapshot is
+//! stale and the round starts over.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    base_ranges, cf_from_u8, chain, log_group_range, log_key, replica_key, shippable, Change,
+    ChangeMarker, LogHead, LogPart, ReplicaError, ReplicaRecord,
+};
+use crate::blocks;
+use crate::keyspace::records::FmapEntry;
+use crate::keyspace::{self as ks, Hash, Prefix};
+use crate::kv::{Cf, KvError, KvStore, Txn};
+use crate::util::Timestamp;
+
+/// Changes per stored part are cut at about this many encoded bytes.
+pub const PART_BYTES: usize = 1 << 20;
+/// Keys read per scan page.
+const PAGE: usize = 4096;
+
+/// One round at a time in a process: a group must describe a later snapshot than the group
+/// before it.
+static ROUND: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// What one snapshot holds for the next group.
+#[derive(Default)]
+struct Collected {
+    /// The log head in the snapshot: the group is logged only right after it.
+    head: u64,
+    markers: Vec<Vec<u8>>,
+    changes: Vec<Change>,
+    /// Blocks the group's map entries name, with multiplicity.
+    hashes: Vec<Hash>,
+    /// Replicas whose first group this is.
+    base_for: Vec<String>,
+    replicas: usize,
+}
+
+/// Read every key of `[start, end)` in `cf` from `t`, page by page.
+fn scan_all(
+    t: &mut dyn Txn,
+    cf: Cf,
+    start: &[u8],
+    end: &[u8],
+    mut visit: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), ReplicaError>,
+) -> Result<(), ReplicaError> {
+    let mut from = start.to_vec();
+    loop {
+        let page = t.scan(cf, &from, end, PAGE)?;
+        let n = page.len();
+        for (k, v) in page {
+            from = k.clone();
+            from.push(0);
+            visit(k, v)?;
+        }
+        if n < PAGE {
+            return Ok(());
+        }
+    }
+}
+
+fn note_put(c: &mut Collected, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), ReplicaError> {
+    if cf == Cf::Fmap {
+        c.hashes.push(FmapEntry::decode(&value)?.hash);
+    }
+    c.changes.push(Change::Put {
+        cf: cf.index() as u8,
+        key,
+        value,
+    });
+    Ok(())
+}
+
+fn collect(s: &mut dyn Txn) -> Result<Collected, ReplicaError> {
+    let mut c = Collected {
+        head: read_head(s)?.seq,
+        ..Default::default()
+    };
+    let (ra, rb) = Prefix::Replica.range();
+    scan_all(s, Cf::Meta, &ra, &rb, |k, v| {
+        c.replicas += 1;
+        if ReplicaRecord::decode(&v)?.base.is_none() {
+            c.base_for
+                .push(String::from_utf8_lossy(&k[1..]).into_owned());
+        }
+        Ok(())
+    })?;
+    let mut keys = BTreeSet::new();
+    let (ca, cb) = Prefix::Change.range();
+    scan_all(s, Cf::Meta, &ca, &cb, |k, v| {
+        for (cf, key) in ChangeMarker::decode(&v)?.keys {
+            keys.insert((cf, key));
+        }
+        c.markers.push(k);
+        Ok(())
+    })?;
+    if c.replicas == 0 {
+        return Ok(c);
+    }
+    if !c.base_for.is_empty() {
+        // The whole filesystem: covers every marked key too (all marked keys are in these
+        // ranges), and every replica may take it (it replaces what they hold by the same).
+        for (cf, start, end) in base_ranges() {
+            c.changes.push(Change::Clear {
+                cf: cf.index() as u8,
+                start: start.clone(),
+                end: end.clone(),
+            });
+            let mut puts = Vec::new();
+            scan_all(s, cf, &start, &end, |k, v| {
+                if shippable(cf, &k) {
+                    puts.push((k, v));
+                }
+                Ok(())
+            })?;
+            for (k, v) in puts {
+                note_put(&mut c, cf, k, v)?;
+            }
+        }
+        return Ok(c);
+    }
+    for (cfb, key) in keys {
+        let Some(cf) = cf_from_u8(cfb).filter(|cf| shippable(*cf, &key)) else {
+            continue;
+        };
+        match s.get(cf, &key)? {
+            Some(v) => note_put(&mut c, cf, key, v)?,
+            None => c.changes.push(Change::Delete { cf: cfb, key }),
+        }
+    }
+    Ok(c)
+}
+
+/// Cut changes into parts of about [`PART_BYTES`].
+fn into_parts(changes: Vec<Change>) -> Vec<Vec<Change>> {
+    let mut parts = vec![Vec::new()];
+    let mut size = 0;
+    for ch in changes {
+        let n = match &ch {
+            Change::Put { key, value, .. } => key.len() + value.len() + 8,
+            Change::Delete { key, .. } => key.len() + 4,
+            Change::Clear { start, end, .. } => start.len() + end.len() + 4,
+        };
+        if size + n > PART_BYTES && size > 0 {
+            parts.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        parts.last_mut().expect("one part at least").push(ch);
+    }
+    parts
+}
+
+pub fn read_head(t: &mut dyn Txn) -> Result<LogHead, ReplicaError> {
+    Ok(match t.get(Cf::Meta, ks::META_LOG_HEAD)? {
+        Some(v) => LogHead::decode(&v)?,
+        None => LogHead::default(),
+    })
+}
+
+/// The head outside a transaction.
+pub fn head(store: &KvStore) -> Result<LogHead, ReplicaError> {
+    store.read(read_head)
+}
+
+enum Outcome {
+    Logged(u64),
+    Stale,
+}
+
+fn commit(store: &KvStore, c: &Collected) -> Result<Outcome, ReplicaError> {
+    let parts = into_parts(c.changes.clone());
+    let mut counts: BTreeMap<Hash, u32> = BTreeMap::new();
+    for h in &c.hashes {
+        *counts.entry(*h).or_default() += 1;
+    }
+    let at = Timestamp::now();
+    store.transact(|t| {
+        let head = read_head(t)?;
+        if head.seq != c.head {
+            return Ok(Outcome::Stale);
+        }
+        let seq = head.seq + 1;
+        for (h, n) in &counts {
+            if t.get(Cf::Bidx, &ks::block_info_key(h))?.is_none() {
+                return Ok(Outcome::Stale);
+            }
+            for _ in 0..*n {
+                blocks::add_shared_ref(t, h)?;
+            }
+        }
+        let ch = chain(&head.chain, seq, &parts)?;
+        for (i, changes) in parts.iter().enumerate() {
+            let p = LogPart {
+                at,
+                chain: ch,
+                last: i + 1 == parts.len(),
+                changes: changes.clone(),
+            };
+            t.put(Cf::Meta, &log_key(seq, i as u32), &p.encode()?)?;
+        }
+        for m in &c.markers {
+            t.delete(Cf::Meta, m)?;
+        }
+        for name in &c.base_for {
+            let key = replica_key(name);
+            let Some(v) = t.get(Cf::Meta, &key)? else {
+                continue;
+            };
+            let mut r = ReplicaRecord::decode(&v)?;
+            if r.base.is_none() {
+                r.base = Some(seq);
+                r.acked = head.seq;
+                r.acked_chain = head.chain;
+                t.put(Cf::Meta, &key, &r.encode()?)?;
+            }
+        }
+        let new_head = LogHead { seq, chain: ch };
+        t.put(Cf::Meta, ks::META_LOG_HEAD, &new_head.encode()?)?;
+        Ok(Outcome::Logged(seq))
+    })
+}
+
+/// One logger round: turn the markers present now into a group. Returns the group's seq, or
+/// `None` when there was nothing to log (or no replica to log for: markers are then dropped).
+pub fn round(store: &KvStore) -> Result<Option<u64>, ReplicaError> {
+    let _one = ROUND.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..16 {
+        let c = store.read(collect)?;
+        if c.replicas == 0 {
+            for chunk in c.markers.chunks(PAGE) {
+                store.transact(|t| {
+                    chunk.iter().try_for_each(|m| t.delete(Cf::Meta, m))?;
+                    Ok::<_, KvError>(())
+                })?;
+            }
+            return Ok(None);
+        }
+        if c.markers.is_empty() && c.base_for.is_empty() {
+            return Ok(None);
+        }
+        match commit(store, &c)? {
+            Outcome::Logged(seq) => return Ok(Some(seq)),
+            Outcome::Stale => continue,
+        }
+    }
+    Err(KvError::Other("the logger's snapshot kept going stale (16 rounds)".into()).into())
+}
+
+/// The parts of group `seq`, in order; `None` if it is not in the log.
+pub fn read_group(store: &KvStore, seq: u64) -> Result<Option<Vec<LogPart>>, ReplicaError> {
+    let (a, b) = log_group_range(seq);
+    let mut raw = Vec::new();
+    store.for_each(Cf::Meta, &a, &b, |_, v| {
+        raw.push(v.to_vec());
+        true
+    })?;
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let parts = raw
+        .iter()
+        .map(|v| LogPart::decode(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(parts))
+}
+
+/// Seqs, stored bytes and log times of the groups in the log, oldest first.
+pub fn groups(store: &KvStore) -> Result<Vec<(u64, u64, Timestamp)>, ReplicaError> {
+    let (a, b) = Prefix::Log.range();
+    let mut out: Vec<(u64, u64, Timestamp)> = Vec::new();
+    let mut bad = None;
+    store.for_each(Cf::Meta, &a, &b, |k, v| {
+        let Some(seq) = k.get(1..9).and_then(|s| <[u8; 8]>::try_from(s).ok()) else {
+            return true;
+        };
+        let seq = u64::from_be_bytes(seq);
+        match out.last_mut() {
+            Some(last) if last.0 == seq => last.1 += v.len() as u64,
+            _ => match LogPart::decode(v) {
+                Ok(p) => out.push((seq, v.len() as u64, p.at)),
+                Err(e) => bad = Some(e),
+            },
+        }
+        true
+    })?;
+    match bad {
+        Some(e) => Err(e.into()),
+        None => Ok(out),
+    }
+}
+
+/// Drop the groups every replica has acknowledged (all of them when there is no replica),
+/// with the block references they held. Returns how many were dropped.
+pub fn trim(store: &KvStore) -> Result<u64, ReplicaError> {
+    let reps = super::replicas(store)?;
+    let keep_after = reps
+        .iter()
+        .filter(|(_, r)| r.base.is_some())
+        .map(|(_, r)| r.acked)
+        .min();
+    let keep_after = match (keep_after, reps.is_empty()) {
+        (Some(a), _) => a,
+        (None, true) => u64::MAX,
+        // Every replica still waits for its first group: the groups before it serve nobody.
+        (None, false) => head(store)?.seq,
+    };
+    let mut dropped = 0;
+    for (seq, _, _) in groups(store)? {
+        if seq > keep_after {
+            break;
+        }
+        drop_group(store, seq)?;
+        dropped += 1;
+    }
+    Ok(dropped)
+}
+
+fn drop_group(store: &KvStore, seq: u64) -> Result<(), ReplicaError> {
+    let (a, b) = log_group_range(seq);
+    store.transact(|t| {
+        let mut parts = Vec::new();
+        scan_all(t, Cf::Meta, &a, &b, |k, v| {
+            parts.push((k, v));
+            Ok(())
+        })?;
+        for (k, v) in parts {
+            for ch in LogPart::decode(&v)?.changes {
+                if let Change::Put { cf, value, .. } = ch {
+                    if cf_from_u8(cf) == Some(Cf::Fmap) {
+                        blocks::drop_ref(t, &FmapEntry::decode(&value)?.hash)?;
+                    }
+                }
+            }
+            t.delete(Cf::Meta, &k)?;
+        }
+        Ok(())
+    })
+}
+
+/// Markers not yet logged.
+pub fn marker_count(store: &KvStore) -> Result<u64, KvError> {
+    let (a, b) = Prefix::Change.range();
+    let mut n = 0;
+    store.for_each(Cf::Meta, &a, &b, |_, _| {
+        n += 1;
+        true
+    })?;
+    Ok(n)
+}

@@ -1,0 +1,391 @@
+//! Replication: a primary ships what it commits to replicas, blocks first, then the metadata
+//! that names them, and a replica applies each shipment as one transaction.
+//!
+//! The pieces, in the order data flows:
+//! - [`Changes`], the change tracker: every transaction that writes shippable keys (inodes,
+//!   xattrs, directory entries, block maps) also writes one marker `c seq` listing them
+//!   (`kv::ChangeTracker`; installed while the store has replicas).
+//! - [`log`]: the logger turns all markers visible in one snapshot into a **group** `L seq`:
+//!   the values those keys had in that snapshot. Group `n` takes the replica from the
+//!   primary's state at one moment to its state at a later one, so a replica that applies
+//!   groups in order only ever holds states the primary had. A group holds a reference on
+//!   every block it names until every replica acknowledged it, so a block is never freed
+//!   before it is shipped.
+//! - [`wire`]: frames and messages. [`ship`]: the primary's side of a connection (handshake,
+//!   "which of these do you have", blocks, then the group). [`serve`] and [`apply`]: the
+//!   replica's side, which acknowledges blocks once synced and verified by SHA-256 and a group
+//!   once applied and synced.
+//! - [`transport`]: how a connection is made (`exec:`, `ssh://`, `tcp://` with TLS).
+//!
+//! What stays local is never marked: process table, open counts, locks, written-ahead
+//! markers, garbage marks, refcounts (each store counts its own references).
+
+pub mod apply;
+pub mod log;
+pub mod serve;
+pub mod ship;
+pub mod status;
+pub mod tls;
+pub mod transport;
+pub mod wire;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::keyspace::records::{decode_v1, encode_v1, DecodeError, EncodeError};
+use crate::keyspace::{self as ks, inode_sub, Hash, Prefix};
+use crate::kv::{Cf, ChangeTracker, KvError, KvStore};
+use crate::util::Timestamp;
+
+/// `c seq` value: the keys one transaction wrote (family index, key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeMarker {
+    pub keys: Vec<(u8, Vec<u8>)>,
+}
+
+impl ChangeMarker {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("change marker", b)
+    }
+}
+
+/// One change in a group: the value a key had at the group's moment, or its absence, or
+/// (for a replica's first group) "everything of this range is as follows".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Put {
+        cf: u8,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: u8,
+        key: Vec<u8>,
+    },
+    /// Delete every shippable key in `[start, end)` first; the puts that follow in the group
+    /// give the range's content.
+    Clear {
+        cf: u8,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
+}
+
+/// `L seq part` value: one part of a group (parts are at most [`log::PART_BYTES`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPart {
+    /// When the group was logged.
+    pub at: Timestamp,
+    /// The group's chain hash: SHA-256 of the previous group's chain, its seq and every
+    /// change of every part in order (see [`chain`]).
+    pub chain: Hash,
+    pub last: bool,
+    pub changes: Vec<Change>,
+}
+
+impl LogPart {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("log part", b)
+    }
+}
+
+/// `M log` value on a primary: the last group logged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogHead {
+    pub seq: u64,
+    pub chain: Hash,
+}
+
+impl LogHead {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("log head", b)
+    }
+}
+
+/// `R name` value on a primary: one replica and what it acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub url: String,
+    /// `SHA256:...` of the replica's certificate (tcp:// only).
+    pub fingerprint: Option<String>,
+    pub added: Timestamp,
+    /// The group that gives this replica the whole filesystem (its first), once logged.
+    pub base: Option<u64>,
+    /// The last group it acknowledged as applied and synced, and that group's chain hash.
+    pub acked: u64,
+    pub acked_chain: Hash,
+    pub acked_at: Option<Timestamp>,
+    /// The last error talking to it, and when; cleared by the next acknowledgement.
+    pub error: Option<(Timestamp, String)>,
+}
+
+impl ReplicaRecord {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("replica record", b)
+    }
+}
+
+/// `M replica` value on a replica store: the filesystem it follows and what it applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    pub applied: u64,
+    pub chain: Hash,
+    pub applied_at: Option<Timestamp>,
+    /// Set by `kvfs promote`: the store became a primary and accepts no more shipments.
+    pub promoted: Option<Timestamp>,
+}
+
+impl ReplicaState {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("replica state", b)
+    }
+}
+
+/// `c seq`
+pub fn change_key(seq: u64) -> Vec<u8> {
+    let mut k = vec![Prefix::Change.byte()];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `L seq part`
+pub fn log_key(seq: u64, part: u32) -> Vec<u8> {
+    let mut k = vec![Prefix::Log.byte()];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
+/// Every part of group `seq`.
+pub fn log_group_range(seq: u64) -> (Vec<u8>, Vec<u8>) {
+    (log_key(seq, 0), log_key(seq + 1, 0))
+}
+
+/// `R name`
+pub fn replica_key(name: &str) -> Vec<u8> {
+    let mut k = vec![Prefix::Replica.byte()];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// `H hash`: a block received for a group not yet applied (a replica's own reference).
+pub fn hold_key(h: &Hash) -> Vec<u8> {
+    let mut k = vec![Prefix::Hold.byte()];
+    k.extend_from_slice(h);
+    k
+}
+
+pub fn cf_from_u8(b: u8) -> Option<Cf> {
+    Cf::ALL.get(b as usize).copied()
+}
+
+/// Whether a key is part of the filesystem a replica receives: inode records, xattrs,
+/// directory entries and block maps. Everything else is the store's own.
+pub fn shippable(cf: Cf, key: &[u8]) -> bool {
+    match (cf, key.first().copied().and_then(Prefix::from_byte)) {
+        (Cf::Meta, Some(Prefix::Inode)) => {
+            key.len() == 9 || (key.len() > 10 && key[9] == inode_sub::XATTR)
+        }
+        (Cf::Meta, Some(Prefix::Dirent)) | (Cf::Fmap, Some(Prefix::Fmap)) => true,
+        _ => false,
+    }
+}
+
+/// The ranges a replica's first group gives whole.
+pub fn base_ranges() -> [(Cf, Vec<u8>, Vec<u8>); 3] {
+    let r = |p: Prefix| {
+        let (a, b) = p.range();
+        (p.cf(), a, b)
+    };
+    [r(Prefix::Inode), r(Prefix::Dirent), r(Prefix::Fmap)]
+}
+
+/// Chain hash of group `seq` after `prev`.
+pub fn chain(prev: &Hash, seq: u64, parts: &[Vec<Change>]) -> Result<Hash, EncodeError> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(seq.to_be_bytes());
+    for changes in parts {
+        let b = postcard::to_allocvec(changes).map_err(|e| EncodeError {
+            what: "group",
+            reason: e.to_string(),
+        })?;
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
+    }
+    Ok(h.finalize().into())
+}
+
+/// The change tracker of a primary with replicas: one `c seq` marker per transaction.
+pub struct Changes {
+    next: AtomicU64,
+}
+
+impl ChangeTracker for Changes {
+    fn wants(&self, cf: Cf, key: &[u8]) -> bool {
+        shippable(cf, key)
+    }
+
+    fn marker(&self, keys: &[(Cf, Vec<u8>)]) -> Result<(Cf, Vec<u8>, Vec<u8>), KvError> {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let m = ChangeMarker {
+            keys: keys
+                .iter()
+                .map(|(c, k)| (c.index() as u8, k.clone()))
+                .collect(),
+        };
+        Ok((Cf::Meta, change_key(seq), m.encode()?))
+    }
+}
+
+/// The replicas registered in `store`, by name.
+pub fn replicas(store: &KvStore) -> Result<Vec<(String, ReplicaRecord)>, KvError> {
+    let (a, b) = Prefix::Replica.range();
+    let mut out = Vec::new();
+    let mut bad = None;
+    store.for_each(Cf::Meta, &a, &b, |k, v| {
+        let name = String::from_utf8_lossy(&k[1..]).into_owned();
+        match ReplicaRecord::decode(v) {
+            Ok(r) => out.push((name, r)),
+            Err(e) => bad = Some(format!("{}: {e}", ks::describe_key(k))),
+        }
+        true
+    })?;
+    match bad {
+        Some(e) => Err(KvError::Corruption(e)),
+        None => Ok(out),
+    }
+}
+
+/// Install the change tracker on `store` if it has replicas (and remove it if not), so that
+/// every later commit records what it changed. The marker numbers continue after any left by
+/// an earlier process.
+pub fn track_if_replicated(store: &KvStore) -> Result<bool, KvError> {
+    let want = !replicas(store)?.is_empty();
+    if want == store.tracks_changes() {
+        return Ok(want);
+    }
+    if want {
+        let (a, b) = Prefix::Change.range();
+        let mut last = 0u64;
+        store.for_each(Cf::Meta, &a, &b, |k, _| {
+            if let Some(s) = k.get(1..9).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
+                last = u64::from_be_bytes(s);
+            }
+            true
+        })?;
+        store.track_changes(Some(Arc::new(Changes {
+            next: AtomicU64::new(last + 1),
+        })));
+    } else {
+        store.track_changes(None);
+    }
+    Ok(want)
+}
+
+/// Register replica `name` at `url`. Its first group (the whole filesystem) is logged at the
+/// next logger round; until then and from then on every change is tracked.
+pub fn add(
+    store: &KvStore,
+    name: &str,
+    url: &str,
+    fingerprint: Option<String>,
+) -> Result<(), ReplicaError> {
+    if name.is_empty() || name.len() > 64 || name.contains(['/', '\n', ' ']) {
+        return Err(ReplicaError::BadName(name.into()));
+    }
+    transport::Url::parse(url)?;
+    let key = replica_key(name);
+    let rec = ReplicaRecord {
+        url: url.into(),
+        fingerprint,
+        added: Timestamp::now(),
+        base: None,
+        acked: 0,
+        acked_chain: [0; 32],
+        acked_at: None,
+        error: None,
+    };
+    let exists = store.transact(|t| {
+        if t.get(Cf::Meta, &key)?.is_some() {
+            return Ok::<_, KvError>(true);
+        }
+        t.put(Cf::Meta, &key, &rec.encode()?)?;
+        Ok(false)
+    })?;
+    if exists {
+        return Err(ReplicaError::Exists(name.into()));
+    }
+    track_if_replicated(store)?;
+    store.sync()?;
+    Ok(())
+}
+
+/// Forget replica `name`; the groups only it still needed are trimmed at the next round.
+pub fn remove(store: &KvStore, name: &str) -> Result<(), ReplicaError> {
+    let key = replica_key(name);
+    let existed = store.transact(|t| {
+        let had = t.get(Cf::Meta, &key)?.is_some();
+        t.delete(Cf::Meta, &key)?;
+        Ok::<_, KvError>(had)
+    })?;
+    if !existed {
+        return Err(ReplicaError::Unknown(name.into()));
+    }
+    track_if_replicated(store)?;
+    store.sync()?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("replica name {0:?}: 1 to 64 characters, no '/', space or newline")]
+    BadName(String),
+    #[error("a replica named {0:?} exists already")]
+    Exists(String),
+    #[error("no replica named {0:?}")]
+    Unknown(String),
+    #[error("bad replica address {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("{0}")]
+    Wire(#[from] wire::WireError),
+    #[error("replica {peer}: {reason}")]
+    Refused { peer: String, reason: String },
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    #[error("{0}")]
+    Encode(#[from] EncodeError),
+    #[error("{0}")]
+    Block(#[from] crate::blocks::BlockError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl crate::kv::Retryable for ReplicaError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, ReplicaError::Kv(KvError::Conflict))
+    }
+}

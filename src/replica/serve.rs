@@ -1,0 +1,292 @@
+//! `kvfs serve`: the replica's end of the protocol, over stdio (under ssh or `exec:`) or TCP
+//! with TLS. The store is created at the first primary's `Hello`, with that primary's
+//! filesystem id and block size and this side's own compression and parity; from then on it
+//! accepts only that filesystem. The server touches nothing outside its store directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::apply;
+use super::transport::Duplex;
+use super::wire::{self, Msg, WireError, MAX_HAVE, PROTO_MAX, PROTO_MIN};
+use super::{chain, Change, ReplicaError};
+use crate::blocks::{self, encode::Codec, Prepared};
+use crate::keyspace::records::FormatRecord;
+use crate::keyspace::{self as ks, Hash};
+use crate::kv::KvStore;
+use crate::store::{self, FormatOptions};
+
+/// Received block bytes kept in memory before they are stored (held) without waiting for the
+/// primary's `Flush`.
+const PENDING_BYTES: usize = 16 << 20;
+/// A group's parts are gathered in memory before the one transaction that applies them.
+const MAX_GROUP_BYTES: usize = 1 << 30;
+
+/// The replica store behind a server, opened at the first `Hello` (or at start when it exists).
+pub struct Server {
+    path: PathBuf,
+    /// Compression and parity for a store created here.
+    create: FormatOptions,
+    open: Mutex<Option<Arc<Opened>>>,
+}
+
+pub struct Opened {
+    pub kv: KvStore,
+    pub format: FormatRecord,
+    codec: Codec,
+}
+
+impl Server {
+    pub fn new(path: &Path, create: FormatOptions) -> Server {
+        Server {
+            path: path.to_path_buf(),
+            create,
+            open: Mutex::new(None),
+        }
+    }
+
+    /// The store, opened if it exists (for a server that starts before any primary).
+    pub fn opened(&self) -> Result<Option<Arc<Opened>>, ReplicaError> {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() && store::db_path(&self.path).join("CURRENT").exists() {
+            let (kv, format) = store::open(&self.path).map_err(store_err)?;
+            if apply::state(&kv)?.is_none() {
+                return Err(refuse(format!(
+                    "{} is a primary store, not a replica",
+                    self.path.display()
+                )));
+            }
+            let codec = Codec::from_format(&format);
+            *g = Some(Arc::new(Opened { kv, format, codec }));
+        }
+        Ok(g.clone())
+    }
+
+    fn open_for(&self, fs_id: [u8; 16], block_size: u32) -> Result<Arc<Opened>, ReplicaError> {
+        if let Some(o) = self.opened()? {
+            return Ok(o);
+        }
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = g.clone() {
+            return Ok(o);
+        }
+        let o = FormatOptions {
+            block_size,
+            fs_id: Some(fs_id),
+            ..self.create
+        };
+        // Made aside and moved into place whole: a server killed while creating leaves no
+        // half-made replica (a store without its replica state would refuse every primary).
+        let aside = self.path.join("creating");
+        let io = |what: &str| {
+            let what = format!("{what} {}", aside.display());
+            move |source| ReplicaError::Io { what, source }
+        };
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).map_err(io("cannot remove"))?;
+        }
+        store::format_with(&aside, &o).map_err(store_err)?;
+        {
+            let (kv, _) = store::open(&aside).map_err(store_err)?;
+            apply::init_state(&kv)?;
+        }
+        std::fs::rename(store::db_path(&aside), store::db_path(&self.path))
+            .map_err(io("cannot move the new store from"))?;
+        std::fs::File::open(&self.path)
+            .and_then(|d| d.sync_all())
+            .map_err(io("cannot sync the directory of"))?;
+        let _ = std::fs::remove_dir_all(&aside);
+        let (kv, format) = store::open(&self.path).map_err(store_err)?;
+        tracing::info!(store = %self.path.display(), fs_id = %ks::hex(&fs_id), "created a replica store");
+        let codec = Codec::from_format(&format);
+        let opened = Arc::new(Opened { kv, format, codec });
+        *g = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// Serve one primary on `io` until it says `Bye` or the connection ends. Errors are also
+    /// sent to the primary (best effort) and logged with the peer's name.
+    pub fn session(&self, io: &mut dyn Duplex, peer: &str) -> Result<(), ReplicaError> {
+        let res = self.run(io);
+        match &res {
+            Ok(()) | Err(ReplicaError::Wire(WireError::Closed)) => {}
+            Err(ReplicaError::Wire(WireError::Refused(_))) => {}
+            Err(e) => {
+                tracing::error!(peer, error = %e, "shipment refused");
+                let _ = wire::send(
+                    io,
+                    &Msg::Refused {
+                        reason: e.to_string(),
+                    },
+                );
+            }
+        }
+        match res {
+            Err(ReplicaError::Wire(WireError::Closed)) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn run(&self, io: &mut dyn Duplex) -> Result<(), ReplicaError> {
+        let (fs_id, block_size, proto) = match wire::recv(io)? {
+            Msg::Hello {
+                proto_min,
+                proto_max,
+                fs_id,
+                block_size,
+            } => {
+                let proto = PROTO_MAX.min(proto_max);
+                if proto < PROTO_MIN.max(proto_min) {
+                    return Err(refuse(format!(
+                        "protocol versions {proto_min}..{proto_max} offered, this replica speaks {PROTO_MIN}..{PROTO_MAX}"
+                    )));
+                }
+                (fs_id, block_size, proto)
+            }
+            m => return Err(unexpected(&m)),
+        };
+        let st = self.open_for(fs_id, block_size)?;
+        if st.format.fs_id != fs_id {
+            return Err(refuse(format!(
+                "this replica follows filesystem {}, not {}",
+                ks::hex(&st.format.fs_id),
+                ks::hex(&fs_id)
+            )));
+        }
+        if st.format.block_size != block_size {
+            return Err(refuse(format!(
+                "block size {} here, {block_size} on the primary",
+                st.format.block_size
+            )));
+        }
+        let rs = apply::state(&st.kv)?.ok_or_else(|| refuse("not a replica store".into()))?;
+        if let Some(when) = rs.promoted {
+            return Err(refuse(format!(
+                "this replica was promoted to a primary (at {} s since the epoch); it accepts no shipments from the old primary", when.secs
+            )));
+        }
+        wire::send(
+            io,
+            &Msg::Welcome {
+                proto,
+                applied: rs.applied,
+                chain: rs.chain,
+                fresh: rs.applied == 0,
+            },
+        )?;
+        let mut pending: Vec<Prepared> = Vec::new();
+        let mut pending_bytes = 0usize;
+        let mut flushed = 0u64;
+        let mut parts: Vec<Vec<Change>> = Vec::new();
+        let mut group_seq = 0u64;
+        let mut group_bytes = 0usize;
+        loop {
+            match wire::recv(io)? {
+                Msg::Have { hashes } => {
+                    if hashes.len() > MAX_HAVE {
+                        return Err(refuse(format!("{} hashes in one question", hashes.len())));
+                    }
+                    let have = apply::holding(&st.kv, &hashes)?;
+                    wire::send(io, &Msg::Holding { have })?;
+                }
+                Msg::Block { hash, data } => {
+                    let b = apply::prepare_received(&hash, &data, st.format.block_size, &st.codec)
+                        .map_err(refuse)?;
+                    pending_bytes += data.len();
+                    pending.push(b);
+                    flushed += 1;
+                    if pending_bytes >= PENDING_BYTES {
+                        apply::store_held(&st.kv, &pending)?;
+                        pending.clear();
+                        pending_bytes = 0;
+                    }
+                }
+                Msg::Flush => {
+                    apply::store_held(&st.kv, &pending)?;
+                    pending.clear();
+                    pending_bytes = 0;
+                    wire::send(io, &Msg::Flushed { count: flushed })?;
+                    flushed = 0;
+                }
+                Msg::Part {
+                    seq,
+                    index,
+                    last,
+                    prev,
+                    chain: claimed,
+                    changes,
+                    ..
+                } => {
+                    if index as usize != parts.len() || (index > 0 && seq != group_seq) {
+                        return Err(refuse(format!("part {index} of group {seq} out of order")));
+                    }
+                    group_seq = seq;
+                    group_bytes += changes.iter().map(change_bytes).sum::<usize>();
+                    if group_bytes > MAX_GROUP_BYTES {
+                        return Err(refuse(format!(
+                            "group {seq} holds more than {MAX_GROUP_BYTES} bytes"
+                        )));
+                    }
+                    parts.push(changes);
+                    if last {
+                        let whole = std::mem::take(&mut parts);
+                        group_bytes = 0;
+                        if !check_chain(&prev, seq, &whole, &claimed) {
+                            return Err(refuse(format!(
+                                "group {seq}: its chain hash does not match its content"
+                            )));
+                        }
+                        apply::store_held(&st.kv, &pending)?;
+                        pending.clear();
+                        pending_bytes = 0;
+                        let all: Vec<Change> = whole.into_iter().flatten().collect();
+                        apply::apply_group(&st.kv, seq, &prev, &claimed, &all)?;
+                        if let Err(e) = blocks::collect_garbage(&st.kv, 4096) {
+                            tracing::warn!(error = %e, "freeing unreferenced blocks failed");
+                        }
+                        wire::send(
+                            io,
+                            &Msg::Applied {
+                                seq,
+                                chain: claimed,
+                            },
+                        )?;
+                    }
+                }
+                Msg::Bye => return Ok(()),
+                m => return Err(unexpected(&m)),
+            }
+        }
+    }
+}
+
+fn store_err(e: store::StoreError) -> ReplicaError {
+    ReplicaError::Io {
+        what: "replica store".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+pub fn refuse(reason: String) -> ReplicaError {
+    ReplicaError::Refused {
+        peer: "primary".into(),
+        reason,
+    }
+}
+
+fn unexpected(m: &Msg) -> ReplicaError {
+    ReplicaError::Wire(WireError::Unexpected(wire::name(m).into()))
+}
+
+/// Verify the claimed chain of a whole group, part by part as the primary cut it.
+pub fn check_chain(prev: &Hash, seq: u64, parts: &[Vec<Change>], claimed: &Hash) -> bool {
+    matches!(chain(prev, seq, parts), Ok(c) if c == *claimed)
+}
+
+fn change_bytes(c: &Change) -> usize {
+    match c {
+        Change::Put { key, value, .. } => key.len() + value.len() + 8,
+        Change::Delete { key, .. } => key.len() + 4,
+        Change::Clear { start, end, .. } => start.len() + end.len() + 4,
+    }
+}

@@ -1,0 +1,473 @@
+//! The primary's side: greet a replica, agree where it stands, and ship the groups it lacks,
+//! each as "which of these blocks do you have?", the missing blocks, a flush, then the
+//! group's parts; the acknowledgement is recorded durably in `R name`. Also the replication
+//! thread of a mount ([`run`]) and `kvfs replica sync` ([`sync`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::log::{self, read_head};
+use super::transport::{self, Conn};
+use super::wire::{self, Msg, WireError, MAX_HAVE, PROTO_MAX, PROTO_MIN};
+use super::{cf_from_u8, replica_key, Change, ReplicaError, ReplicaRecord};
+use crate::blocks;
+use crate::keyspace::records::{FmapEntry, FormatRecord};
+use crate::keyspace::Hash;
+use crate::kv::{Cf, KvError, KvStore};
+use crate::util::Timestamp;
+
+/// Block bytes sent between flushes.
+const FLUSH_BYTES: u64 = 32 << 20;
+/// A connection with nothing to ship for this long is closed (and reopened when there is).
+const IDLE_CLOSE: Duration = Duration::from_secs(30);
+
+/// What a session shipped.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Shipped {
+    pub groups: u64,
+    pub blocks: u64,
+    pub block_bytes: u64,
+    pub wire_bytes: u64,
+}
+
+/// A connection to one replica, greeted.
+pub struct Session {
+    conn: Conn,
+    name: String,
+    pub shipped: Shipped,
+}
+
+fn record(store: &KvStore, name: &str) -> Result<Option<ReplicaRecord>, ReplicaError> {
+    match store.get(Cf::Meta, &replica_key(name))? {
+        Some(v) => Ok(Some(ReplicaRecord::decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
+/// Change replica `name`'s record (if it still exists) in one transaction, durably.
+fn update(store: &KvStore, name: &str, f: impl Fn(&mut ReplicaRecord)) -> Result<(), ReplicaError> {
+    let key = replica_key(name);
+    store.transact(|t| {
+        if let Some(v) = t.get(Cf::Meta, &key)? {
+            let mut r = ReplicaRecord::decode(&v)?;
+            f(&mut r);
+            t.put(Cf::Meta, &key, &r.encode()?)?;
+        }
+        Ok::<_, ReplicaError>(())
+    })?;
+    store.sync()?;
+    Ok(())
+}
+
+/// Remember the last error talking to replica `name` (for `status`).
+pub fn note_error(store: &KvStore, name: &str, e: &ReplicaError) {
+    let msg = e.to_string();
+    tracing::warn!(replica = name, error = %msg, "replication");
+    let _ = update(store, name, |r| {
+        r.error = Some((Timestamp::now(), msg.clone()))
+    });
+}
+
+impl Session {
+    fn send(&mut self, m: &Msg) -> Result<(), ReplicaError> {
+        match wire::send(&mut *self.conn.io, m) {
+            Ok(n) => {
+                self.shipped.wire_bytes += n as u64;
+                Ok(())
+            }
+            // The replica may have refused and closed: its reason is the better error.
+            Err(WireError::Io(e)) => match wire::recv(&mut *self.conn.io) {
+                Ok(Msg::Refused { reason }) => Err(ReplicaError::Refused {
+                    peer: self.conn.peer.clone(),
+                    reason,
+                }),
+                _ => Err(WireError::Io(e).into()),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn recv(&mut self) -> Result<Msg, ReplicaError> {
+        match wire::recv(&mut *self.conn.io)? {
+            Msg::Refused { reason } => Err(ReplicaError::Refused {
+                peer: self.conn.peer.clone(),
+                reason,
+            }),
+            m => Ok(m),
+        }
+    }
+
+    fn refuse(&mut self, reason: String) -> ReplicaError {
+        let _ = self.send(&Msg::Refused {
+            reason: reason.clone(),
+        });
+        ReplicaError::Refused {
+            peer: self.conn.peer.clone(),
+            reason,
+        }
+    }
+
+    /// Connect to replica `name` and agree on where it stands. `Ok(None)`: nothing can be
+    /// shipped yet (its first group is not logged, or it must start over from a new one).
+    pub fn open(
+        store: &KvStore,
+        format: &FormatRecord,
+        store_dir: &Path,
+        name: &str,
+    ) -> Result<Option<Session>, ReplicaError> {
+        let Some(rec) = record(store, name)? else {
+            return Ok(None);
+        };
+        let Some(base) = rec.base else {
+            return Ok(None);
+        };
+        let conn = transport::connect(&rec.url, rec.fingerprint.as_deref(), store_dir)?;
+        let mut s = Session {
+            conn,
+            name: name.into(),
+            shipped: Shipped::default(),
+        };
+        s.send(&Msg::Hello {
+            proto_min: PROTO_MIN,
+            proto_max: PROTO_MAX,
+            fs_id: format.fs_id,
+            block_size: format.block_size,
+        })?;
+        let (applied, chain, fresh) = match s.recv()? {
+            Msg::Welcome {
+                applied,
+                chain,
+                fresh,
+                ..
+            } => (applied, chain, fresh),
+            m => return Err(WireError::Unexpected(wire::name(&m).into()).into()),
+        };
+        let rebase = |why: &str| -> Result<Option<Session>, ReplicaError> {
+            tracing::warn!(
+                replica = name,
+                why,
+                "the replica starts over from a new copy of the whole filesystem"
+            );
+            update(store, name, |r| {
+                r.base = None;
+                r.acked = 0;
+            })?;
+            Ok(None)
+        };
+        if fresh {
+            if rec.acked >= base {
+                return rebase("it is empty but had acknowledged groups (its store was replaced)");
+            }
+            return Ok(Some(s));
+        }
+        if applied == rec.acked && chain == rec.acked_chain {
+            return Ok(Some(s));
+        }
+        if applied < rec.acked {
+            return rebase("it lost groups it had acknowledged (restored from an older copy?)");
+        }
+        let head = log::head(store)?;
+        if applied > head.seq {
+            let reason = format!(
+                "the replica has applied group {applied} but this primary's log ends at {}: this primary is older than its replica (restored from an old copy?); refusing to ship",
+                head.seq
+            );
+            return Err(s.refuse(reason));
+        }
+        match log::read_group(store, applied)? {
+            Some(p) if p.first().map(|p| p.chain) == Some(chain) => {
+                // It applied groups whose acknowledgement we did not record (a crash between).
+                update(store, name, |r| {
+                    r.acked = applied;
+                    r.acked_chain = chain;
+                })?;
+                Ok(Some(s))
+            }
+            _ => {
+                let reason = format!(
+                    "the replica's group {applied} is not this primary's: it holds another history of this filesystem; refusing"
+                );
+                Err(s.refuse(reason))
+            }
+        }
+    }
+
+    /// Ship every group after the acknowledged one, up to the head as it is now. Returns the
+    /// last acknowledged seq.
+    pub fn ship_pending(
+        &mut self,
+        store: &KvStore,
+        stop: &AtomicBool,
+    ) -> Result<u64, ReplicaError> {
+        let head = store.read(read_head)?;
+        loop {
+            let Some(rec) = record(store, &self.name)? else {
+                return Ok(0);
+            };
+            if rec.acked >= head.seq || stop.load(Ordering::Relaxed) {
+                return Ok(rec.acked);
+            }
+            self.ship_group(store, rec.acked + 1, &rec.acked_chain)?;
+        }
+    }
+
+    fn ship_group(&mut self, store: &KvStore, seq: u64, prev: &Hash) -> Result<(), ReplicaError> {
+        let parts = log::read_group(store, seq)?.ok_or_else(|| {
+            ReplicaError::Kv(KvError::Corruption(format!(
+                "group {seq} is missing from the log"
+            )))
+        })?;
+        let mut wanted: BTreeMap<Hash, u32> = BTreeMap::new();
+        for p in &parts {
+            for ch in &p.changes {
+                if let Change::Put { cf, value, .. } = ch {
+                    if cf_from_u8(*cf) == Some(Cf::Fmap) {
+                        let e = FmapEntry::decode(value)?;
+                        wanted.insert(e.hash, e.len);
+                    }
+                }
+            }
+        }
+        let wanted: Vec<(Hash, u32)> = wanted.into_iter().collect();
+        let mut unflushed = 0u64;
+        for chunk in wanted.chunks(MAX_HAVE) {
+            self.send(&Msg::Have {
+                hashes: chunk.iter().map(|(h, _)| *h).collect(),
+            })?;
+            let have = match self.recv()? {
+                Msg::Holding { have } if have.len() == chunk.len() => have,
+                m => return Err(WireError::Unexpected(wire::name(&m).into()).into()),
+            };
+            for ((h, len), has) in chunk.iter().zip(have) {
+                if has {
+                    continue;
+                }
+                let data = blocks::read_stored(store, h, *len)?;
+                self.shipped.blocks += 1;
+                self.shipped.block_bytes += data.len() as u64;
+                unflushed += data.len() as u64;
+                self.send(&Msg::Block { hash: *h, data })?;
+                if unflushed >= FLUSH_BYTES {
+                    self.flush()?;
+                    unflushed = 0;
+                }
+            }
+        }
+        if unflushed > 0 {
+            self.flush()?;
+        }
+        let n = parts.len();
+        let chain = parts[0].chain;
+        for (i, p) in parts.into_iter().enumerate() {
+            self.send(&Msg::Part {
+                seq,
+                index: i as u32,
+                last: i + 1 == n,
+                prev: *prev,
+                chain,
+                at: p.at,
+                changes: p.changes,
+            })?;
+        }
+        match self.recv()? {
+            Msg::Applied { seq: s, chain: c } if s == seq && c == chain => {}
+            m => return Err(WireError::Unexpected(wire::name(&m).into()).into()),
+        }
+        update(store, &self.name, |r| {
+            r.acked = seq;
+            r.acked_chain = chain;
+            r.acked_at = Some(Timestamp::now());
+            r.error = None;
+        })?;
+        self.shipped.groups += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ReplicaError> {
+        self.send(&Msg::Flush)?;
+        match self.recv()? {
+            Msg::Flushed { .. } => Ok(()),
+            m => Err(WireError::Unexpected(wire::name(&m).into()).into()),
+        }
+    }
+
+    /// Say goodbye (best effort) and close.
+    pub fn close(mut self) {
+        let _ = self.send(&Msg::Bye);
+    }
+
+    pub fn canceller(&self) -> transport::Canceller {
+        self.conn.canceller()
+    }
+}
+
+/// Ship to replica `name` until it has acknowledged the head as it is now. For `kvfs replica
+/// sync` on an unmounted store and for tests.
+pub fn ship_once(
+    store: &KvStore,
+    format: &FormatRecord,
+    store_dir: &Path,
+    name: &str,
+) -> Result<Shipped, ReplicaError> {
+    let never = AtomicBool::new(false);
+    let mut total = Shipped::default();
+    // A replica that must start over gets its new first group at the next logger round.
+    for _ in 0..3 {
+        match Session::open(store, format, store_dir, name)? {
+            Some(mut s) => {
+                s.ship_pending(store, &never)?;
+                total = s.shipped;
+                s.close();
+                return Ok(total);
+            }
+            None => {
+                log::round(store)?;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// One replica's name and how shipping to it went.
+pub type SyncOutcome = (String, Result<Shipped, ReplicaError>);
+
+/// Everything logged now, shipped to every replica; errors per replica.
+pub fn sync(
+    store: &KvStore,
+    format: &FormatRecord,
+    store_dir: &Path,
+) -> Result<Vec<SyncOutcome>, ReplicaError> {
+    log::round(store)?;
+    let mut out = Vec::new();
+    for (name, _) in super::replicas(store)? {
+        let r = ship_once(store, format, store_dir, &name);
+        if let Err(e) = &r {
+            note_error(store, &name, e);
+        }
+        out.push((name, r));
+    }
+    log::trim(store)?;
+    Ok(out)
+}
+
+/// The replication thread of a mount: a logger round every 100 ms (trimming every second),
+/// and one shipping thread per replica that ships whenever the log is ahead of what it
+/// acknowledged, reconnecting with backoff after errors. Returns when `stop` is set (every
+/// connection is then cut, so a hung replica cannot hold the unmount).
+pub fn run(store: &KvStore, format: &FormatRecord, store_dir: &Path, stop: &AtomicBool) {
+    let cancels = std::sync::Mutex::new(HashMap::<String, transport::Canceller>::new());
+    std::thread::scope(|sc| {
+        let mut running: HashMap<String, std::thread::ScopedJoinHandle<'_, ()>> = HashMap::new();
+        let mut last_trim = Instant::now();
+        let mut last_err = None::<Instant>;
+        while !stop.load(Ordering::Relaxed) {
+            if let Err(e) = log::round(store) {
+                if last_err.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    tracing::error!(error = %e, "replication log round failed");
+                    last_err = Some(Instant::now());
+                }
+            }
+            if last_trim.elapsed() > Duration::from_secs(1) {
+                last_trim = Instant::now();
+                if let Err(e) = log::trim(store) {
+                    tracing::error!(error = %e, "trimming the replication log failed");
+                }
+                running.retain(|_, h| !h.is_finished());
+                for (name, _) in super::replicas(store).unwrap_or_default() {
+                    if running.contains_key(&name) {
+                        continue;
+                    }
+                    let n = name.clone();
+                    let cancels = &cancels;
+                    running.insert(
+                        name,
+                        sc.spawn(move || shipper(store, format, store_dir, &n, stop, cancels)),
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for c in cancels.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            c.cancel();
+        }
+    });
+}
+
+fn shipper(
+    store: &KvStore,
+    format: &FormatRecord,
+    store_dir: &Path,
+    name: &str,
+    stop: &AtomicBool,
+    cancels: &std::sync::Mutex<HashMap<String, transport::Canceller>>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    let sleep = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        match record(store, name) {
+            Ok(Some(r)) if r.base.is_some() => {}
+            Ok(Some(_)) => {
+                sleep(Duration::from_millis(100));
+                continue;
+            }
+            _ => return,
+        }
+        let ahead = || -> Result<bool, ReplicaError> {
+            let head = log::head(store)?;
+            Ok(record(store, name)?.is_some_and(|r| r.acked < head.seq))
+        };
+        if !matches!(ahead(), Ok(true)) {
+            sleep(Duration::from_millis(100));
+            continue;
+        }
+        let res = (|| -> Result<(), ReplicaError> {
+            let Some(mut s) = Session::open(store, format, store_dir, name)? else {
+                return Ok(());
+            };
+            cancels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.into(), s.canceller());
+            let mut idle = Instant::now();
+            while !stop.load(Ordering::Relaxed) && idle.elapsed() < IDLE_CLOSE {
+                if ahead()? {
+                    s.ship_pending(store, stop)?;
+                    idle = Instant::now();
+                } else {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            s.close();
+            Ok(())
+        })();
+        cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        match res {
+            Ok(()) => backoff = Duration::from_millis(500),
+            Err(e) => {
+                if !stop.load(Ordering::Relaxed) {
+                    note_error(store, name, &e);
+                }
+                sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Whether every replica has acknowledged group `seq` (replicas waiting for their first group
+/// have not).
+pub fn all_acked(store: &KvStore, seq: u64) -> Result<bool, ReplicaError> {
+    Ok(super::replicas(store)?
+        .iter()
+        .all(|(_, r)| r.base.is_some() && r.acked >= seq))
+}

@@ -1,0 +1,291 @@
+//! The replication commands of the `kvfs` binary: `serve`, `replica add|list|remove|sync`,
+//! `promote`, `fingerprint`. A command on a mounted store goes through the mount's control
+//! socket, so the store keeps one writer.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Subcommand;
+
+use kvfs::replica::{self, serve::Server, tls};
+use kvfs::store::{self, FormatOptions};
+
+#[derive(Subcommand)]
+pub enum ReplicaCmd {
+    /// Register a replica: URL is tcp://HOST:PORT (with --fingerprint), ssh://[USER@]HOST[:PORT]/PATH
+    /// or exec:COMMAND ARGS... Its first shipment is the whole filesystem.
+    Add {
+        store: PathBuf,
+        name: String,
+        url: String,
+        /// The replica's certificate fingerprint (`SHA256:...`, printed by `kvfs serve`).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// The replicas of STORE and what each acknowledged.
+    List { store: PathBuf },
+    /// Forget a replica (its store is left as it is).
+    Remove { store: PathBuf, name: String },
+    /// Ship everything written so far to every replica and wait until each acknowledged it.
+    Sync {
+        store: PathBuf,
+        /// Give up waiting after this many seconds (mounted store).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+/// `kvfs serve` options.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The replica store (created at the first primary's contact).
+    pub store: PathBuf,
+    /// Speak the protocol on stdin/stdout (what ssh:// and exec: run).
+    #[arg(long, conflicts_with = "listen")]
+    pub stdio: bool,
+    /// Accept primaries over TCP with mutual TLS on ADDR (e.g. 0.0.0.0:7420).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// A primary's certificate fingerprint to accept (`kvfs fingerprint PRIMARY-STORE`); repeat
+    /// for several.
+    #[arg(long)]
+    pub allow: Vec<String>,
+    /// Accept the first primary that connects and remember it (in STORE/tls/allowed).
+    #[arg(long)]
+    pub allow_first: bool,
+    /// Compression of the blocks stored here, when the store is created: none, lz4, zstd or
+    /// zstd:LEVEL.
+    #[arg(long, default_value = "none")]
+    pub compression: String,
+    /// Store parity with each block here (when the store is created).
+    #[arg(long)]
+    pub parity: bool,
+}
+
+fn tool_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    tool_logging("info");
+    let (compression, level) =
+        FormatOptions::parse_compression(&a.compression).map_err(anyhow::Error::msg)?;
+    let create = FormatOptions {
+        compression,
+        level,
+        parity: a.parity,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&a.store)?;
+    let server = Arc::new(Server::new(&a.store, create));
+    if a.stdio {
+        // Errors opening the store go to the primary too, as the session's refusal.
+        // The raw descriptors: the protocol is binary, and nothing else writes to stdout
+        // (logs go to stderr).
+        use std::os::fd::FromRawFd;
+        // SAFETY: dup(2) of our own stdin and stdout.
+        let (fd0, fd1) = unsafe { (libc::dup(0), libc::dup(1)) };
+        if fd0 < 0 || fd1 < 0 {
+            anyhow::bail!(
+                "cannot use stdin/stdout: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: fresh descriptors from dup(2), owned by nothing else.
+        let (inp, out) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fd0),
+                std::fs::File::from_raw_fd(fd1),
+            )
+        };
+        let mut io = replica::transport::Pipes {
+            out: std::io::BufReader::with_capacity(256 << 10, inp),
+            inp: std::io::BufWriter::with_capacity(256 << 10, out),
+        };
+        server.session(&mut io, "stdio")?;
+        return Ok(());
+    }
+    let Some(addr) = a.listen else {
+        anyhow::bail!("say --stdio or --listen ADDR");
+    };
+    // A store that exists must be a replica: say so now, not at the first connection.
+    server.opened()?;
+    if a.allow.is_empty() && !a.allow_first && !tls::tls_dir(&a.store).join("allowed").exists() {
+        anyhow::bail!("no primary is allowed: give --allow SHA256:... (kvfs fingerprint PRIMARY-STORE) or --allow-first");
+    }
+    let cfg = tls::server_config(&a.store, &a.allow, a.allow_first)?;
+    let listener = TcpListener::bind(&addr)?;
+    let id = tls::identity(&a.store)?;
+    println!("fingerprint {}", id.fingerprint());
+    println!("listening on {}", listener.local_addr()?);
+    let _ = std::io::stdout().flush();
+    for sock in listener.incoming() {
+        let sock = match sock {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let (server, cfg) = (server.clone(), cfg.clone());
+        std::thread::spawn(move || {
+            let peer = sock
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into());
+            let _ = sock.set_nodelay(true);
+            let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(300)));
+            match tls::accept(cfg, sock) {
+                Ok(mut s) => {
+                    if let Err(e) = server.session(&mut s, &peer) {
+                        tracing::warn!(peer, error = %e, "session ended");
+                    }
+                }
+                Err(e) => tracing::warn!(peer, error = %e, "TLS handshake refused"),
+            }
+        });
+    }
+    Ok(())
+}
+
+pub fn replica(cmd: ReplicaCmd) -> anyhow::Result<()> {
+    tool_logging("warn");
+    match cmd {
+        ReplicaCmd::Add {
+            store: dir,
+            name,
+            url,
+            fingerprint,
+        } => {
+            match store::open(&dir) {
+                Ok((kv, _)) => replica::add(&kv, &name, &url, fingerprint)?,
+                Err(store::StoreError::InUse(_)) => {
+                    let fp = fingerprint.as_deref().unwrap_or("-");
+                    kvfs::control::request(&dir, &format!("replica-add {name} {fp} {url}"))?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            println!("added replica {name} ({url}); its first shipment is the whole filesystem");
+            Ok(())
+        }
+        ReplicaCmd::Remove { store: dir, name } => {
+            match store::open(&dir) {
+                Ok((kv, _)) => {
+                    replica::remove(&kv, &name)?;
+                    replica::log::trim(&kv)?;
+                    kvfs::blocks::collect_all_garbage(&kv)?;
+                }
+                Err(store::StoreError::InUse(_)) => {
+                    kvfs::control::request(&dir, &format!("replica-remove {name}"))?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            println!("removed replica {name}");
+            Ok(())
+        }
+        ReplicaCmd::List { store: dir } => {
+            let (kv, _) = store::open_read_only(&dir)?;
+            let r = replica::status::replication(&kv)?;
+            print!("{r}");
+            Ok(())
+        }
+        ReplicaCmd::Sync {
+            store: dir,
+            timeout,
+        } => match store::open(&dir) {
+            Ok((kv, format)) => {
+                let mut failed = 0;
+                for (name, r) in replica::ship::sync(&kv, &format, &dir)? {
+                    match r {
+                        Ok(s) => println!(
+                            "{name}\tin sync\t{} groups, {} blocks ({} bytes), {} bytes on the wire",
+                            s.groups, s.blocks, s.block_bytes, s.wire_bytes
+                        ),
+                        Err(e) => {
+                            failed += 1;
+                            println!("{name}\tbehind ({e})");
+                        }
+                    }
+                }
+                kvfs::blocks::collect_all_garbage(&kv)?;
+                kv.sync()?;
+                if failed > 0 {
+                    anyhow::bail!("{failed} replica(s) not in sync");
+                }
+                Ok(())
+            }
+            Err(store::StoreError::InUse(_)) => {
+                syncfs_mounts(&dir);
+                let reply = kvfs::control::request(&dir, &format!("replica-sync {timeout}"))?;
+                print!("{reply}");
+                if reply.lines().any(|l| !l.contains("\tin sync\t")) {
+                    anyhow::bail!("not every replica is in sync");
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+/// syncfs(2) every mount of `store` this process can see: in writeback mode the kernel keeps
+/// file times (and data) of its own until it writes the inodes back, and `replica sync`
+/// promises what the user sees now.
+fn syncfs_mounts(store: &Path) {
+    let Ok(want) = std::fs::canonicalize(store) else {
+        return;
+    };
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in table.lines() {
+        let Some((head, tail)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut t = tail.split(' ');
+        let (Some(fstype), Some(source)) = (t.next(), t.next()) else {
+            continue;
+        };
+        let Some(point) = head.split(' ').nth(4) else {
+            continue;
+        };
+        if fstype.starts_with("fuse") && Path::new(&source.replace("\\040", " ")) == want {
+            if let Ok(f) = std::fs::File::open(point.replace("\\040", " ")) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: syncfs on a descriptor we own.
+                unsafe { libc::syncfs(f.as_raw_fd()) };
+            }
+        }
+    }
+}
+
+pub fn promote(dir: &Path) -> anyhow::Result<()> {
+    tool_logging("warn");
+    let (kv, _) = store::open(dir).map_err(|e| match e {
+        store::StoreError::InUse(p) => anyhow::anyhow!(
+            "{}: in use (stop `kvfs serve` and unmount it first)",
+            p.display()
+        ),
+        e => e.into(),
+    })?;
+    let st = replica::apply::promote(&kv)?;
+    println!(
+        "{} is now a primary (it had applied group {}); mount it read-write. The old primary is refused if it connects.",
+        dir.display(),
+        st.applied
+    );
+    Ok(())
+}
+
+pub fn fingerprint(dir: &Path) -> anyhow::Result<()> {
+    if !store::db_path(dir).join("CURRENT").exists() {
+        anyhow::bail!("{}: not a kvfs store", dir.display());
+    }
+    println!("{}", tls::identity(dir)?.fingerprint());
+    Ok(())
+}

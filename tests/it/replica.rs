@@ -1,0 +1,511 @@
+//! Replication through real processes: a mounted primary ships to `kvfs serve` children over
+//! `exec:` pipes and over loopback TCP with TLS; the replica is mounted read-only while it
+//! receives; faults (a killed replica, a flipped bit, a foreign filesystem, a promoted
+//! replica) end with nothing acknowledged lost, both audits clean and equal trees.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::common::{self, pattern, Mounted, KVFS};
+
+fn kvfs<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(KVFS).args(args).output().unwrap()
+}
+
+/// Run kvfs and insist it succeeds; its stdout.
+fn ok<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = kvfs(args);
+    assert!(
+        out.status.success(),
+        "kvfs {:?} failed: {}{}",
+        args.iter()
+            .map(|a| a.as_ref().to_owned())
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn exec_url(replica: &Path) -> String {
+    format!("exec:{KVFS} serve --stdio {}", replica.display())
+}
+
+fn xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let c = common::cstr(p);
+    let mut names = vec![0u8; 4096];
+    // SAFETY: buffers are valid for their lengths.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for name in names[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+    {
+        if !name.starts_with(b"user.") {
+            continue;
+        }
+        let cn = std::ffi::CString::new(name).unwrap();
+        let mut v = vec![0u8; 65536];
+        let len =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        v.truncate(len.max(0) as usize);
+        out.push((String::from_utf8_lossy(name).into_owned(), v));
+    }
+    out.sort();
+    out
+}
+
+/// Everything a replica must reproduce of a tree: per path its type, mode, owner, size, link
+/// count, mtime, symlink target, user xattrs and a hash of its content.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let ft = md.file_type();
+            let what = if ft.is_dir() {
+                "dir".to_string()
+            } else if ft.is_symlink() {
+                format!("link {:?}", std::fs::read_link(&p).unwrap())
+            } else if ft.is_file() {
+                let data = std::fs::read(&p).unwrap();
+                format!("file {:x}", Sha256::digest(&data))
+            } else {
+                "special".to_string()
+            };
+            let line = format!(
+                "{what} mode {:o} uid {} gid {} size {} nlink {} mtime {}.{} xattrs {:?}",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                if ft.is_dir() { 0 } else { md.size() },
+                md.nlink(),
+                md.mtime(),
+                md.mtime_nsec(),
+                xattrs(&p)
+            );
+            out.insert(rel, line);
+            if ft.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn populate(root: &Path) {
+    std::fs::create_dir_all(root.join("src/deep/er")).unwrap();
+    std::fs::write(root.join("empty"), b"").unwrap();
+    std::fs::write(root.join("small"), b"hello replica\n").unwrap();
+    std::fs::write(root.join("src/deep/er/big"), pattern(1, 3 << 20)).unwrap();
+    std::fs::write(root.join("src/dup"), pattern(1, 3 << 20)).unwrap();
+    let f = std::fs::File::create(root.join("sparse")).unwrap();
+    f.set_len(10 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"middle", 5 << 20).unwrap();
+    drop(f);
+    std::fs::hard_link(root.join("small"), root.join("src/hard")).unwrap();
+    std::os::unix::fs::symlink("../small", root.join("src/link")).unwrap();
+    std::fs::set_permissions(root.join("small"), PermissionsExt::from_mode(0o640)).unwrap();
+    let c = common::cstr(&root.join("small"));
+    let v = b"some value";
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            c"user.note".as_ptr(),
+            v.as_ptr().cast(),
+            v.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0);
+    let fifo = common::cstr(&root.join("fifo"));
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+}
+
+fn sync(store: &Path) -> String {
+    ok(&[
+        OsStr::new("replica"),
+        OsStr::new("sync"),
+        store.as_os_str(),
+        OsStr::new("--timeout"),
+        OsStr::new("60"),
+    ])
+}
+
+fn audit_clean(store: &Path) {
+    let out = kvfs(&[OsStr::new("audit"), store.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "audit of {} found problems: {}",
+        store.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Wait until the two trees are equal (a followed replica shows new states within seconds).
+///
+/// The primary's kernel in writeback mode shows file times of its own until it drops the
+/// inode (a known divergence of a few milliseconds from what the store keeps, filed with the
+/// POSIX edges), so its inode cache is dropped first: the trees compared are what the stores
+/// hold.
+fn wait_equal(a: &Path, b: &Path, secs: u64) {
+    let t0 = Instant::now();
+    loop {
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
+        let (ta, tb) = (tree(a), tree(b));
+        if ta == tb {
+            return;
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            for (k, v) in &ta {
+                if tb.get(k) != Some(v) {
+                    eprintln!("primary {k}: {v}\nreplica {k}: {:?}", tb.get(k));
+                }
+            }
+            for k in tb.keys().filter(|k| !ta.contains_key(*k)) {
+                eprintln!("only on the replica: {k}");
+            }
+            panic!("trees differ after {secs}s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn replica_dir(m: &Mounted) -> PathBuf {
+    m.tmp.path().join("replica")
+}
+
+fn add(m: &Mounted, name: &str, url: &str, extra: &[&str]) {
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("replica"),
+        OsStr::new("add"),
+        m.store.as_os_str(),
+        OsStr::new(name),
+        OsStr::new(url),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    ok(&args);
+}
+
+#[test]
+fn a_replica_over_exec_follows_the_primary_read_only() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    populate(&m.mnt);
+    let replica = replica_dir(&m);
+    add(&m, "home", &exec_url(&replica), &[]);
+    let out = sync(&m.store);
+    assert!(out.contains("home\tin sync"), "{out}");
+    let mut r = Mounted::existing(&replica, "").unwrap();
+    wait_equal(&m.mnt, &r.mnt, 10);
+
+    // Writes on the replica are refused.
+    assert_eq!(
+        common::errno(std::fs::write(r.path("new"), b"x")),
+        libc::EROFS
+    );
+    // Changes of every kind reach the mounted replica while it is mounted.
+    std::fs::rename(m.path("src/dup"), m.path("moved")).unwrap();
+    std::fs::remove_file(m.path("src/hard")).unwrap();
+    std::fs::write(m.path("small"), b"rewritten, shorter").unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("src/deep/er/big"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"patched", 1 << 20).unwrap();
+    f.set_len(2 << 20).unwrap();
+    drop(f);
+    std::fs::remove_dir_all(m.path("src/deep")).ok();
+    std::fs::create_dir(m.path("later")).unwrap();
+    std::fs::write(m.path("later/file"), pattern(7, 200_000)).unwrap();
+    sync(&m.store);
+    wait_equal(&m.mnt, &r.mnt, 10);
+    // Without an explicit sync the mount's replication thread ships within seconds.
+    std::fs::write(m.path("later/unsynced"), b"shipped by the mount itself").unwrap();
+    wait_equal(&m.mnt, &r.mnt, 15);
+
+    let status = ok(&[
+        OsStr::new("status"),
+        m.store.as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let rep = &v["replication"]["replicas"][0];
+    assert_eq!(rep["name"], "home");
+    assert_eq!(rep["state"], "in sync", "{status}");
+    r.unmount();
+    m.unmount();
+    audit_clean(&m.store);
+    audit_clean(&replica);
+    let rs = ok(&[
+        OsStr::new("status"),
+        replica.as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&rs).unwrap();
+    assert_eq!(v["replication"]["role"], "replica");
+}
+
+/// The pid of the `kvfs serve` process serving `replica`, if one runs.
+fn server_pid(replica: &Path) -> Option<i32> {
+    let want = replica.as_os_str().as_bytes();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args.contains(&&b"serve"[..]) && args.contains(&want) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn killing_the_replica_mid_shipment_loses_nothing_and_resumes() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    let replica = replica_dir(&m);
+    // 96 MiB of distinct data, so that shipping takes a while.
+    for i in 0..12 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(100 + i, 8 << 20)).unwrap();
+    }
+    add(&m, "home", &exec_url(&replica), &[]);
+    // The mount's own thread starts shipping; kill the server as soon as it runs, a few times.
+    let mut kills = 0;
+    let t0 = Instant::now();
+    while kills < 3 && t0.elapsed() < Duration::from_secs(60) {
+        if let Some(pid) = server_pid(&replica) {
+            std::thread::sleep(Duration::from_millis(150 * (kills + 1)));
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            kills += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(kills > 0, "the replica server never ran");
+    let out = sync(&m.store);
+    assert!(out.contains("home\tin sync"), "{out}");
+    m.unmount();
+    audit_clean(&m.store);
+    audit_clean(&replica);
+    let r = Mounted::existing(&replica, "").unwrap();
+    m.start();
+    wait_equal(&m.mnt, &r.mnt, 10);
+}
+
+/// A bit flipped on the way is refused, never applied; the next shipment goes through.
+#[test]
+fn a_flipped_bit_is_refused_and_the_next_shipment_succeeds() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    let replica = replica_dir(&m);
+    let proxy = m.tmp.path().join("flip.py");
+    let flag = m.tmp.path().join("flipped");
+    // Pass the primary's bytes to the server, flipping one bit of the 40,000th byte once.
+    std::fs::write(
+        &proxy,
+        format!(
+            r#"import os, subprocess, sys, threading
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=sys.stdout.fileno())
+flip = not os.path.exists({flag:?})
+seen = 0
+while True:
+    b = os.read(0, 65536)
+    if not b:
+        break
+    if flip and seen <= 40000 < seen + len(b):
+        i = 40000 - seen
+        b = b[:i] + bytes([b[i] ^ 0x10]) + b[i+1:]
+        open({flag:?}, "w").close()
+        flip = False
+    seen += len(b)
+    p.stdin.write(b); p.stdin.flush()
+p.stdin.close(); p.wait()
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(m.path("data"), pattern(5, 1 << 20)).unwrap();
+    let url = format!(
+        "exec:python3 {} {KVFS} serve --stdio {}",
+        proxy.display(),
+        replica.display()
+    );
+    m.unmount();
+    add(&m, "home", &url, &[]);
+    let first = kvfs(&[
+        OsStr::new("replica"),
+        OsStr::new("sync"),
+        m.store.as_os_str(),
+    ]);
+    assert!(!first.status.success(), "a damaged frame was accepted");
+    let said = String::from_utf8_lossy(&first.stdout);
+    assert!(said.contains("checksum"), "{said}");
+    assert!(flag.exists());
+    let second = sync(&m.store);
+    assert!(second.contains("home\tin sync"), "{second}");
+    audit_clean(&m.store);
+    audit_clean(&replica);
+    m.start();
+    let r = Mounted::existing(&replica, "").unwrap();
+    wait_equal(&m.mnt, &r.mnt, 10);
+}
+
+#[test]
+fn over_tcp_tls_with_pinned_fingerprints_and_refusals() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    populate(&m.mnt);
+    let replica = replica_dir(&m);
+    let primary_fp = ok(&[OsStr::new("fingerprint"), m.store.as_os_str()]);
+    let mut server = Command::new(KVFS)
+        .args([
+            OsStr::new("serve"),
+            replica.as_os_str(),
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+            OsStr::new("--allow"),
+            OsStr::new(primary_fp.trim()),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let fp = lines.next().unwrap().unwrap();
+    let addr = lines.next().unwrap().unwrap();
+    let fp = fp.strip_prefix("fingerprint ").unwrap().to_string();
+    let addr = addr.strip_prefix("listening on ").unwrap().to_string();
+    let url = format!("tcp://{addr}");
+
+    // A wrong pin is refused before anything is sent.
+    add(
+        &m,
+        "wrong",
+        &url,
+        &["--fingerprint", &format!("SHA256:{}", "00".repeat(32))],
+    );
+    let out = kvfs(&[
+        OsStr::new("replica"),
+        OsStr::new("sync"),
+        m.store.as_os_str(),
+        OsStr::new("--timeout"),
+        OsStr::new("5"),
+    ]);
+    assert!(!out.status.success());
+    ok(&[
+        OsStr::new("replica"),
+        OsStr::new("remove"),
+        m.store.as_os_str(),
+        OsStr::new("wrong"),
+    ]);
+
+    add(&m, "home", &url, &["--fingerprint", &fp]);
+    let out = sync(&m.store);
+    assert!(out.contains("home\tin sync"), "{out}");
+    let r = Mounted::existing(&replica, "").unwrap();
+    wait_equal(&m.mnt, &r.mnt, 10);
+
+    // Another filesystem's primary is refused by this replica (its certificate is not
+    // allowed, and its filesystem is another).
+    let other = common::mount().unwrap();
+    add(&other, "home", &url, &["--fingerprint", &fp]);
+    let out = kvfs(&[
+        OsStr::new("replica"),
+        OsStr::new("sync"),
+        other.store.as_os_str(),
+        OsStr::new("--timeout"),
+        OsStr::new("5"),
+    ]);
+    assert!(!out.status.success());
+    let st = ok(&[
+        OsStr::new("status"),
+        other.store.as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(v["replication"]["replicas"][0]["state"], "error", "{st}");
+    let _ = server.kill();
+    let _ = server.wait();
+    drop(r);
+    m.unmount();
+    audit_clean(&replica);
+}
+
+#[test]
+fn a_promoted_replica_refuses_its_old_primary() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    populate(&m.mnt);
+    let replica = replica_dir(&m);
+    add(&m, "home", &exec_url(&replica), &[]);
+    sync(&m.store);
+    m.unmount();
+    // Another filesystem may not ship to this replica.
+    let other = common::mount().unwrap();
+    add(&other, "home", &exec_url(&replica), &[]);
+    let out = kvfs(&[
+        OsStr::new("replica"),
+        OsStr::new("sync"),
+        other.store.as_os_str(),
+        OsStr::new("--timeout"),
+        OsStr::new("10"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("follows filesystem"),
+        "{out:?}"
+    );
+    drop(other);
+
+    ok(&[OsStr::new("promote"), replica.as_os_str()]);
+    // The promoted store mounts read-write and holds the primary's tree.
+    let mut p = Mounted::existing(&replica, "").unwrap();
+    std::fs::write(p.path("after-promotion"), b"new primary").unwrap();
+    m.start();
+    std::fs::remove_file(p.path("after-promotion")).unwrap();
+    wait_equal(&m.path("src"), &p.path("src"), 5);
+    p.unmount();
+    // The old primary is refused, with the reason.
+    std::fs::write(m.path("late"), b"x").unwrap();
+    let out = kvfs(&[
+        OsStr::new("replica"),
+        OsStr::new("sync"),
+        m.store.as_os_str(),
+        OsStr::new("--timeout"),
+        OsStr::new("10"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("promoted"),
+        "{out:?}"
+    );
+    m.unmount();
+    audit_clean(&replica);
+    audit_clean(&m.store);
+}
