@@ -308,6 +308,10 @@ pub fn run(
     if !opts.read_only {
         let _ = std::fs::remove_file(&sock);
         fs.release_all()?;
+        // The last changes become a group now, shipped at the next mount or `replica sync`.
+        if let Err(e) = crate::replica::log::round(fs.store()) {
+            tracing::error!(error = %e, "logging the last changes for the replicas failed");
+        }
         gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))?;
         gc::unregister(fs.store(), fs.mount_id())?;
         fs.store().sync()?;

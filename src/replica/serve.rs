@@ -45,6 +45,17 @@ impl Server {
         }
     }
 
+    /// A server of a replica store opened already (any engine: the simulation's in-memory
+    /// replica).
+    pub fn for_store(kv: KvStore, format: FormatRecord) -> Server {
+        let codec = Codec::from_format(&format);
+        Server {
+            path: PathBuf::new(),
+            create: FormatOptions::default(),
+            open: Mutex::new(Some(Arc::new(Opened { kv, format, codec }))),
+        }
+    }
+
     /// The store, opened if it exists (for a server that starts before any primary).
     pub fn opened(&self) -> Result<Option<Arc<Opened>>, ReplicaError> {
         let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());

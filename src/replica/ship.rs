@@ -39,7 +39,7 @@ pub struct Session {
     pub shipped: Shipped,
 }
 
-fn record(store: &KvStore, name: &str) -> Result<Option<ReplicaRecord>, ReplicaError> {
+pub fn record(store: &KvStore, name: &str) -> Result<Option<ReplicaRecord>, ReplicaError> {
     match store.get(Cf::Meta, &replica_key(name))? {
         Some(v) => Ok(Some(ReplicaRecord::decode(&v)?)),
         None => Ok(None),
@@ -124,6 +124,18 @@ impl Session {
             return Ok(None);
         };
         let conn = transport::connect(&rec.url, rec.fingerprint.as_deref(), store_dir)?;
+        Session::handshake(conn, store, format, name, &rec, base)
+    }
+
+    /// Greet the replica on `conn` and agree on where it stands (see [`Session::open`]).
+    pub fn handshake(
+        conn: Conn,
+        store: &KvStore,
+        format: &FormatRecord,
+        name: &str,
+        rec: &ReplicaRecord,
+        base: u64,
+    ) -> Result<Option<Session>, ReplicaError> {
         let mut s = Session {
             conn,
             name: name.into(),
@@ -201,6 +213,9 @@ impl Session {
         store: &KvStore,
         stop: &AtomicBool,
     ) -> Result<u64, ReplicaError> {
+        // What the replica applies must survive a crash here: a primary that lost a group
+        // its replica holds would be refused by it as an older copy.
+        store.sync()?;
         let head = store.read(read_head)?;
         loop {
             let Some(rec) = record(store, &self.name)? else {

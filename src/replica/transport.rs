@@ -81,6 +81,10 @@ pub struct Conn {
 pub struct Canceller(std::sync::Arc<dyn Fn() + Send + Sync>);
 
 impl Canceller {
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Canceller {
+        Canceller(std::sync::Arc::new(f))
+    }
+
     pub fn cancel(&self) {
         (self.0)()
     }

@@ -16,6 +16,7 @@
 //! syncfs loses nothing at all. A failure panics with the seed, so `KVFS_SIM_SEED=N` replays it.
 
 mod model;
+mod replicate;
 #[cfg(test)]
 mod tests;
 
@@ -49,6 +50,8 @@ pub struct Stats {
     pub faults: u64,
     pub failed_ops: u64,
     pub crashes: u64,
+    /// Shipments to the replica that went through whole (and were compared).
+    pub shipments: u64,
 }
 
 struct Sim {
@@ -73,6 +76,8 @@ struct Sim {
     args: String,
     /// Files whose content the step under way may have changed.
     touched: std::collections::HashSet<Ino>,
+    /// The in-memory replica the primary ships to.
+    replica: Option<replicate::SimReplica>,
 }
 
 fn is_injected(e: &FsError) -> bool {
@@ -107,7 +112,9 @@ impl Sim {
             history: Default::default(),
             args: String::new(),
             touched: Default::default(),
+            replica: None,
         };
+        sim.init_replica(seed);
         sim.start();
         sim
     }
@@ -138,6 +145,8 @@ impl Sim {
                 ..Default::default()
             },
         );
+        crate::replica::track_if_replicated(fs.store())
+            .unwrap_or_else(|e| self.fail(format!("change tracking: {e}")));
         gc::register(fs.store(), fs.mount_id())
             .unwrap_or_else(|e| self.fail(format!("register: {e}")));
         gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))
@@ -293,6 +302,10 @@ impl Sim {
             80..=81 => ("syncfs", self.op_syncfs()),
             82..=89 => ("close", self.op_close()),
             90..=96 => ("read", self.op_read()),
+            97 => {
+                self.op_replicate();
+                return;
+            }
             _ => {
                 self.crash();
                 return;
@@ -681,6 +694,7 @@ pub fn run(first: u64, seeds: u64, ops: u64, faults: (u32, u32)) -> Stats {
         total.faults += sim.stats.faults;
         total.failed_ops += sim.stats.failed_ops;
         total.crashes += sim.stats.crashes;
+        total.shipments += sim.stats.shipments;
     }
     total
 }

@@ -66,7 +66,10 @@ fn random_operations_survive_faults_and_crashes() {
     let t0 = std::time::Instant::now();
     let s = run(1, 40, 150, (20, 30));
     eprintln!("simulation: {s:?} in {:.1?}", t0.elapsed());
-    assert!(s.crashes >= 40 && s.faults > 0, "{s:?}");
+    assert!(
+        s.crashes >= 40 && s.faults > 0 && s.shipments >= 10,
+        "{s:?}"
+    );
 }
 
 /// `tools/sim SECONDS`: seeds until the time is up, then the totals.
@@ -99,6 +102,7 @@ fn long() {
                     t.faults += s.faults;
                     t.failed_ops += s.failed_ops;
                     t.crashes += s.crashes;
+                    t.shipments += s.shipments;
                 }
             });
         }
@@ -107,13 +111,14 @@ fn long() {
     let seed = next.load(std::sync::atomic::Ordering::Relaxed);
     let mins = t0.elapsed().as_secs_f64() / 60.0;
     println!(
-        "seeds {first}..{seed}: {} seeds ({:.0}/min on {workers} cores), {} operations, {} faults injected ({} operations failed on one), {} crashes survived",
+        "seeds {first}..{seed}: {} seeds ({:.0}/min on {workers} cores), {} operations, {} faults injected ({} operations failed on one), {} crashes survived, {} shipments compared",
         total.seeds,
         total.seeds as f64 / mins,
         total.ops,
         total.faults,
         total.failed_ops,
-        total.crashes
+        total.crashes,
+        total.shipments
     );
 }
 

@@ -509,3 +509,178 @@ fn a_promoted_replica_refuses_its_old_primary() {
     audit_clean(&replica);
     audit_clean(&m.store);
 }
+
+/// A real sshd on a loopback port, with a generated host key and a client key whose
+/// `authorized_keys` line forces `kvfs serve --stdio REPLICA` (the line README documents).
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    key: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sshd(dir: &Path, forced: &str) -> Option<Sshd> {
+    let bin = Path::new("/usr/sbin/sshd");
+    if !bin.exists() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("/usr/sbin/sshd is missing but CI=true (tools/setup installs openssh-server)");
+        }
+        eprintln!("skipping: no sshd");
+        return None;
+    }
+    let keygen = |f: &Path| {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(f)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let (host, key) = (dir.join("host_key"), dir.join("id"));
+    keygen(&host);
+    keygen(&key);
+    let public = std::fs::read_to_string(dir.join("id.pub")).unwrap();
+    let auth = dir.join("authorized_keys");
+    std::fs::write(&auth, format!("command=\"{forced}\",restrict {public}")).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+             PermitRootLogin yes\nLogLevel ERROR\n",
+            host.display(),
+            dir.join("sshd.pid").display(),
+            auth.display()
+        ),
+    )
+    .unwrap();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let child = Command::new(bin)
+        .arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "sshd did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(Sshd { child, port, key })
+}
+
+#[test]
+fn over_a_real_ssh_with_a_forced_command() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    populate(&m.mnt);
+    let replica = replica_dir(&m);
+    let forced = format!("{KVFS} serve --stdio {}", replica.display());
+    let Some(sshd) = sshd(m.tmp.path(), &forced) else {
+        return;
+    };
+    let url = format!("ssh://127.0.0.1:{}/{}", sshd.port, replica.display());
+    m.unmount();
+    add(&m, "nas", &url, &[]);
+    let ssh = format!(
+        "ssh -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+        sshd.key.display()
+    );
+    let out = Command::new(KVFS)
+        .args([
+            OsStr::new("replica"),
+            OsStr::new("sync"),
+            m.store.as_os_str(),
+        ])
+        .env("KVFS_SSH", &ssh)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nas\tin sync"));
+    audit_clean(&replica);
+    m.start();
+    let r = Mounted::existing(&replica, "").unwrap();
+    wait_equal(&m.mnt, &r.mnt, 10);
+}
+
+/// A replica whose disk fills up refuses with the reason; the primary keeps writing at once,
+/// `status` says what is wrong, and nothing half-applied shows on the replica.
+#[test]
+fn a_full_replica_disk_leaves_the_primary_unaffected() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    let small = m.tmp.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot mount a tmpfs (root needed)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+    let replica = small.join("replica");
+    add(&m, "tiny", &exec_url(&replica), &[]);
+    std::fs::write(m.path("first"), b"fits").unwrap();
+    let out = sync(&m.store);
+    assert!(out.contains("tiny\tin sync"), "{out}");
+    for i in 0..4 {
+        std::fs::write(m.path(&format!("big{i}")), pattern(300 + i, 10 << 20)).unwrap();
+    }
+    let out = kvfs(&[
+        OsStr::new("replica"),
+        OsStr::new("sync"),
+        m.store.as_os_str(),
+        OsStr::new("--timeout"),
+        OsStr::new("20"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "a full replica acknowledged everything"
+    );
+    // The primary still takes writes and reads them back.
+    let t0 = Instant::now();
+    std::fs::write(m.path("after"), pattern(9, 4 << 20)).unwrap();
+    assert_eq!(std::fs::read(m.path("after")).unwrap(), pattern(9, 4 << 20));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let st = ok(&[
+        OsStr::new("status"),
+        m.store.as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    let r = &v["replication"]["replicas"][0];
+    assert_eq!(r["state"], "error", "{st}");
+    let err = r["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(err.contains("space"), "{st}");
+    m.unmount();
+    audit_clean(&m.store);
+}
