@@ -205,8 +205,8 @@ pub fn replica(cmd: ReplicaCmd) -> anyhow::Result<()> {
                 for (name, r) in replica::ship::sync(&kv, &format, &dir)? {
                     match r {
                         Ok(s) => println!(
-                            "{name}\tin sync\t{} groups, {} blocks ({} bytes), {} bytes on the wire",
-                            s.groups, s.blocks, s.block_bytes, s.wire_bytes
+                            "{name}\tin sync\t{} groups, {} blocks ({} bytes, {} as deltas), {} bytes on the wire",
+                            s.groups, s.blocks, s.block_bytes, s.deltas, s.wire_bytes
                         ),
                         Err(e) => {
                             failed += 1;

@@ -18,7 +18,7 @@ pub mod encode;
 pub mod prefetch;
 pub mod reader;
 
-mod ahead;
+pub mod ahead;
 pub use ahead::{
     drop_written_ahead, forget_written_ahead, recover_written_ahead, settle_flush, write_ahead,
     Ahead, WRITE_AHEAD_MIN,
@@ -149,6 +149,16 @@ pub fn drop_ref(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
     let s = shard();
     t.merge(Cf::Bidx, &ks::refcount_key(h, s), &(-1i64).to_le_bytes())?;
     t.put(Cf::Bidx, &ks::block_garbage_key(h, s), &[])
+}
+
+/// Drop one reference that the caller knows is not the last (its transaction adds or reads,
+/// with tracking, another one): no garbage mark, so the sweeper has nothing to check.
+pub fn drop_ref_kept(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
+    t.merge(
+        Cf::Bidx,
+        &ks::refcount_key(h, shard()),
+        &(-1i64).to_le_bytes(),
+    )
 }
 
 /// Read and verify a stored block's content (`len` bytes expected), outside any transaction:

@@ -8,7 +8,9 @@
 //! blocks it names released, and `M replica` moved to the group's seq and chain; then a sync,
 //! then the acknowledgement.
 
+use super::wire::{chunk_sums, BlockSums, ByteBuf, CHUNK};
 use super::{cf_from_u8, hold_key, shippable, Change, ReplicaError, ReplicaState};
+use crate::blocks::ahead::{self, Ahead};
 use crate::blocks::{self, encode::Codec, Prepared};
 use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, GarbageRecord, Inode};
 use crate::keyspace::{self as ks, Hash, Prefix};
@@ -75,23 +77,105 @@ pub fn prepare_received(
     })
 }
 
-/// Store verified blocks with a hold each, durably.
+/// Store verified blocks with a hold each, durably. A batch of 4 MiB or more goes past the
+/// engine's log (the write-ahead path of a flush: `blocks::ahead`), so received bytes reach
+/// the disk once.
 pub fn store_held(store: &KvStore, received: &[Prepared]) -> Result<(), ReplicaError> {
     if received.is_empty() {
         return Ok(());
     }
-    store.transact(|t| {
+    let refs: Vec<&Prepared> = received.iter().collect();
+    let ahead = ahead::write_ahead(store, &refs)?;
+    let named = store.transact(|t| {
+        let mut named = Vec::new();
         for b in received {
             let hk = hold_key(&b.hash);
             if t.get(Cf::Bidx, &hk)?.is_none() {
                 t.put(Cf::Bidx, &hk, &[])?;
-                blocks::add_ref(t, b, None)?;
+                blocks::add_ref(t, b, Ahead::token_for(ahead.as_ref(), &b.hash))?;
+                named.push(b.hash);
             }
         }
-        Ok::<_, KvError>(())
-    })?;
+        Ok::<_, KvError>(named)
+    });
+    let named = match named {
+        Ok(n) => n,
+        Err(e) => {
+            if let Some(a) = &ahead {
+                ahead::settle_flush(store, a, &[]);
+            }
+            return Err(e.into());
+        }
+    };
     store.sync()?;
+    if let Some(a) = &ahead {
+        ahead::settle_flush(store, a, &named);
+    }
     Ok(())
+}
+
+/// The checksums of the block this replica holds at block-map `key`, if any (what the primary
+/// computes a delta against). A block that cannot be read counts as none: it is then sent
+/// whole.
+pub fn block_sums(store: &KvStore, key: &[u8]) -> Result<Option<BlockSums>, ReplicaError> {
+    if key.len() != 17 || key[0] != Prefix::Fmap.byte() {
+        return Err(ReplicaError::Refused {
+            peer: "primary".into(),
+            reason: format!("{} is not a block-map key", ks::describe_key(key)),
+        });
+    }
+    let Some(v) = store.get(Cf::Fmap, key)? else {
+        return Ok(None);
+    };
+    let e = FmapEntry::decode(&v)?;
+    Ok(blocks::read_stored(store, &e.hash, e.len)
+        .ok()
+        .map(|content| BlockSums {
+            hash: e.hash,
+            len: e.len,
+            chunks: chunk_sums(&content),
+        }))
+}
+
+/// Rebuild a block sent as a delta against `base`, a block this replica holds; the caller
+/// checks the result against its name.
+pub fn rebuild(
+    store: &KvStore,
+    base: &Hash,
+    chunks: &[Option<ByteBuf>],
+    block_size: u32,
+) -> Result<Vec<u8>, String> {
+    let bad = |why: String| format!("delta against block {}: {why}", ks::hex(base));
+    if chunks.len() > (block_size as usize).div_ceil(CHUNK) {
+        return Err(bad(format!("{} chunks", chunks.len())));
+    }
+    let info = store
+        .get(Cf::Bidx, &ks::block_info_key(base))
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad("no such block here".into()))?;
+    let len = crate::keyspace::records::BlockInfo::decode(&info)
+        .map_err(|e| bad(e.to_string()))?
+        .len;
+    let old = blocks::read_stored(store, base, len).map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::with_capacity(block_size as usize);
+    for (i, c) in chunks.iter().enumerate() {
+        match c {
+            Some(b) if b.0.len() <= CHUNK => out.extend_from_slice(&b.0),
+            Some(b) => return Err(bad(format!("a chunk of {} bytes", b.0.len()))),
+            None => {
+                let from = i * CHUNK;
+                let piece = old
+                    .get(from..(from + CHUNK).min(old.len()))
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| bad(format!("chunk {i} is past its end")))?;
+                out.extend_from_slice(piece);
+            }
+        }
+        if out.len() > block_size as usize {
+            return Err(bad("larger than a block".into()));
+        }
+    }
+    Ok(out)
 }
 
 fn fmap_hash(v: &[u8]) -> Result<Hash, ReplicaError> {
@@ -260,7 +344,8 @@ pub fn apply_group(
             let hk = hold_key(h);
             if t.get(Cf::Bidx, &hk)?.is_some() {
                 t.delete(Cf::Bidx, &hk)?;
-                blocks::drop_ref(t, h)?;
+                // The group's map entries added a reference in this transaction.
+                blocks::drop_ref_kept(t, h)?;
             }
         }
         st.applied = seq;

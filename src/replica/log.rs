@@ -336,9 +336,17 @@ fn drop_group(store: &KvStore, seq: u64) -> Result<(), ReplicaError> {
         })?;
         for (k, v) in parts {
             for ch in LogPart::decode(&v)?.changes {
-                if let Change::Put { cf, value, .. } = ch {
-                    if cf_from_u8(cf) == Some(Cf::Fmap) {
-                        blocks::drop_ref(t, &FmapEntry::decode(&value)?.hash)?;
+                if let Change::Put { cf, key, value } = ch {
+                    if cf_from_u8(cf) != Some(Cf::Fmap) {
+                        continue;
+                    }
+                    let h = FmapEntry::decode(&value)?.hash;
+                    // Still named by the same map entry (read with tracking): not the last
+                    // reference, and the sweeper need not look at it.
+                    let named = t.get(Cf::Fmap, &key)?;
+                    match named.map(|v| FmapEntry::decode(&v)).transpose()? {
+                        Some(e) if e.hash == h => blocks::drop_ref_kept(t, &h)?,
+                        _ => blocks::drop_ref(t, &h)?,
                     }
                 }
             }

@@ -60,18 +60,23 @@ impl ChangeMarker {
 pub enum Change {
     Put {
         cf: u8,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     Delete {
         cf: u8,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Delete every shippable key in `[start, end)` first; the puts that follow in the group
     /// give the range's content.
     Clear {
         cf: u8,
+        #[serde(with = "serde_bytes")]
         start: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         end: Vec<u8>,
     },
 }

@@ -17,8 +17,9 @@ use crate::kv::KvStore;
 use crate::store::{self, FormatOptions};
 
 /// Received block bytes kept in memory before they are stored (held) without waiting for the
-/// primary's `Flush`.
-const PENDING_BYTES: usize = 16 << 20;
+/// primary's `Flush`. Each store is one flush of the blocks family (a fixed cost of ~150 ms
+/// here): 16 MiB batches stored at ~70 MB/s, 32 MiB at ~110 MB/s.
+const PENDING_BYTES: usize = 32 << 20;
 /// A group's parts are gathered in memory before the one transaction that applies them.
 const MAX_GROUP_BYTES: usize = 1 << 30;
 
@@ -67,6 +68,8 @@ impl Server {
                     self.path.display()
                 )));
             }
+            // Blocks a killed server had written ahead of the transaction naming them.
+            crate::blocks::ahead::recover_written_ahead(&kv, false)?;
             let codec = Codec::from_format(&format);
             *g = Some(Arc::new(Opened { kv, format, codec }));
         }
@@ -185,6 +188,7 @@ impl Server {
                 fresh: rs.applied == 0,
             },
         )?;
+        let mut storer = Storer::new(st.clone());
         let mut pending: Vec<Prepared> = Vec::new();
         let mut pending_bytes = 0usize;
         let mut flushed = 0u64;
@@ -207,14 +211,36 @@ impl Server {
                     pending.push(b);
                     flushed += 1;
                     if pending_bytes >= PENDING_BYTES {
-                        apply::store_held(&st.kv, &pending)?;
-                        pending.clear();
+                        storer.submit(std::mem::take(&mut pending))?;
+                        pending_bytes = 0;
+                    }
+                }
+                Msg::Sums { keys } => {
+                    if keys.len() > MAX_HAVE {
+                        return Err(refuse(format!("{} keys in one question", keys.len())));
+                    }
+                    let sums = keys
+                        .iter()
+                        .map(|k| apply::block_sums(&st.kv, k))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    wire::send(io, &Msg::SumsReply { sums })?;
+                }
+                Msg::Delta { hash, base, chunks } => {
+                    let data = apply::rebuild(&st.kv, &base, &chunks, st.format.block_size)
+                        .map_err(refuse)?;
+                    let b = apply::prepare_received(&hash, &data, st.format.block_size, &st.codec)
+                        .map_err(refuse)?;
+                    pending_bytes += data.len();
+                    pending.push(b);
+                    flushed += 1;
+                    if pending_bytes >= PENDING_BYTES {
+                        storer.submit(std::mem::take(&mut pending))?;
                         pending_bytes = 0;
                     }
                 }
                 Msg::Flush => {
-                    apply::store_held(&st.kv, &pending)?;
-                    pending.clear();
+                    storer.submit(std::mem::take(&mut pending))?;
+                    storer.wait_all()?;
                     pending_bytes = 0;
                     wire::send(io, &Msg::Flushed { count: flushed })?;
                     flushed = 0;
@@ -247,8 +273,8 @@ impl Server {
                                 "group {seq}: its chain hash does not match its content"
                             )));
                         }
-                        apply::store_held(&st.kv, &pending)?;
-                        pending.clear();
+                        storer.submit(std::mem::take(&mut pending))?;
+                        storer.wait_all()?;
                         pending_bytes = 0;
                         let all: Vec<Change> = whole.into_iter().flatten().collect();
                         apply::apply_group(&st.kv, seq, &prev, &claimed, &all)?;
@@ -267,6 +293,82 @@ impl Server {
                 Msg::Bye => return Ok(()),
                 m => return Err(unexpected(&m)),
             }
+        }
+    }
+}
+
+/// Stores received blocks on a thread of its own, so that the next ones are received while a
+/// batch is written and synced (one batch queued, one in progress).
+struct Storer {
+    tx: Option<crossbeam_channel::Sender<Vec<Prepared>>>,
+    done: crossbeam_channel::Receiver<Result<(), ReplicaError>>,
+    outstanding: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Storer {
+    fn new(st: Arc<Opened>) -> Storer {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<Prepared>>(1);
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let thread = std::thread::spawn(move || {
+            for batch in rx {
+                let t0 = std::time::Instant::now();
+                let r = apply::store_held(&st.kv, &batch);
+                tracing::debug!(
+                    blocks = batch.len(),
+                    ms = t0.elapsed().as_millis() as u64,
+                    "stored a batch of received blocks"
+                );
+                if done_tx.send(r).is_err() {
+                    return;
+                }
+            }
+        });
+        Storer {
+            tx: Some(tx),
+            done,
+            outstanding: 0,
+            thread: Some(thread),
+        }
+    }
+
+    fn finished(&mut self, r: Result<(), ReplicaError>) -> Result<(), ReplicaError> {
+        self.outstanding -= 1;
+        r
+    }
+
+    fn submit(&mut self, batch: Vec<Prepared>) -> Result<(), ReplicaError> {
+        while let Ok(r) = self.done.try_recv() {
+            self.finished(r)?;
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tx = self.tx.as_ref().expect("open until dropped");
+        tx.send(batch)
+            .map_err(|_| refuse("the block store thread ended".into()))?;
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    /// Every batch submitted is stored and synced (or the first error).
+    fn wait_all(&mut self) -> Result<(), ReplicaError> {
+        while self.outstanding > 0 {
+            let r = self
+                .done
+                .recv()
+                .map_err(|_| refuse("the block store thread ended".into()))?;
+            self.finished(r)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Storer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use super::log::{self, read_head};
 use super::transport::{self, Conn};
-use super::wire::{self, Msg, WireError, MAX_HAVE, PROTO_MAX, PROTO_MIN};
+use super::wire::{
+    self, BlockSums, ByteBuf, Msg, WireError, CHUNK, MAX_HAVE, PROTO_MAX, PROTO_MIN,
+};
 use super::{cf_from_u8, replica_key, Change, ReplicaError, ReplicaRecord};
 use crate::blocks;
 use crate::keyspace::records::{FmapEntry, FormatRecord};
@@ -18,8 +20,9 @@ use crate::keyspace::Hash;
 use crate::kv::{Cf, KvError, KvStore};
 use crate::util::Timestamp;
 
-/// Block bytes sent between flushes.
-const FLUSH_BYTES: u64 = 32 << 20;
+/// Threads reading blocks ahead of the sender, and blocks they may hold ready.
+const READERS: usize = 4;
+const READ_AHEAD: usize = 32;
 /// A connection with nothing to ship for this long is closed (and reopened when there is).
 const IDLE_CLOSE: Duration = Duration::from_secs(30);
 
@@ -29,7 +32,30 @@ pub struct Shipped {
     pub groups: u64,
     pub blocks: u64,
     pub block_bytes: u64,
+    /// Blocks sent as a delta of the block the replica held at the same place.
+    pub deltas: u64,
     pub wire_bytes: u64,
+}
+
+/// `data` as chunks of the replica's `base` where they agree, if that saves a quarter or more.
+fn delta(data: &[u8], base: &BlockSums) -> Option<Vec<Option<ByteBuf>>> {
+    let mut literal = 0;
+    let chunks = data
+        .chunks(CHUNK)
+        .enumerate()
+        .map(|(i, c)| {
+            let base_len = (base.len as usize).saturating_sub(i * CHUNK).min(CHUNK);
+            let same = base_len == c.len()
+                && base.chunks.get(i) == Some(&xxhash_rust::xxh3::xxh3_128(c).to_le_bytes());
+            if same {
+                None
+            } else {
+                literal += c.len();
+                Some(ByteBuf(c.to_vec()))
+            }
+        })
+        .collect();
+    (literal * 4 <= data.len() * 3).then_some(chunks)
 }
 
 /// A connection to one replica, greeted.
@@ -234,19 +260,20 @@ impl Session {
                 "group {seq} is missing from the log"
             )))
         })?;
-        let mut wanted: BTreeMap<Hash, u32> = BTreeMap::new();
+        // Each block the group names, with its length and a map key naming it.
+        let mut wanted: BTreeMap<Hash, (u32, Vec<u8>)> = BTreeMap::new();
         for p in &parts {
             for ch in &p.changes {
-                if let Change::Put { cf, value, .. } = ch {
+                if let Change::Put { cf, key, value } = ch {
                     if cf_from_u8(*cf) == Some(Cf::Fmap) {
                         let e = FmapEntry::decode(value)?;
-                        wanted.insert(e.hash, e.len);
+                        wanted.insert(e.hash, (e.len, key.clone()));
                     }
                 }
             }
         }
-        let wanted: Vec<(Hash, u32)> = wanted.into_iter().collect();
-        let mut unflushed = 0u64;
+        let wanted: Vec<(Hash, (u32, Vec<u8>))> = wanted.into_iter().collect();
+        let mut missing = Vec::new();
         for chunk in wanted.chunks(MAX_HAVE) {
             self.send(&Msg::Have {
                 hashes: chunk.iter().map(|(h, _)| *h).collect(),
@@ -255,22 +282,33 @@ impl Session {
                 Msg::Holding { have } if have.len() == chunk.len() => have,
                 m => return Err(WireError::Unexpected(wire::name(&m).into()).into()),
             };
-            for ((h, len), has) in chunk.iter().zip(have) {
-                if has {
-                    continue;
-                }
-                let data = blocks::read_stored(store, h, *len)?;
-                self.shipped.blocks += 1;
-                self.shipped.block_bytes += data.len() as u64;
-                unflushed += data.len() as u64;
-                self.send(&Msg::Block { hash: *h, data })?;
-                if unflushed >= FLUSH_BYTES {
-                    self.flush()?;
-                    unflushed = 0;
-                }
-            }
+            missing.extend(
+                chunk
+                    .iter()
+                    .zip(have)
+                    .filter(|(_, has)| !has)
+                    .map(|(b, _)| b.clone()),
+            );
         }
-        if unflushed > 0 {
+        // What the replica holds at those keys now: a changed block goes as a delta of it.
+        let mut blocks = Vec::with_capacity(missing.len());
+        for chunk in missing.chunks(MAX_HAVE) {
+            self.send(&Msg::Sums {
+                keys: chunk.iter().map(|(_, (_, k))| k.clone()).collect(),
+            })?;
+            let sums = match self.recv()? {
+                Msg::SumsReply { sums } if sums.len() == chunk.len() => sums,
+                m => return Err(WireError::Unexpected(wire::name(&m).into()).into()),
+            };
+            blocks.extend(
+                chunk
+                    .iter()
+                    .zip(sums)
+                    .map(|((h, (len, _)), base)| (*h, *len, base)),
+            );
+        }
+        if !blocks.is_empty() {
+            self.send_blocks(store, &blocks)?;
             self.flush()?;
         }
         let n = parts.len();
@@ -298,6 +336,62 @@ impl Session {
         })?;
         self.shipped.groups += 1;
         Ok(())
+    }
+
+    /// Send the content of `blocks`, read by a few threads ahead of the sender (a cold read
+    /// waits on the disk; the order of blocks does not matter to the replica).
+    fn send_blocks(
+        &mut self,
+        store: &KvStore,
+        blocks: &[(Hash, u32, Option<BlockSums>)],
+    ) -> Result<(), ReplicaError> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD);
+        std::thread::scope(|sc| {
+            for _ in 0..READERS {
+                let tx = tx.clone();
+                let (next, failed) = (&next, &failed);
+                sc.spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= blocks.len() || failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let (h, len, _) = &blocks[i];
+                    if tx.send((i, blocks::read_stored(store, h, *len))).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(tx);
+            let mut res = Ok(());
+            for (i, data) in rx.iter() {
+                let (hash, _, base) = &blocks[i];
+                let sent = data.map_err(ReplicaError::from).and_then(|data| {
+                    self.shipped.blocks += 1;
+                    self.shipped.block_bytes += data.len() as u64;
+                    match base.as_ref().and_then(|b| delta(&data, b)) {
+                        Some(chunks) => {
+                            self.shipped.deltas += 1;
+                            self.send(&Msg::Delta {
+                                hash: *hash,
+                                base: base.as_ref().expect("delta has a base").hash,
+                                chunks,
+                            })
+                        }
+                        None => self.send(&Msg::Block { hash: *hash, data }),
+                    }
+                });
+                if let Err(e) = sent {
+                    failed.store(true, Ordering::Relaxed);
+                    res = Err(e);
+                    break;
+                }
+            }
+            // Readers blocked on a full channel end when it is dropped.
+            drop(rx);
+            res
+        })
     }
 
     fn flush(&mut self) -> Result<(), ReplicaError> {

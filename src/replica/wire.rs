@@ -48,7 +48,11 @@ pub enum Msg {
     /// Replica: one answer per hash asked, in order.
     Holding { have: Vec<bool> },
     /// Primary: a block's content (trailing zeros removed), named by its SHA-256.
-    Block { hash: Hash, data: Vec<u8> },
+    Block {
+        hash: Hash,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Primary: make the blocks sent so far durable and say so.
     Flush,
     /// Replica: that many blocks were verified and synced since the last `Flushed`.
@@ -67,6 +71,57 @@ pub enum Msg {
     Applied { seq: u64, chain: Hash },
     /// Primary: done for now.
     Bye,
+    /// Primary: for each of these block-map keys, the chunk checksums of the block you hold
+    /// there (what a changed block's delta is computed against).
+    Sums {
+        #[serde(with = "serde_bytes_vec")]
+        keys: Vec<Vec<u8>>,
+    },
+    /// Replica: one answer per key asked: the block it holds there, or none.
+    SumsReply { sums: Vec<Option<BlockSums>> },
+    /// Primary: block `hash` is block `base` (which the replica holds) with these chunks of
+    /// [`CHUNK`] bytes: `None` keeps the base's chunk at that index, `Some` gives it.
+    Delta {
+        hash: Hash,
+        base: Hash,
+        chunks: Vec<Option<ByteBuf>>,
+    },
+}
+
+/// Chunk size of deltas: writes are usually page-aligned.
+pub const CHUNK: usize = 4096;
+
+/// A held block's name, content length and the xxh3-128 of each [`CHUNK`] of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockSums {
+    pub hash: Hash,
+    pub len: u32,
+    pub chunks: Vec<[u8; 16]>,
+}
+
+/// Bytes that serialize as one byte string.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteBuf(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+mod serde_bytes_vec {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let b: Vec<&serde_bytes::Bytes> = v.iter().map(|x| serde_bytes::Bytes::new(x)).collect();
+        b.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let b: Vec<serde_bytes::ByteBuf> = Vec::deserialize(d)?;
+        Ok(b.into_iter().map(|x| x.into_vec()).collect())
+    }
+}
+
+/// The checksums of `data`'s chunks.
+pub fn chunk_sums(data: &[u8]) -> Vec<[u8; 16]> {
+    data.chunks(CHUNK)
+        .map(|c| xxhash_rust::xxh3::xxh3_128(c).to_le_bytes())
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +213,9 @@ pub fn name(m: &Msg) -> &'static str {
         Msg::Part { .. } => "Part",
         Msg::Applied { .. } => "Applied",
         Msg::Bye => "Bye",
+        Msg::Sums { .. } => "Sums",
+        Msg::SumsReply { .. } => "SumsReply",
+        Msg::Delta { .. } => "Delta",
     }
 }
 

@@ -684,3 +684,42 @@ fn a_full_replica_disk_leaves_the_primary_unaffected() {
     m.unmount();
     audit_clean(&m.store);
 }
+
+/// Shipping costs what changed: a 4 KiB write into a big file ships one block, as a delta of
+/// the block the replica holds there, and a few hundred bytes of metadata.
+#[test]
+fn a_small_change_in_a_big_file_ships_a_few_kilobytes() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    std::fs::write(m.path("big"), pattern(11, 32 << 20)).unwrap();
+    std::fs::write(m.path("copy"), pattern(11, 32 << 20)).unwrap();
+    let replica = replica_dir(&m);
+    m.unmount();
+    add(&m, "home", &exec_url(&replica), &[]);
+    let first = sync(&m.store);
+    // The copy's blocks are the same blocks: sent once.
+    assert!(first.contains("512 blocks"), "{first}");
+    m.start();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("big"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, &pattern(12, 4096), 7 << 20).unwrap();
+    drop(f);
+    m.unmount();
+    let out = sync(&m.store);
+    let wire: u64 = out
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(4)
+        .find(|w| w[1..] == ["bytes", "on", "the"])
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or_else(|| panic!("no wire bytes in {out}"));
+    assert!(out.contains("1 blocks") && out.contains("1 as deltas"), "{out}");
+    assert!(wire < 12 << 10, "a 4 KiB change put {wire} bytes on the wire");
+    audit_clean(&replica);
+    m.start();
+    let r = Mounted::existing(&replica, "").unwrap();
+    wait_equal(&m.mnt, &r.mnt, 10);
+}
