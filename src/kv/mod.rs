@@ -264,6 +264,11 @@ pub trait ChangeTracker: Send + Sync {
     /// The one extra write (family, key, value) recording that a transaction wrote `keys`.
     /// Its key must be unique to this call, so that it never conflicts.
     fn marker(&self, keys: &[(Cf, Vec<u8>)]) -> Result<(Cf, Vec<u8>, Vec<u8>), KvError>;
+    /// The transaction that was given `marker_key` committed or failed.
+    fn settled(&self, marker_key: &[u8]);
+    /// A key below which every marker handed out has settled (so a reader of a snapshot
+    /// taken after this call sees every committed marker below it).
+    fn low_water(&self) -> Vec<u8>;
 }
 
 type Tracker = Option<Arc<dyn ChangeTracker>>;
@@ -441,9 +446,16 @@ impl KvStore {
         }
         if let (Some(tr), false) = (now.as_ref(), written.is_empty()) {
             let (cf, key, value) = tr.marker(written)?;
-            t.put(cf, &key, &value)?;
+            let r = t.put(cf, &key, &value).and_then(|_| t.commit());
+            tr.settled(&key);
+            return r;
         }
         t.commit()
+    }
+
+    /// See [`ChangeTracker::low_water`]; `None` without a tracker.
+    pub fn change_low_water(&self) -> Option<Vec<u8>> {
+        self.current_tracker().map(|t| t.low_water())
     }
 
     /// Run `f` once on a consistent snapshot of the store: reads only (writes fail with

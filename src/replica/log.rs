@@ -81,7 +81,7 @@ fn note_put(c: &mut Collected, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(
     Ok(())
 }
 
-fn collect(s: &mut dyn Txn) -> Result<Collected, ReplicaError> {
+fn collect(s: &mut dyn Txn, markers_from: &[u8]) -> Result<Collected, ReplicaError> {
     let mut c = Collected {
         head: read_head(s)?.seq,
         ..Default::default()
@@ -97,6 +97,7 @@ fn collect(s: &mut dyn Txn) -> Result<Collected, ReplicaError> {
     })?;
     let mut keys = BTreeSet::new();
     let (ca, cb) = Prefix::Change.range();
+    let ca = ca.max(markers_from.to_vec());
     scan_all(s, Cf::Meta, &ca, &cb, |k, v| {
         for (cf, key) in ChangeMarker::decode(&v)?.keys {
             keys.insert((cf, key));
@@ -234,9 +235,40 @@ fn commit(store: &KvStore, c: &Collected) -> Result<Outcome, ReplicaError> {
 /// One logger round: turn the markers present now into a group. Returns the group's seq, or
 /// `None` when there was nothing to log (or no replica to log for: markers are then dropped).
 pub fn round(store: &KvStore) -> Result<Option<u64>, ReplicaError> {
+    round_from(store, &[])
+}
+
+/// The mount's logger: each round scans only the markers that may not have been logged yet,
+/// and trimming only the groups not yet trimmed (deleted keys stay as tombstones in the
+/// engine for a while, and rescanning them every 100 ms cost 17% of a metadata-heavy mount's
+/// CPU).
+#[derive(Default)]
+pub struct Logger {
+    markers_from: Vec<u8>,
+    groups_from: u64,
+}
+
+impl Logger {
+    pub fn round(&mut self, store: &KvStore) -> Result<Option<u64>, ReplicaError> {
+        // Read before the round's snapshot: every marker below it is committed (so seen by
+        // this round) or abandoned.
+        let low = store.change_low_water();
+        let r = round_from(store, &self.markers_from)?;
+        if let Some(low) = low {
+            self.markers_from = low;
+        }
+        Ok(r)
+    }
+
+    pub fn trim(&mut self, store: &KvStore) -> Result<u64, ReplicaError> {
+        trim_from(store, &mut self.groups_from)
+    }
+}
+
+fn round_from(store: &KvStore, markers_from: &[u8]) -> Result<Option<u64>, ReplicaError> {
     let _one = ROUND.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..16 {
-        let c = store.read(collect)?;
+        let c = store.read(|s| collect(s, markers_from))?;
         if c.replicas == 0 {
             for chunk in c.markers.chunks(PAGE) {
                 store.transact(|t| {
@@ -277,7 +309,12 @@ pub fn read_group(store: &KvStore, seq: u64) -> Result<Option<Vec<LogPart>>, Rep
 
 /// Seqs, stored bytes and log times of the groups in the log, oldest first.
 pub fn groups(store: &KvStore) -> Result<Vec<(u64, u64, Timestamp)>, ReplicaError> {
-    let (a, b) = Prefix::Log.range();
+    groups_from(store, 0)
+}
+
+fn groups_from(store: &KvStore, from: u64) -> Result<Vec<(u64, u64, Timestamp)>, ReplicaError> {
+    let (_, b) = Prefix::Log.range();
+    let a = log_key(from, 0);
     let mut out: Vec<(u64, u64, Timestamp)> = Vec::new();
     let mut bad = None;
     store.for_each(Cf::Meta, &a, &b, |k, v| {
@@ -303,6 +340,11 @@ pub fn groups(store: &KvStore) -> Result<Vec<(u64, u64, Timestamp)>, ReplicaErro
 /// Drop the groups every replica has acknowledged (all of them when there is no replica),
 /// with the block references they held. Returns how many were dropped.
 pub fn trim(store: &KvStore) -> Result<u64, ReplicaError> {
+    trim_from(store, &mut 0)
+}
+
+/// [`trim`] of the groups from `from` on; `from` moves past those trimmed.
+fn trim_from(store: &KvStore, from: &mut u64) -> Result<u64, ReplicaError> {
     let reps = super::replicas(store)?;
     let keep_after = reps
         .iter()
@@ -315,13 +357,35 @@ pub fn trim(store: &KvStore) -> Result<u64, ReplicaError> {
         // Every replica still waits for its first group: the groups before it serve nobody.
         (None, false) => head(store)?.seq,
     };
-    let mut dropped = 0;
-    for (seq, _, _) in groups(store)? {
+    if keep_after < *from {
+        return Ok(0);
+    }
+    // Only the keys of the groups to drop (a replica that is down leaves many in the log).
+    let (_, end) = Prefix::Log.range();
+    let mut seqs: Vec<u64> = Vec::new();
+    store.for_each(Cf::Meta, &log_key(*from, 0), &end, |k, _| {
+        let Some(seq) = k.get(1..9).and_then(|s| <[u8; 8]>::try_from(s).ok()) else {
+            return true;
+        };
+        let seq = u64::from_be_bytes(seq);
         if seq > keep_after {
-            break;
+            return false;
         }
+        if seqs.last() != Some(&seq) {
+            seqs.push(seq);
+        }
+        true
+    })?;
+    let mut dropped = 0;
+    for &seq in &seqs {
         drop_group(store, seq)?;
         dropped += 1;
+        *from = seq + 1;
+    }
+    // Groups logged from now on come after the head, which is at least `keep_after` unless
+    // there is no replica (then the next ones may be anywhere after those just dropped).
+    if keep_after != u64::MAX {
+        *from = (*from).max(keep_after + 1);
     }
     Ok(dropped)
 }
@@ -365,4 +429,91 @@ pub fn marker_count(store: &KvStore) -> Result<u64, KvError> {
         true
     })?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::keyspace::records::{Inode, Kind};
+    use crate::kv::mem::MemEngine;
+    use crate::util::Timestamp;
+
+    /// Writers commit concurrently (markers settle out of order) while the logger rounds with
+    /// its watermark; replaying every group in order gives exactly the store's final state.
+    #[test]
+    fn concurrent_commits_are_all_logged_in_an_order_that_replays() {
+        let kv = Arc::new(KvStore::with_engine(Arc::new(MemEngine::new())));
+        crate::replica::add(&kv, "r", "exec:x", None).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let mut writers = Vec::new();
+            for w in 0..4u64 {
+                let kv = kv.clone();
+                writers.push(sc.spawn(move || {
+                    for i in 0..1000u64 {
+                        let ino = 100 + (w * 7 + i * 13) % 50;
+                        let mut n = Inode::new_dir(0o755, 0, 0, 1, Timestamp::now());
+                        n.kind = Kind::File;
+                        n.size = w * 1000 + i;
+                        kv.transact(|t| {
+                            if i % 9 == 0 {
+                                t.delete(Cf::Meta, &ks::inode_key(ino))
+                            } else {
+                                t.put(Cf::Meta, &ks::inode_key(ino), &n.encode()?)
+                            }
+                        })
+                        .unwrap();
+                    }
+                }));
+            }
+            let kv = kv.clone();
+            let stop = &stop;
+            let logging = sc.spawn(move || {
+                let mut logger = Logger::default();
+                while !stop.load(Ordering::Relaxed) {
+                    logger.round(&kv).unwrap();
+                }
+                // The last round with the same logger (a full scan would hide a lost marker).
+                logger.round(&kv).unwrap();
+            });
+            for w in writers {
+                w.join().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            logging.join().unwrap();
+        });
+        let mut replayed: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for (seq, _, _) in groups(&kv).unwrap() {
+            for p in read_group(&kv, seq).unwrap().unwrap() {
+                for ch in p.changes {
+                    match ch {
+                        Change::Put { key, value, .. } => {
+                            replayed.insert(key, value);
+                        }
+                        Change::Delete { key, .. } => {
+                            replayed.remove(&key);
+                        }
+                        Change::Clear { start, end, .. } => {
+                            replayed.retain(|k, _| !(start <= *k && *k < end));
+                        }
+                    }
+                }
+            }
+        }
+        let mut now = BTreeMap::new();
+        let (a, b) = Prefix::Inode.range();
+        kv.for_each(Cf::Meta, &a, &b, |k, v| {
+            if shippable(Cf::Meta, k) {
+                now.insert(k.to_vec(), v.to_vec());
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(marker_count(&kv).unwrap(), 0, "every marker logged");
+        assert_eq!(replayed, now);
+    }
 }

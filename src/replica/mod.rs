@@ -242,6 +242,8 @@ pub fn chain(prev: &Hash, seq: u64, parts: &[Vec<Change>]) -> Result<Hash, Encod
 /// The change tracker of a primary with replicas: one `c seq` marker per transaction.
 pub struct Changes {
     next: AtomicU64,
+    /// Markers handed out whose transactions have not settled.
+    inflight: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl ChangeTracker for Changes {
@@ -250,7 +252,12 @@ impl ChangeTracker for Changes {
     }
 
     fn marker(&self, keys: &[(Cf, Vec<u8>)]) -> Result<(Cf, Vec<u8>, Vec<u8>), KvError> {
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let seq = {
+            let mut inflight = crate::util::lock(&self.inflight);
+            let seq = self.next.fetch_add(1, Ordering::Relaxed);
+            inflight.insert(seq);
+            seq
+        };
         let m = ChangeMarker {
             keys: keys
                 .iter()
@@ -258,6 +265,24 @@ impl ChangeTracker for Changes {
                 .collect(),
         };
         Ok((Cf::Meta, change_key(seq), m.encode()?))
+    }
+
+    fn settled(&self, marker_key: &[u8]) {
+        if let Some(seq) = marker_key
+            .get(1..9)
+            .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        {
+            crate::util::lock(&self.inflight).remove(&u64::from_be_bytes(seq));
+        }
+    }
+
+    fn low_water(&self) -> Vec<u8> {
+        let inflight = crate::util::lock(&self.inflight);
+        let low = inflight
+            .first()
+            .copied()
+            .unwrap_or_else(|| self.next.load(Ordering::Relaxed));
+        change_key(low)
     }
 }
 
@@ -299,6 +324,7 @@ pub fn track_if_replicated(store: &KvStore) -> Result<bool, KvError> {
         })?;
         store.track_changes(Some(Arc::new(Changes {
             next: AtomicU64::new(last + 1),
+            inflight: Default::default(),
         })));
     } else {
         store.track_changes(None);

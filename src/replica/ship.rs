@@ -471,8 +471,9 @@ pub fn run(store: &KvStore, format: &FormatRecord, store_dir: &Path, stop: &Atom
         let mut running: HashMap<String, std::thread::ScopedJoinHandle<'_, ()>> = HashMap::new();
         let mut last_trim = Instant::now();
         let mut last_err = None::<Instant>;
+        let mut logger = log::Logger::default();
         while !stop.load(Ordering::Relaxed) {
-            if let Err(e) = log::round(store) {
+            if let Err(e) = logger.round(store) {
                 if last_err.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                     tracing::error!(error = %e, "replication log round failed");
                     last_err = Some(Instant::now());
@@ -480,7 +481,7 @@ pub fn run(store: &KvStore, format: &FormatRecord, store_dir: &Path, stop: &Atom
             }
             if last_trim.elapsed() > Duration::from_secs(1) {
                 last_trim = Instant::now();
-                if let Err(e) = log::trim(store) {
+                if let Err(e) = logger.trim(store) {
                     tracing::error!(error = %e, "trimming the replication log failed");
                 }
                 running.retain(|_, h| !h.is_finished());

@@ -78,6 +78,8 @@ struct Sim {
     touched: std::collections::HashSet<Ino>,
     /// The in-memory replica the primary ships to.
     replica: Option<replicate::SimReplica>,
+    /// The "mount's" logger (one per mount: its scan positions follow its change tracker).
+    logger: crate::replica::log::Logger,
 }
 
 fn is_injected(e: &FsError) -> bool {
@@ -113,6 +115,7 @@ impl Sim {
             args: String::new(),
             touched: Default::default(),
             replica: None,
+            logger: Default::default(),
         };
         sim.init_replica(seed);
         sim.start();
@@ -147,6 +150,7 @@ impl Sim {
         );
         crate::replica::track_if_replicated(fs.store())
             .unwrap_or_else(|e| self.fail(format!("change tracking: {e}")));
+        self.logger = Default::default();
         gc::register(fs.store(), fs.mount_id())
             .unwrap_or_else(|e| self.fail(format!("register: {e}")));
         gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))

@@ -84,12 +84,15 @@ impl Sim {
     }
 
     /// One shipment through the real protocol; `Ok(false)` when an injected fault stopped it.
-    fn ship(&self) -> Result<bool, ReplicaError> {
+    fn ship(&mut self) -> Result<bool, ReplicaError> {
         let r = self.replica.as_ref().expect("replica");
-        let primary = self.fs().store();
-        if let Err(e) = log::round(primary) {
+        let mut logger = std::mem::take(&mut self.logger);
+        let logged = logger.round(self.fs().store());
+        self.logger = logger;
+        if let Err(e) = logged {
             return if injected(&e) { Ok(false) } else { Err(e) };
         }
+        let primary = self.fs().store();
         let Some(rec) = ship::record(primary, NAME)? else {
             return Err(ReplicaError::Unknown(NAME.into()));
         };

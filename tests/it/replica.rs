@@ -716,8 +716,14 @@ fn a_small_change_in_a_big_file_ships_a_few_kilobytes() {
         .find(|w| w[1..] == ["bytes", "on", "the"])
         .and_then(|w| w[0].parse().ok())
         .unwrap_or_else(|| panic!("no wire bytes in {out}"));
-    assert!(out.contains("1 blocks") && out.contains("1 as deltas"), "{out}");
-    assert!(wire < 12 << 10, "a 4 KiB change put {wire} bytes on the wire");
+    assert!(
+        out.contains("1 blocks") && out.contains("1 as deltas"),
+        "{out}"
+    );
+    assert!(
+        wire < 12 << 10,
+        "a 4 KiB change put {wire} bytes on the wire"
+    );
     audit_clean(&replica);
     m.start();
     let r = Mounted::existing(&replica, "").unwrap();
