@@ -271,6 +271,8 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
             )
         }
         Ok((kv, _)) => {
+            // What the sweep deletes (inodes unlinked while open) is the replicas' to know.
+            kvfs::replica::track_if_replicated(&kv)?;
             let o = gc::SweepOptions {
                 dry_run,
                 timeout: Duration::from_secs(timeout),
@@ -320,6 +322,13 @@ fn audit_cmd(dir: &Path, repair: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Repairs change names and inodes: replicas must receive them like any change.
+    if repair {
+        if let Err(e) = kvfs::replica::track_if_replicated(&kv) {
+            eprintln!("kvfs: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let o = audit::AuditOptions {
         repair,
         progress: std::io::stderr().is_terminal(),

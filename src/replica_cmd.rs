@@ -75,6 +75,7 @@ fn tool_logging(level: &str) {
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     tool_logging("info");
+
     let (compression, level) =
         FormatOptions::parse_compression(&a.compression).map_err(anyhow::Error::msg)?;
     let create = FormatOptions {

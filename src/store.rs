@@ -220,13 +220,17 @@ pub fn open_read_only(path: &Path) -> Result<(KvStore, FormatRecord), StoreError
 
 /// Open a store that another process has open for writing (a replica `kvfs serve` keeps
 /// applying to), following it: [`KvStore::catch_up`] shows what it committed since. The
-/// follower's own files live in `STORE/follow-PID`, removed at the next such open.
+/// follower's own files live in `STORE/follow-PID`, removed by a later open once PID is gone.
 pub fn open_follower(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
     let own = path.join(format!("follow-{}", std::process::id()));
+    // Those of followers that are gone (a pid that no longer runs).
     if let Ok(rd) = std::fs::read_dir(path) {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("follow-") {
-                let _ = std::fs::remove_dir_all(e.path());
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("follow-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
     }

@@ -364,26 +364,34 @@ struct SnapRead<'a, D: rocksdb::DBAccess> {
     snap: rocksdb::SnapshotWithThreadMode<'a, D>,
 }
 
-impl<D: rocksdb::DBAccess> Txn for SnapRead<'_, D> {
-    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self.snap.get_cf(self.engine.cf(cf)?, key)?)
-    }
+/// [`Txn`] for a read-only view whose `$view` field reads with `get_cf` and
+/// `raw_iterator_cf_opt` (a snapshot, or a follower's database behind its gate).
+macro_rules! read_view_txn {
+    (impl[$($g:tt)*] $ty:ty, $view:ident) => {
+        impl<$($g)*> Txn for $ty {
+            fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+                Ok(self.$view.get_cf(self.engine.cf(cf)?, key)?)
+            }
 
-    super::snapshot_txn_methods!();
+            super::snapshot_txn_methods!();
 
-    fn scan(
-        &mut self,
-        cf: Cf,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Pair>, KvError> {
-        let it = self
-            .snap
-            .raw_iterator_cf_opt(self.engine.cf(cf)?, bounded(end));
-        collect(it, start, limit)
-    }
+            fn scan(
+                &mut self,
+                cf: Cf,
+                start: &[u8],
+                end: &[u8],
+                limit: usize,
+            ) -> Result<Vec<Pair>, KvError> {
+                let it = self
+                    .$view
+                    .raw_iterator_cf_opt(self.engine.cf(cf)?, bounded(end));
+                collect(it, start, limit)
+            }
+        }
+    };
 }
+
+read_view_txn!(impl[D: rocksdb::DBAccess] SnapRead<'_, D>, snap);
 
 /// A consistent read of a follower: plain reads while no catch-up can run.
 struct GatedRead<'a> {
@@ -392,26 +400,7 @@ struct GatedRead<'a> {
     _gate: std::sync::RwLockReadGuard<'a, ()>,
 }
 
-impl Txn for GatedRead<'_> {
-    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self.db.get_cf(self.engine.cf(cf)?, key)?)
-    }
-
-    super::snapshot_txn_methods!();
-
-    fn scan(
-        &mut self,
-        cf: Cf,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Pair>, KvError> {
-        let it = self
-            .db
-            .raw_iterator_cf_opt(self.engine.cf(cf)?, bounded(end));
-        collect(it, start, limit)
-    }
-}
+read_view_txn!(impl[] GatedRead<'_>, db);
 
 struct RocksTxn<'a> {
     engine: &'a RocksEngine,

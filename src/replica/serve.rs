@@ -189,9 +189,6 @@ impl Server {
             },
         )?;
         let mut storer = Storer::new(st.clone());
-        let mut pending: Vec<Prepared> = Vec::new();
-        let mut pending_bytes = 0usize;
-        let mut flushed = 0u64;
         let mut parts: Vec<Vec<Change>> = Vec::new();
         let mut group_seq = 0u64;
         let mut group_bytes = 0usize;
@@ -207,13 +204,7 @@ impl Server {
                 Msg::Block { hash, data } => {
                     let b = apply::prepare_received(&hash, &data, st.format.block_size, &st.codec)
                         .map_err(refuse)?;
-                    pending_bytes += data.len();
-                    pending.push(b);
-                    flushed += 1;
-                    if pending_bytes >= PENDING_BYTES {
-                        storer.submit(std::mem::take(&mut pending))?;
-                        pending_bytes = 0;
-                    }
+                    storer.add(b)?;
                 }
                 Msg::Sums { keys } => {
                     if keys.len() > MAX_HAVE {
@@ -230,20 +221,11 @@ impl Server {
                         .map_err(refuse)?;
                     let b = apply::prepare_received(&hash, &data, st.format.block_size, &st.codec)
                         .map_err(refuse)?;
-                    pending_bytes += data.len();
-                    pending.push(b);
-                    flushed += 1;
-                    if pending_bytes >= PENDING_BYTES {
-                        storer.submit(std::mem::take(&mut pending))?;
-                        pending_bytes = 0;
-                    }
+                    storer.add(b)?;
                 }
                 Msg::Flush => {
-                    storer.submit(std::mem::take(&mut pending))?;
-                    storer.wait_all()?;
-                    pending_bytes = 0;
-                    wire::send(io, &Msg::Flushed { count: flushed })?;
-                    flushed = 0;
+                    let count = storer.store_all()?;
+                    wire::send(io, &Msg::Flushed { count })?;
                 }
                 Msg::Part {
                     seq,
@@ -273,9 +255,7 @@ impl Server {
                                 "group {seq}: its chain hash does not match its content"
                             )));
                         }
-                        storer.submit(std::mem::take(&mut pending))?;
-                        storer.wait_all()?;
-                        pending_bytes = 0;
+                        storer.store_all()?;
                         let all: Vec<Change> = whole.into_iter().flatten().collect();
                         apply::apply_group(&st.kv, seq, &prev, &claimed, &all)?;
                         if let Err(e) = blocks::collect_garbage(&st.kv, 4096) {
@@ -297,9 +277,13 @@ impl Server {
     }
 }
 
-/// Stores received blocks on a thread of its own, so that the next ones are received while a
-/// batch is written and synced (one batch queued, one in progress).
+/// Gathers received blocks and stores them on a thread of its own, so that the next ones are
+/// received while a batch is written and synced (one batch queued, one in progress).
 struct Storer {
+    pending: Vec<Prepared>,
+    pending_bytes: usize,
+    /// Blocks added since the last [`Storer::store_all`].
+    added: u64,
     tx: Option<crossbeam_channel::Sender<Vec<Prepared>>>,
     done: crossbeam_channel::Receiver<Result<(), ReplicaError>>,
     outstanding: usize,
@@ -325,11 +309,36 @@ impl Storer {
             }
         });
         Storer {
+            pending: Vec::new(),
+            pending_bytes: 0,
+            added: 0,
             tx: Some(tx),
             done,
             outstanding: 0,
             thread: Some(thread),
         }
+    }
+
+    /// A verified block; a full batch goes to the thread.
+    fn add(&mut self, b: Prepared) -> Result<(), ReplicaError> {
+        self.pending_bytes += b.len as usize;
+        self.pending.push(b);
+        self.added += 1;
+        if self.pending_bytes >= PENDING_BYTES {
+            self.pending_bytes = 0;
+            let batch = std::mem::take(&mut self.pending);
+            self.submit(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Every block added is stored and synced; how many since the last call.
+    fn store_all(&mut self) -> Result<u64, ReplicaError> {
+        self.pending_bytes = 0;
+        let batch = std::mem::take(&mut self.pending);
+        self.submit(batch)?;
+        self.wait_all()?;
+        Ok(std::mem::take(&mut self.added))
     }
 
     fn finished(&mut self, r: Result<(), ReplicaError>) -> Result<(), ReplicaError> {

@@ -472,6 +472,7 @@ pub fn run(store: &KvStore, format: &FormatRecord, store_dir: &Path, stop: &Atom
         let mut last_trim = Instant::now();
         let mut last_err = None::<Instant>;
         let mut logger = log::Logger::default();
+        let mut first = true;
         while !stop.load(Ordering::Relaxed) {
             if let Err(e) = logger.round(store) {
                 if last_err.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
@@ -479,7 +480,8 @@ pub fn run(store: &KvStore, format: &FormatRecord, store_dir: &Path, stop: &Atom
                     last_err = Some(Instant::now());
                 }
             }
-            if last_trim.elapsed() > Duration::from_secs(1) {
+            if first || last_trim.elapsed() > Duration::from_secs(1) {
+                first = false;
                 last_trim = Instant::now();
                 if let Err(e) = logger.trim(store) {
                     tracing::error!(error = %e, "trimming the replication log failed");

@@ -21,6 +21,18 @@ pub fn fuse_available() -> bool {
     ok
 }
 
+/// A temp dir for one test, under `KVFS_TEST_TMP` if set.
+fn test_tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("kvfs-test")
+        .tempdir_in(
+            std::env::var_os("KVFS_TEST_TMP")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
+        )
+        .unwrap()
+}
+
 pub struct Mounted {
     pub tmp: tempfile::TempDir,
     pub store: PathBuf,
@@ -53,14 +65,7 @@ pub fn mount_prepared(
     if !fuse_available() {
         return None;
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("kvfs-test")
-        .tempdir_in(
-            std::env::var_os("KVFS_TEST_TMP")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir),
-        )
-        .unwrap();
+    let tmp = test_tmp();
     // Other users (permission tests) must be able to reach the mount point.
     std::fs::set_permissions(
         tmp.path(),
@@ -104,14 +109,7 @@ impl Mounted {
         if !fuse_available() {
             return None;
         }
-        let tmp = tempfile::Builder::new()
-            .prefix("kvfs-test")
-            .tempdir_in(
-                std::env::var_os("KVFS_TEST_TMP")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(std::env::temp_dir),
-            )
-            .unwrap();
+        let tmp = test_tmp();
         let mnt = tmp.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let mut m = Mounted {

@@ -176,3 +176,67 @@ fn sigkill_at_random_moments_leaves_a_clean_store_and_every_fsynced_byte() {
         "written-ahead markers survived recovery and a clean exit:\n{ahead}"
     );
 }
+
+/// Replication mode: the primary ships to a replica over `exec:` while the workload runs, and
+/// at a random moment the primary's mount, the replica's server or both are SIGKILLed. After
+/// every round both audits are clean and the replica holds every group the primary recorded
+/// as acknowledged; at the end a final sync makes the trees equal.
+#[test]
+fn sigkill_of_primary_and_replica_loses_nothing_acknowledged() {
+    use crate::replica as r;
+    let Some(mut m) = mount() else { return };
+    let replica = r::replica_dir(&m);
+    r::add(&m, "home", &r::exec_url(&replica), &[]);
+    let mut rng = Rng(std::process::id() as u64 * 31 + 5);
+    let t0 = Instant::now();
+    let n = rounds();
+    let mut killed = (0, 0);
+    for round in 0..n {
+        let root = m.mnt.clone();
+        let w = std::thread::spawn(move || workload(root, round, Arc::default()));
+        std::thread::sleep(Duration::from_millis(400 + rng.below(1100)));
+        // 0: the replica's server, then the primary a moment later (the workload ends only
+        // with its mount); 1: the primary alone; 2: both at once.
+        let which = rng.below(3);
+        if which != 1 {
+            if let Some(pid) = r::server_pid(&replica) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed.1 += 1;
+            }
+        }
+        if which == 0 {
+            std::thread::sleep(Duration::from_millis(50 + rng.below(400)));
+        }
+        m.crash();
+        killed.0 += 1;
+        w.join().unwrap();
+        audit_clean(&m.store, round);
+        if replica.join("db").exists() {
+            audit_clean(&replica, round);
+            let acked = r::status_json(&m.store)["replication"]["replicas"][0]["acked"]
+                .as_u64()
+                .unwrap();
+            let applied = r::status_json(&replica)["replication"]["replica_of"]["applied"]
+                .as_u64()
+                .unwrap();
+            assert!(
+                applied >= acked,
+                "round {round}: the primary recorded group {acked} as acknowledged, the replica holds {applied}"
+            );
+        }
+        m.start();
+    }
+    m.unmount();
+    let out = r::sync(&m.store);
+    assert!(out.contains("home\tin sync"), "{out}");
+    audit_clean(&replica, n);
+    m.start();
+    let rm = Mounted::existing(&replica, "").unwrap();
+    r::wait_equal(&m.mnt, &rm.mnt, 15);
+    eprintln!(
+        "{n} rounds, {} primary and {} replica kills, {:.1}s",
+        killed.0,
+        killed.1,
+        t0.elapsed().as_secs_f64()
+    );
+}

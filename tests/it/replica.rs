@@ -16,12 +16,12 @@ use sha2::{Digest, Sha256};
 
 use crate::common::{self, pattern, Mounted, KVFS};
 
-fn kvfs<S: AsRef<OsStr>>(args: &[S]) -> Output {
+pub(crate) fn kvfs<S: AsRef<OsStr>>(args: &[S]) -> Output {
     Command::new(KVFS).args(args).output().unwrap()
 }
 
 /// Run kvfs and insist it succeeds; its stdout.
-fn ok<S: AsRef<OsStr>>(args: &[S]) -> String {
+pub(crate) fn ok<S: AsRef<OsStr>>(args: &[S]) -> String {
     let out = kvfs(args);
     assert!(
         out.status.success(),
@@ -35,7 +35,7 @@ fn ok<S: AsRef<OsStr>>(args: &[S]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn exec_url(replica: &Path) -> String {
+pub(crate) fn exec_url(replica: &Path) -> String {
     format!("exec:{KVFS} serve --stdio {}", replica.display())
 }
 
@@ -139,7 +139,28 @@ fn populate(root: &Path) {
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
 }
 
-fn sync(store: &Path) -> String {
+/// `kvfs replica sync STORE --timeout SECS`, whatever its outcome.
+pub(crate) fn try_sync(store: &Path, secs: u64) -> Output {
+    kvfs(&[
+        OsStr::new("replica"),
+        OsStr::new("sync"),
+        store.as_os_str(),
+        OsStr::new("--timeout"),
+        OsStr::new(&secs.to_string()),
+    ])
+}
+
+/// `kvfs status STORE --json`, parsed.
+pub(crate) fn status_json(store: &Path) -> serde_json::Value {
+    let out = ok(&[
+        OsStr::new("status"),
+        store.as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+pub(crate) fn sync(store: &Path) -> String {
     ok(&[
         OsStr::new("replica"),
         OsStr::new("sync"),
@@ -149,7 +170,7 @@ fn sync(store: &Path) -> String {
     ])
 }
 
-fn audit_clean(store: &Path) {
+pub(crate) fn audit_clean(store: &Path) {
     let out = kvfs(&[OsStr::new("audit"), store.as_os_str()]);
     assert!(
         out.status.success(),
@@ -165,7 +186,7 @@ fn audit_clean(store: &Path) {
 /// inode (a known divergence of a few milliseconds from what the store keeps, filed with the
 /// POSIX edges), so its inode cache is dropped first: the trees compared are what the stores
 /// hold.
-fn wait_equal(a: &Path, b: &Path, secs: u64) {
+pub(crate) fn wait_equal(a: &Path, b: &Path, secs: u64) {
     let t0 = Instant::now();
     loop {
         let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
@@ -188,11 +209,11 @@ fn wait_equal(a: &Path, b: &Path, secs: u64) {
     }
 }
 
-fn replica_dir(m: &Mounted) -> PathBuf {
+pub(crate) fn replica_dir(m: &Mounted) -> PathBuf {
     m.tmp.path().join("replica")
 }
 
-fn add(m: &Mounted, name: &str, url: &str, extra: &[&str]) {
+pub(crate) fn add(m: &Mounted, name: &str, url: &str, extra: &[&str]) {
     let mut args: Vec<&OsStr> = vec![
         OsStr::new("replica"),
         OsStr::new("add"),
@@ -242,12 +263,8 @@ fn a_replica_over_exec_follows_the_primary_read_only() {
     std::fs::write(m.path("later/unsynced"), b"shipped by the mount itself").unwrap();
     wait_equal(&m.mnt, &r.mnt, 15);
 
-    let status = ok(&[
-        OsStr::new("status"),
-        m.store.as_os_str(),
-        OsStr::new("--json"),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let v = status_json(&m.store);
+    let status = v.to_string();
     let rep = &v["replication"]["replicas"][0];
     assert_eq!(rep["name"], "home");
     assert_eq!(rep["state"], "in sync", "{status}");
@@ -255,17 +272,11 @@ fn a_replica_over_exec_follows_the_primary_read_only() {
     m.unmount();
     audit_clean(&m.store);
     audit_clean(&replica);
-    let rs = ok(&[
-        OsStr::new("status"),
-        replica.as_os_str(),
-        OsStr::new("--json"),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&rs).unwrap();
-    assert_eq!(v["replication"]["role"], "replica");
+    assert_eq!(status_json(&replica)["replication"]["role"], "replica");
 }
 
 /// The pid of the `kvfs serve` process serving `replica`, if one runs.
-fn server_pid(replica: &Path) -> Option<i32> {
+pub(crate) fn server_pid(replica: &Path) -> Option<i32> {
     let want = replica.as_os_str().as_bytes();
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -356,11 +367,7 @@ p.stdin.close(); p.wait()
     );
     m.unmount();
     add(&m, "home", &url, &[]);
-    let first = kvfs(&[
-        OsStr::new("replica"),
-        OsStr::new("sync"),
-        m.store.as_os_str(),
-    ]);
+    let first = try_sync(&m.store, 600);
     assert!(!first.status.success(), "a damaged frame was accepted");
     let said = String::from_utf8_lossy(&first.stdout);
     assert!(said.contains("checksum"), "{said}");
@@ -382,6 +389,13 @@ fn over_tcp_tls_with_pinned_fingerprints_and_refusals() {
     populate(&m.mnt);
     let replica = replica_dir(&m);
     let primary_fp = ok(&[OsStr::new("fingerprint"), m.store.as_os_str()]);
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut server = Command::new(KVFS)
         .args([
             OsStr::new("serve"),
@@ -396,6 +410,7 @@ fn over_tcp_tls_with_pinned_fingerprints_and_refusals() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let server = Server(server);
     let fp = lines.next().unwrap().unwrap();
     let addr = lines.next().unwrap().unwrap();
     let fp = fp.strip_prefix("fingerprint ").unwrap().to_string();
@@ -409,13 +424,7 @@ fn over_tcp_tls_with_pinned_fingerprints_and_refusals() {
         &url,
         &["--fingerprint", &format!("SHA256:{}", "00".repeat(32))],
     );
-    let out = kvfs(&[
-        OsStr::new("replica"),
-        OsStr::new("sync"),
-        m.store.as_os_str(),
-        OsStr::new("--timeout"),
-        OsStr::new("5"),
-    ]);
+    let out = try_sync(&m.store, 5);
     assert!(!out.status.success());
     ok(&[
         OsStr::new("replica"),
@@ -434,23 +443,12 @@ fn over_tcp_tls_with_pinned_fingerprints_and_refusals() {
     // allowed, and its filesystem is another).
     let other = common::mount().unwrap();
     add(&other, "home", &url, &["--fingerprint", &fp]);
-    let out = kvfs(&[
-        OsStr::new("replica"),
-        OsStr::new("sync"),
-        other.store.as_os_str(),
-        OsStr::new("--timeout"),
-        OsStr::new("5"),
-    ]);
+    let out = try_sync(&other.store, 5);
     assert!(!out.status.success());
-    let st = ok(&[
-        OsStr::new("status"),
-        other.store.as_os_str(),
-        OsStr::new("--json"),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    let v = status_json(&other.store);
+    let st = v.to_string();
     assert_eq!(v["replication"]["replicas"][0]["state"], "error", "{st}");
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     drop(r);
     m.unmount();
     audit_clean(&replica);
@@ -469,13 +467,7 @@ fn a_promoted_replica_refuses_its_old_primary() {
     // Another filesystem may not ship to this replica.
     let other = common::mount().unwrap();
     add(&other, "home", &exec_url(&replica), &[]);
-    let out = kvfs(&[
-        OsStr::new("replica"),
-        OsStr::new("sync"),
-        other.store.as_os_str(),
-        OsStr::new("--timeout"),
-        OsStr::new("10"),
-    ]);
+    let out = try_sync(&other.store, 10);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("follows filesystem"),
@@ -493,13 +485,7 @@ fn a_promoted_replica_refuses_its_old_primary() {
     p.unmount();
     // The old primary is refused, with the reason.
     std::fs::write(m.path("late"), b"x").unwrap();
-    let out = kvfs(&[
-        OsStr::new("replica"),
-        OsStr::new("sync"),
-        m.store.as_os_str(),
-        OsStr::new("--timeout"),
-        OsStr::new("10"),
-    ]);
+    let out = try_sync(&m.store, 10);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("promoted"),
@@ -655,13 +641,7 @@ fn a_full_replica_disk_leaves_the_primary_unaffected() {
     for i in 0..4 {
         std::fs::write(m.path(&format!("big{i}")), pattern(300 + i, 10 << 20)).unwrap();
     }
-    let out = kvfs(&[
-        OsStr::new("replica"),
-        OsStr::new("sync"),
-        m.store.as_os_str(),
-        OsStr::new("--timeout"),
-        OsStr::new("20"),
-    ]);
+    let out = try_sync(&m.store, 20);
     assert!(
         !out.status.success(),
         "a full replica acknowledged everything"
@@ -671,12 +651,8 @@ fn a_full_replica_disk_leaves_the_primary_unaffected() {
     std::fs::write(m.path("after"), pattern(9, 4 << 20)).unwrap();
     assert_eq!(std::fs::read(m.path("after")).unwrap(), pattern(9, 4 << 20));
     assert!(t0.elapsed() < Duration::from_secs(10));
-    let st = ok(&[
-        OsStr::new("status"),
-        m.store.as_os_str(),
-        OsStr::new("--json"),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    let v = status_json(&m.store);
+    let st = v.to_string();
     let r = &v["replication"]["replicas"][0];
     assert_eq!(r["state"], "error", "{st}");
     let err = r["error"].as_str().unwrap_or_default().to_lowercase();
