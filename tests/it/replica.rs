@@ -705,3 +705,39 @@ fn a_small_change_in_a_big_file_ships_a_few_kilobytes() {
     let r = Mounted::existing(&replica, "").unwrap();
     wait_equal(&m.mnt, &r.mnt, 10);
 }
+
+/// A primary restored from an old copy of itself is refused by its replica, which holds a
+/// later state; the replica is left as it was.
+#[test]
+fn a_primary_restored_from_an_old_copy_is_refused() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    std::fs::write(m.path("a"), b"first").unwrap();
+    let replica = replica_dir(&m);
+    m.unmount();
+    add(&m, "home", &exec_url(&replica), &[]);
+    sync(&m.store);
+    let old = m.tmp.path().join("old-copy");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&m.store)
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    m.start();
+    std::fs::write(m.path("b"), b"later").unwrap();
+    m.unmount();
+    sync(&m.store);
+    let before = status_json(&replica)["replication"]["replica_of"]["applied"].clone();
+    let out = try_sync(&old, 10);
+    assert!(!out.status.success(), "the old copy shipped");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("older than its replica"), "{said}");
+    assert_eq!(
+        status_json(&replica)["replication"]["replica_of"]["applied"],
+        before
+    );
+    audit_clean(&replica);
+}
