@@ -408,6 +408,8 @@ pub enum ReplicaError {
     Encode(#[from] EncodeError),
     #[error("{0}")]
     Block(#[from] crate::blocks::BlockError),
+    #[error("replica {peer} answered nothing for {secs} s; connection cut")]
+    TimedOut { peer: String, secs: u64 },
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -5,7 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::log::{self, read_head};
@@ -63,6 +64,57 @@ pub struct Session {
     conn: Conn,
     name: String,
     pub shipped: Shipped,
+    watch: Arc<Watch>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long a session waits for its replica to take or answer one message before it cuts
+/// the connection (`KVFS_REPLICA_TIMEOUT` seconds, default 60): a replica that hangs (a
+/// stalled link, a stopped machine) must not hold a shipper forever, and over pipes there is
+/// no other timeout.
+pub fn timeout() -> Duration {
+    std::env::var("KVFS_REPLICA_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+}
+
+/// What a session's watchdog watches.
+struct Watch {
+    t0: Instant,
+    /// Milliseconds since `t0` of the last message that got through.
+    last: AtomicU64,
+    /// The session is waiting on its replica (not idle between shipments).
+    busy: AtomicBool,
+    timed_out: AtomicBool,
+    done: AtomicBool,
+}
+
+impl Watch {
+    fn now(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+}
+
+fn watchdog(w: Arc<Watch>, cancel: transport::Canceller, limit: Duration) {
+    while !w.done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        let quiet = w.now().saturating_sub(w.last.load(Ordering::Relaxed));
+        if w.busy.load(Ordering::Relaxed) && quiet > limit.as_millis() as u64 {
+            w.timed_out.store(true, Ordering::Relaxed);
+            cancel.cancel();
+            return;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.watch.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.watchdog.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 pub fn record(store: &KvStore, name: &str) -> Result<Option<ReplicaRecord>, ReplicaError> {
@@ -97,7 +149,34 @@ pub fn note_error(store: &KvStore, name: &str, e: &ReplicaError) {
 }
 
 impl Session {
+    /// A wire error, or the watchdog's timeout if it cut the connection.
+    fn cut(&self, e: ReplicaError) -> ReplicaError {
+        if self.watch.timed_out.load(Ordering::Relaxed) {
+            return ReplicaError::TimedOut {
+                peer: self.conn.peer.clone(),
+                secs: timeout().as_secs(),
+            };
+        }
+        e
+    }
+
+    fn progress(&self) {
+        self.watch.last.store(self.watch.now(), Ordering::Relaxed);
+    }
+
+    /// Between shipments the session waits on nothing; the watchdog rests.
+    fn idle(&self, idle: bool) {
+        self.progress();
+        self.watch.busy.store(!idle, Ordering::Relaxed);
+    }
+
     fn send(&mut self, m: &Msg) -> Result<(), ReplicaError> {
+        let r = self.send_once(m);
+        self.progress();
+        r.map_err(|e| self.cut(e))
+    }
+
+    fn send_once(&mut self, m: &Msg) -> Result<(), ReplicaError> {
         match wire::send(&mut *self.conn.io, m) {
             Ok(n) => {
                 self.shipped.wire_bytes += n as u64;
@@ -116,7 +195,9 @@ impl Session {
     }
 
     fn recv(&mut self) -> Result<Msg, ReplicaError> {
-        match wire::recv(&mut *self.conn.io)? {
+        let r = wire::recv(&mut *self.conn.io);
+        self.progress();
+        match r.map_err(|e| self.cut(e.into()))? {
             Msg::Refused { reason } => Err(ReplicaError::Refused {
                 peer: self.conn.peer.clone(),
                 reason,
@@ -162,10 +243,21 @@ impl Session {
         rec: &ReplicaRecord,
         base: u64,
     ) -> Result<Option<Session>, ReplicaError> {
+        let watch = Arc::new(Watch {
+            t0: Instant::now(),
+            last: AtomicU64::new(0),
+            busy: AtomicBool::new(true),
+            timed_out: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        });
+        let (w, cancel, limit) = (watch.clone(), conn.canceller(), timeout());
+        let watchdog = Some(std::thread::spawn(move || watchdog(w, cancel, limit)));
         let mut s = Session {
             conn,
             name: name.into(),
             shipped: Shipped::default(),
+            watch,
+            watchdog,
         };
         s.send(&Msg::Hello {
             proto_min: PROTO_MIN,
@@ -550,7 +642,9 @@ fn shipper(
             let mut idle = Instant::now();
             while !stop.load(Ordering::Relaxed) && idle.elapsed() < IDLE_CLOSE {
                 if ahead()? {
+                    s.idle(false);
                     s.ship_pending(store, stop)?;
+                    s.idle(true);
                     idle = Instant::now();
                 } else {
                     std::thread::sleep(Duration::from_millis(50));

@@ -69,21 +69,41 @@ fn xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
 /// Everything a replica must reproduce of a tree: per path its type, mode, owner, size, link
 /// count, mtime, symlink target, user xattrs and a hash of its content.
 fn tree(root: &Path) -> BTreeMap<String, String> {
+    // A tree that changes while it is walked (a followed replica catching up) may lose an
+    // entry between its listing and its reading: such an entry reads as its error, which a
+    // caller waiting for equality sees go away (and a lasting error shows in its diff).
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        let mut entries: Vec<_> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd.flatten().collect(),
+            Err(e) => {
+                out.insert(
+                    dir.to_string_lossy().into_owned(),
+                    format!("unreadable: {e}"),
+                );
+                return;
+            }
+        };
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let p = e.path();
-            let md = std::fs::symlink_metadata(&p).unwrap();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let md = match std::fs::symlink_metadata(&p) {
+                Ok(md) => md,
+                Err(e) => {
+                    out.insert(rel, format!("unreadable: {e}"));
+                    continue;
+                }
+            };
             let ft = md.file_type();
             let what = if ft.is_dir() {
                 "dir".to_string()
             } else if ft.is_symlink() {
-                format!("link {:?}", std::fs::read_link(&p).unwrap())
+                format!("link {:?}", std::fs::read_link(&p))
             } else if ft.is_file() {
-                let data = std::fs::read(&p).unwrap();
-                format!("file {:x}", Sha256::digest(&data))
+                match std::fs::read(&p) {
+                    Ok(data) => format!("file {:x}", Sha256::digest(&data)),
+                    Err(e) => format!("unreadable: {e}"),
+                }
             } else {
                 "special".to_string()
             };
@@ -740,4 +760,72 @@ fn a_primary_restored_from_an_old_copy_is_refused() {
         before
     );
     audit_clean(&replica);
+}
+
+/// A link that stops moving bytes mid-shipment (held, not closed) is cut after the replica
+/// timeout, the error shows in `status`, and the next attempt ships everything.
+#[test]
+fn a_stalled_link_is_cut_and_shipping_resumes() {
+    let Some(mut m) = common::mount() else {
+        return;
+    };
+    let replica = replica_dir(&m);
+    let proxy = m.tmp.path().join("stall.py");
+    let flag = m.tmp.path().join("stalled");
+    // Pass bytes on until 300,000 have gone to the server, then hold the link, once.
+    std::fs::write(
+        &proxy,
+        format!(
+            r#"import os, subprocess, sys, time
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=sys.stdout.fileno())
+stall = not os.path.exists({flag:?})
+seen = 0
+while True:
+    b = os.read(0, 65536)
+    if not b:
+        break
+    seen += len(b)
+    if stall and seen > 300000:
+        open({flag:?}, "w").close()
+        time.sleep(3600)
+    p.stdin.write(b); p.stdin.flush()
+p.stdin.close(); p.wait()
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(m.path("data"), pattern(21, 4 << 20)).unwrap();
+    m.unmount();
+    let url = format!(
+        "exec:python3 {} {KVFS} serve --stdio {}",
+        proxy.display(),
+        replica.display()
+    );
+    add(&m, "home", &url, &[]);
+    let t0 = Instant::now();
+    let first = Command::new(KVFS)
+        .args([
+            OsStr::new("replica"),
+            OsStr::new("sync"),
+            m.store.as_os_str(),
+        ])
+        .env("KVFS_REPLICA_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    assert!(!first.status.success(), "a stalled link shipped everything");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the stall was not cut"
+    );
+    let said = String::from_utf8_lossy(&first.stdout);
+    assert!(said.contains("answered nothing"), "{said}");
+    assert!(flag.exists());
+    let st = status_json(&m.store);
+    assert_eq!(st["replication"]["replicas"][0]["state"], "error", "{st}");
+    let second = sync(&m.store);
+    assert!(second.contains("home\tin sync"), "{second}");
+    audit_clean(&replica);
+    m.start();
+    let r = Mounted::existing(&replica, "").unwrap();
+    wait_equal(&m.mnt, &r.mnt, 10);
 }
