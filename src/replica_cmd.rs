@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use clap::Subcommand;
@@ -36,6 +37,9 @@ pub enum ReplicaCmd {
         timeout: u64,
     },
 }
+
+/// TCP connections a server handles at once.
+const MAX_CONNECTIONS: usize = 8;
 
 /// `kvfs serve` options.
 #[derive(clap::Args)]
@@ -127,6 +131,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     println!("fingerprint {}", id.fingerprint());
     println!("listening on {}", listener.local_addr()?);
     let _ = std::io::stdout().flush();
+    let active = Arc::new(AtomicUsize::new(0));
     for sock in listener.incoming() {
         let sock = match sock {
             Ok(s) => s,
@@ -135,8 +140,22 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let (server, cfg) = (server.clone(), cfg.clone());
+        // Connections are handshaken on threads of their own; past a few at once (a primary
+        // has one, maybe two) the rest are dropped before any work.
+        if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            tracing::warn!(peer = ?sock.peer_addr().ok(), "too many connections; dropped");
+            continue;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        let (server, cfg, active) = (server.clone(), cfg.clone(), active.clone());
         std::thread::spawn(move || {
+            struct Leave(Arc<AtomicUsize>);
+            impl Drop for Leave {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            let _leave = Leave(active);
             let peer = sock
                 .peer_addr()
                 .map(|a| a.to_string())

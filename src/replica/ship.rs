@@ -513,13 +513,12 @@ pub fn ship_once(
     name: &str,
 ) -> Result<Shipped, ReplicaError> {
     let never = AtomicBool::new(false);
-    let mut total = Shipped::default();
     // A replica that must start over gets its new first group at the next logger round.
     for _ in 0..3 {
         match Session::open(store, format, store_dir, name)? {
             Some(mut s) => {
                 s.ship_pending(store, &never)?;
-                total = s.shipped;
+                let total = s.shipped;
                 s.close();
                 return Ok(total);
             }
@@ -528,7 +527,10 @@ pub fn ship_once(
             }
         }
     }
-    Ok(total)
+    Err(ReplicaError::Refused {
+        peer: name.into(),
+        reason: "it had to start over from a new first group three times in a row".into(),
+    })
 }
 
 /// One replica's name and how shipping to it went.

@@ -12,4 +12,5 @@ mod model;
 mod posix;
 mod ranges;
 mod replica;
+mod replica_faults;
 mod tools;
