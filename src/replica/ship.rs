@@ -65,6 +65,8 @@ pub struct Session {
     name: String,
     pub shipped: Shipped,
     watch: Arc<Watch>,
+    /// Dropped with the session: the watchdog then ends at once.
+    watchdog_stop: Option<crossbeam_channel::Sender<()>>,
     watchdog: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -87,7 +89,6 @@ struct Watch {
     /// The session is waiting on its replica (not idle between shipments).
     busy: AtomicBool,
     timed_out: AtomicBool,
-    done: AtomicBool,
 }
 
 impl Watch {
@@ -96,9 +97,15 @@ impl Watch {
     }
 }
 
-fn watchdog(w: Arc<Watch>, cancel: transport::Canceller, limit: Duration) {
-    while !w.done.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
+fn watchdog(
+    w: Arc<Watch>,
+    cancel: transport::Canceller,
+    limit: Duration,
+    stop: crossbeam_channel::Receiver<()>,
+) {
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(Duration::from_millis(100))
+    {
         let quiet = w.now().saturating_sub(w.last.load(Ordering::Relaxed));
         if w.busy.load(Ordering::Relaxed) && quiet > limit.as_millis() as u64 {
             w.timed_out.store(true, Ordering::Relaxed);
@@ -110,7 +117,7 @@ fn watchdog(w: Arc<Watch>, cancel: transport::Canceller, limit: Duration) {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.watch.done.store(true, Ordering::Relaxed);
+        self.watchdog_stop = None;
         if let Some(t) = self.watchdog.take() {
             let _ = t.join();
         }
@@ -248,15 +255,16 @@ impl Session {
             last: AtomicU64::new(0),
             busy: AtomicBool::new(true),
             timed_out: AtomicBool::new(false),
-            done: AtomicBool::new(false),
         });
         let (w, cancel, limit) = (watch.clone(), conn.canceller(), timeout());
-        let watchdog = Some(std::thread::spawn(move || watchdog(w, cancel, limit)));
+        let (watchdog_stop, stop) = crossbeam_channel::bounded(0);
+        let watchdog = Some(std::thread::spawn(move || watchdog(w, cancel, limit, stop)));
         let mut s = Session {
             conn,
             name: name.into(),
             shipped: Shipped::default(),
             watch,
+            watchdog_stop: Some(watchdog_stop),
             watchdog,
         };
         s.send(&Msg::Hello {
