@@ -331,19 +331,25 @@ enum Role {
 }
 
 fn open_store(dir: &Path) -> Result<(crate::kv::KvStore, FormatRecord, Role), MountError> {
-    // A replica is always followed, never held: `kvfs serve` must be able to open it to apply
-    // what arrives while it is mounted.
-    let replica = match store::open_read_only(dir) {
-        Ok((peek, _)) => crate::replica::apply::is_follower_store(&peek)
-            .map_err(|e| crate::kv::KvError::Other(e.to_string()))?,
-        Err(_) => false,
+    let is_replica = |kv: &crate::kv::KvStore| {
+        crate::replica::apply::is_follower_store(kv)
+            .map_err(|e| crate::kv::KvError::Other(e.to_string()))
     };
-    if replica {
-        let (kv, f) = store::open_follower(dir)?;
-        return Ok((kv, f, Role::Follower));
+    // A replica is always followed, never held: `kvfs serve` must be able to open it to apply
+    // what arrives while it is mounted. A primary (the usual case) is opened once.
+    match store::open(dir) {
+        Ok((kv, f)) if !is_replica(&kv)? => return Ok((kv, f, Role::Primary)),
+        Ok(_) => {}
+        Err(store::StoreError::InUse(p)) => {
+            let (peek, _) = store::open_read_only(dir)?;
+            if !is_replica(&peek)? {
+                return Err(store::StoreError::InUse(p).into());
+            }
+        }
+        Err(e) => return Err(e.into()),
     }
-    let (kv, f) = store::open(dir)?;
-    Ok((kv, f, Role::Primary))
+    let (kv, f) = store::open_follower(dir)?;
+    Ok((kv, f, Role::Follower))
 }
 
 /// Catch up with the replica's server twice a second, so that what it applied shows within

@@ -9,7 +9,7 @@
 //! then the acknowledgement.
 
 use super::wire::{chunk_sums, BlockSums, ByteBuf, CHUNK};
-use super::{cf_from_u8, hold_key, shippable, Change, ReplicaError, ReplicaState};
+use super::{cf_from_u8, hold_key, scan_pages, shippable, Change, ReplicaError, ReplicaState};
 use crate::blocks::ahead::{self, Ahead};
 use crate::blocks::{self, encode::Codec, Prepared};
 use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, GarbageRecord, Inode};
@@ -264,21 +264,11 @@ fn apply_change(t: &mut dyn Txn, ch: &Change, named: &mut Vec<Hash>) -> Result<(
         }
         Change::Clear { cf, start, end } => {
             let c = cf_from_u8(*cf).ok_or_else(|| bad(*cf))?;
-            let mut from = start.clone();
-            loop {
-                let page = t.scan(c, &from, end, 4096)?;
-                let n = page.len();
-                for (k, _) in page {
-                    if shippable(c, &k) {
-                        remove_key(t, c, &k)?;
-                    }
-                    from = k;
-                    from.push(0);
-                }
-                if n < 4096 {
-                    return Ok(());
-                }
-            }
+            scan_pages(t, c, start, end, |t, page| {
+                page.iter()
+                    .filter(|(k, _)| shippable(c, k))
+                    .try_for_each(|(k, _)| remove_key(t, c, k))
+            })
         }
     }
 }

@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    base_ranges, cf_from_u8, chain, log_group_range, log_key, replica_key, shippable, Change,
-    ChangeMarker, LogHead, LogPart, ReplicaError, ReplicaRecord,
+    base_ranges, cf_from_u8, chain, log_group_range, log_key, replica_key, scan_pages, shippable,
+    Change, ChangeMarker, LogHead, LogPart, ReplicaError, ReplicaRecord, PAGE,
 };
 use crate::blocks;
 use crate::keyspace::records::FmapEntry;
@@ -25,8 +25,6 @@ use crate::util::Timestamp;
 
 /// Changes per stored part are cut at about this many encoded bytes.
 pub const PART_BYTES: usize = 1 << 20;
-/// Keys read per scan page.
-const PAGE: usize = 4096;
 
 /// One round at a time in a process: a group must describe a later snapshot than the group
 /// before it.
@@ -54,19 +52,9 @@ fn scan_all(
     end: &[u8],
     mut visit: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), ReplicaError>,
 ) -> Result<(), ReplicaError> {
-    let mut from = start.to_vec();
-    loop {
-        let page = t.scan(cf, &from, end, PAGE)?;
-        let n = page.len();
-        for (k, v) in page {
-            from = k.clone();
-            from.push(0);
-            visit(k, v)?;
-        }
-        if n < PAGE {
-            return Ok(());
-        }
-    }
+    scan_pages(t, cf, start, end, |_, page| {
+        page.into_iter().try_for_each(|(k, v)| visit(k, v))
+    })
 }
 
 fn note_put(c: &mut Collected, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), ReplicaError> {
@@ -309,12 +297,7 @@ pub fn read_group(store: &KvStore, seq: u64) -> Result<Option<Vec<LogPart>>, Rep
 
 /// Seqs, stored bytes and log times of the groups in the log, oldest first.
 pub fn groups(store: &KvStore) -> Result<Vec<(u64, u64, Timestamp)>, ReplicaError> {
-    groups_from(store, 0)
-}
-
-fn groups_from(store: &KvStore, from: u64) -> Result<Vec<(u64, u64, Timestamp)>, ReplicaError> {
-    let (_, b) = Prefix::Log.range();
-    let a = log_key(from, 0);
+    let (a, b) = Prefix::Log.range();
     let mut out: Vec<(u64, u64, Timestamp)> = Vec::new();
     let mut bad = None;
     store.for_each(Cf::Meta, &a, &b, |k, v| {
@@ -392,32 +375,30 @@ fn trim_from(store: &KvStore, from: &mut u64) -> Result<u64, ReplicaError> {
 
 fn drop_group(store: &KvStore, seq: u64) -> Result<(), ReplicaError> {
     let (a, b) = log_group_range(seq);
-    store.transact(|t| {
-        let mut parts = Vec::new();
-        scan_all(t, Cf::Meta, &a, &b, |k, v| {
-            parts.push((k, v));
-            Ok(())
-        })?;
-        for (k, v) in parts {
-            for ch in LogPart::decode(&v)?.changes {
-                if let Change::Put { cf, key, value } = ch {
-                    if cf_from_u8(cf) != Some(Cf::Fmap) {
-                        continue;
-                    }
-                    let h = FmapEntry::decode(&value)?.hash;
-                    // Still named by the same map entry (read with tracking): not the last
-                    // reference, and the sweeper need not look at it.
-                    let named = t.get(Cf::Fmap, &key)?;
-                    match named.map(|v| FmapEntry::decode(&v)).transpose()? {
-                        Some(e) if e.hash == h => blocks::drop_ref_kept(t, &h)?,
-                        _ => blocks::drop_ref(t, &h)?,
-                    }
+    store.transact(|t| scan_pages(t, Cf::Meta, &a, &b, |t, parts| drop_parts(t, parts)))
+}
+
+/// Drop the references of these parts of a group, and the parts.
+fn drop_parts(t: &mut dyn Txn, parts: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), ReplicaError> {
+    for (k, v) in parts {
+        for ch in LogPart::decode(&v)?.changes {
+            if let Change::Put { cf, key, value } = ch {
+                if cf_from_u8(cf) != Some(Cf::Fmap) {
+                    continue;
+                }
+                let h = FmapEntry::decode(&value)?.hash;
+                // Still named by the same map entry (read with tracking): not the last
+                // reference, and the sweeper need not look at it.
+                let named = t.get(Cf::Fmap, &key)?;
+                match named.map(|v| FmapEntry::decode(&v)).transpose()? {
+                    Some(e) if e.hash == h => blocks::drop_ref_kept(t, &h)?,
+                    _ => blocks::drop_ref(t, &h)?,
                 }
             }
-            t.delete(Cf::Meta, &k)?;
         }
-        Ok(())
-    })
+        t.delete(Cf::Meta, &k)?;
+    }
+    Ok(())
 }
 
 /// Markers not yet logged.

@@ -201,6 +201,33 @@ pub fn cf_from_u8(b: u8) -> Option<Cf> {
     Cf::ALL.get(b as usize).copied()
 }
 
+/// Keys per scan page.
+pub(crate) const PAGE: usize = 4096;
+
+/// Visit `[start, end)` of `cf` in `t` a page at a time; the visitor gets the transaction
+/// back with each page (read whole before it is visited), so it may write as it goes.
+pub(crate) fn scan_pages(
+    t: &mut dyn crate::kv::Txn,
+    cf: Cf,
+    start: &[u8],
+    end: &[u8],
+    mut visit: impl FnMut(&mut dyn crate::kv::Txn, Vec<crate::kv::Pair>) -> Result<(), ReplicaError>,
+) -> Result<(), ReplicaError> {
+    let mut from = start.to_vec();
+    loop {
+        let page = t.scan(cf, &from, end, PAGE)?;
+        let full = page.len() == PAGE;
+        if let Some((k, _)) = page.last() {
+            from = k.clone();
+            from.push(0);
+        }
+        visit(t, page)?;
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
 /// Whether a key is part of the filesystem a replica receives: inode records, xattrs,
 /// directory entries and block maps. Everything else is the store's own.
 pub fn shippable(cf: Cf, key: &[u8]) -> bool {
