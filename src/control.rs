@@ -1,6 +1,8 @@
 //! The control socket of a mount (`STORE/kvfs.sock`, 0600): how the tools reach the process
 //! that holds the store. One request line, one reply, close. Requests: `gc [dry-run]
-//! [timeout=S]` (the sweep, after flushing buffered writes, so it sees what the user sees).
+//! [timeout=S]` (the sweep, after flushing buffered writes, so it sees what the user sees),
+//! `remount OPTIONS` (what `mount -o remount` asks through the mount helper), `replica-add`,
+//! `replica-remove`, `replica-sync`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -37,12 +39,12 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Answer the tools: one request line, a reply, close. Requests: `gc [dry-run] [timeout=S]`.
-pub fn serve(fs: &Fs, listener: UnixListener, stop: &AtomicBool) {
+/// Answer the tools for the mount of `fs` on `mountpoint`: one request line, a reply, close.
+pub fn serve(fs: &Fs, mountpoint: &Path, listener: UnixListener, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((conn, _)) => {
-                if let Err(e) = answer(fs, conn) {
+                if let Err(e) = answer(fs, mountpoint, conn) {
                     tracing::warn!(error = %e, "control request failed");
                 }
             }
@@ -57,7 +59,7 @@ pub fn serve(fs: &Fs, listener: UnixListener, stop: &AtomicBool) {
     }
 }
 
-fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
+fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
@@ -81,6 +83,10 @@ fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
                 Err(e) => format!("error: {e}\n"),
             }
         }
+        Some("remount") => match remount(fs, mountpoint, words.next().unwrap_or("")) {
+            Ok(()) => "ok\n".to_string(),
+            Err(e) => format!("error: {e}\n"),
+        },
         Some("replica-add") => {
             let (name, fp) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
             let url = words.collect::<Vec<_>>().join(" ");
@@ -104,6 +110,31 @@ fn answer(fs: &Fs, conn: UnixStream) -> std::io::Result<()> {
         _ => format!("error: unknown request {:?}\n", line.trim()),
     };
     (&conn).write_all(reply.as_bytes())
+}
+
+/// `mount -o remount,OPTIONS`: the kernel's flags of the mount change (read-only or writable,
+/// atime, dev/suid/exec; the options replace the old ones, as mount(2) wants), then this
+/// mount's own access-time rule, and a mount made read-only writes out what it buffered.
+fn remount(fs: &Fs, mountpoint: &Path, options: &str) -> Result<(), String> {
+    let o = crate::mount::MountOpts::parse(options)?;
+    crate::mount::remount_kernel(mountpoint, &o).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => format!(
+            "{}: only root can remount (the mount was made by fusermount3)",
+            mountpoint.display()
+        ),
+        Some(libc::EBUSY) if o.read_only => format!(
+            "{}: a file is open for writing; the kernel keeps the mount writable",
+            mountpoint.display()
+        ),
+        _ => format!("{}: remount: {e}", mountpoint.display()),
+    })?;
+    fs.set_atime(o.atime, o.read_only);
+    if o.read_only {
+        fs.flush_all().map_err(|e| e.to_string())?;
+        fs.store().sync().map_err(|e| e.to_string())?;
+    }
+    tracing::info!(options, "remounted");
+    Ok(())
 }
 
 /// Buffered writes flushed, logged, and shipped by the mount's replication thread: wait until

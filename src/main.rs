@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use kvfs::control::{self, ControlError};
 use kvfs::mount::{self, MountOpts};
 use kvfs::store::{self, FormatOptions};
 use kvfs::{audit, dump, gc, status};
@@ -159,8 +160,18 @@ fn init_logging(to: Option<&Path>) {
 
 fn main() -> ExitCode {
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    if Path::new(&argv0).file_name() == Some("mount.kvfs".as_ref()) {
+    let name = Path::new(&argv0).file_name();
+    if name == Some("mount.kvfs".as_ref()) || name == Some("mount.fuse.kvfs".as_ref()) {
         return finish(mount_helper());
+    }
+    // mount(8) without /sbin/mount.fuse.kvfs runs mount.fuse, which runs `kvfs STORE DIR -o
+    // OPTIONS` for type fuse.kvfs (a remount among them): a directory where a command goes.
+    if let Some(first) = std::env::args_os().nth(1) {
+        let cmds = <Cli as clap::CommandFactory>::command();
+        let known = cmds.get_subcommands().any(|c| c.get_name() == first);
+        if !known && Path::new(&first).is_dir() {
+            return finish(mount_helper());
+        }
     }
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -405,6 +416,9 @@ fn mount_helper() -> anyhow::Result<()> {
     let [store_dir, mountpoint] = pos.as_slice() else {
         anyhow::bail!("usage: mount.kvfs STORE MOUNTPOINT [-o OPTIONS]");
     };
+    if MountOpts::parse(&opts).map_err(anyhow::Error::msg)?.remount {
+        return remount_cmd(Path::new(store_dir), Path::new(mountpoint), &opts);
+    }
     mount_cmd(
         Path::new(store_dir),
         Path::new(mountpoint),
@@ -413,6 +427,25 @@ fn mount_helper() -> anyhow::Result<()> {
         None,
         false,
     )
+}
+
+/// `mount -o remount,OPTIONS MOUNTPOINT`: the mount's process changes the kernel's flags and
+/// its own. A read-only mount has no control socket: it can only stay read-only.
+fn remount_cmd(store_dir: &Path, mountpoint: &Path, options: &str) -> anyhow::Result<()> {
+    match control::request(store_dir, &format!("remount {options}")) {
+        Err(ControlError::NoAnswer { .. }) => {
+            let o = MountOpts::parse(options).map_err(anyhow::Error::msg)?;
+            if !o.read_only {
+                anyhow::bail!(
+                    "{}: mounted read-only (or its mount does not answer): unmount it and mount it read-write",
+                    mountpoint.display()
+                );
+            }
+            mount::remount_kernel(mountpoint, &o)
+                .map_err(|e| anyhow::anyhow!("{}: remount: {e}", mountpoint.display()))
+        }
+        r => Ok(r.map(drop)?),
+    }
 }
 
 fn mount_cmd(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::control;
-use crate::fs::{Fs, FsOptions};
+use crate::fs::{Atime, AtimeMode, Fs, FsOptions};
 use crate::fuse::session::{Mounted, SessionOptions};
 use crate::gc::{self, SweepOptions};
 use crate::keyspace::records::FormatRecord;
@@ -21,16 +21,18 @@ use crate::util::Timestamp;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MountOpts {
     pub read_only: bool,
-    pub noatime: bool,
-    /// `strictatime`: every read updates the access time.
-    pub strictatime: bool,
-    /// `nodiratime`: listing a directory does not.
-    pub nodiratime: bool,
+    /// `relatime` (default), `strictatime`, `noatime`; `nodiratime`.
+    pub atime: Atime,
     /// `dev` / `suid`: device nodes and set-id bits work (root only; the default is off).
     pub dev: bool,
     pub suid: bool,
     /// `allow_other` (default when mounting as root) or `allow_root`.
     pub acl: Option<String>,
+    /// `noexec`: programs on the mount cannot be executed.
+    pub noexec: bool,
+    /// `remount`: change the options of the mount already there (mount(8) passes it to the
+    /// helper; see [`crate::control`]).
+    pub remount: bool,
     pub threads: Option<usize>,
     /// `max_dirty=SIZE`: how much written data the kernel may hold in its page cache for this
     /// mount before writers wait (`0`: leave the kernel's default). See [`DEFAULT_MAX_DIRTY`].
@@ -46,6 +48,19 @@ pub struct MountOpts {
 pub const DEFAULT_MAX_DIRTY: u64 = 1 << 30;
 
 impl MountOpts {
+    /// The kernel's flags for these options.
+    pub fn session(&self) -> SessionOptions {
+        SessionOptions {
+            read_only: self.read_only,
+            acl: self.acl.clone(),
+            threads: self.threads.unwrap_or(4),
+            dev: self.dev,
+            suid: self.suid,
+            noexec: self.noexec,
+            atime: self.atime,
+        }
+    }
+
     /// Parse a comma-separated `-o` list. Options `mount(8)` passes along (rw, dev, suid, exec,
     /// auto, nofail, _netdev, defaults) are accepted and ignored.
     pub fn parse(s: &str) -> Result<MountOpts, String> {
@@ -54,11 +69,14 @@ impl MountOpts {
             match opt {
                 "ro" => o.read_only = true,
                 "rw" => o.read_only = false,
-                "noatime" => o.noatime = true,
-                "atime" | "relatime" => (o.noatime, o.strictatime) = (false, false),
-                "strictatime" => (o.noatime, o.strictatime) = (false, true),
-                "nodiratime" => o.nodiratime = true,
-                "diratime" => o.nodiratime = false,
+                "noatime" => o.atime.mode = AtimeMode::Never,
+                "atime" | "relatime" => o.atime.mode = AtimeMode::Relatime,
+                "strictatime" => o.atime.mode = AtimeMode::Strict,
+                "nodiratime" => o.atime.nodir = true,
+                "diratime" => o.atime.nodir = false,
+                "noexec" => o.noexec = true,
+                "exec" => o.noexec = false,
+                "remount" => o.remount = true,
                 "dev" => o.dev = true,
                 "nodev" => o.dev = false,
                 "suid" => o.suid = true,
@@ -66,14 +84,23 @@ impl MountOpts {
                 "allow_other" | "allow_root" => o.acl = Some(opt.to_string()),
                 "default_permissions"
                 | "defaults"
-                | "exec"
                 | "auto"
                 | "noauto"
                 | "nofail"
                 | "_netdev"
                 | "user"
-                | "nouser"
-                | "noexec" => {}
+                | "nouser" => {}
+                // The kernel's own FUSE options, which mount(8) passes back on a remount.
+                _ if [
+                    "user_id=",
+                    "group_id=",
+                    "rootmode=",
+                    "fd=",
+                    "blksize=",
+                    "max_read=",
+                ]
+                .iter()
+                .any(|p| opt.starts_with(p)) => {}
                 _ => match opt.split_once('=') {
                     Some(("max_dirty", n)) => {
                         o.max_dirty = Some(crate::util::parse_size(n).map_err(|e| {
@@ -94,6 +121,12 @@ impl MountOpts {
         }
         Ok(o)
     }
+}
+
+/// Change the kernel's flags of the mount on `mountpoint` to `o` (the mount's own process
+/// does this for a writable mount, see [`crate::control`]).
+pub fn remount_kernel(mountpoint: &Path, o: &MountOpts) -> std::io::Result<()> {
+    crate::fuse::session::remount(mountpoint, &o.session())
 }
 
 /// Cap glibc's malloc arenas. By default every thread that allocates may get its own arena
@@ -182,6 +215,11 @@ pub fn run(
     if !mountpoint.is_dir() {
         return Err(MountError::NotADirectory(mountpoint.to_path_buf()));
     }
+    // Resolved now: once mounted, a lookup of the path would ask this very process.
+    let mnt = std::fs::canonicalize(mountpoint).map_err(|source| MountError::Path {
+        path: mountpoint.to_path_buf(),
+        source,
+    })?;
     let (kv, format, role) = open_store(&store_dir)?;
     let read_only = opts.read_only || role != Role::Primary;
     if read_only && !opts.read_only {
@@ -200,9 +238,7 @@ pub fn run(
         FsOptions {
             follow: role == Role::Follower,
             read_only: opts.read_only,
-            noatime: opts.noatime,
-            strictatime: opts.strictatime,
-            nodiratime: opts.nodiratime,
+            atime: opts.atime,
             space_path: Some(store_dir.clone()),
             ..Default::default()
         },
@@ -224,19 +260,13 @@ pub fn run(
         }
     }
 
-    let so = SessionOptions {
-        read_only: opts.read_only,
-        acl: opts.acl.clone(),
-        threads: opts.threads.unwrap_or(4),
-        dev: opts.dev,
-        suid: opts.suid,
-    };
-    let mut session = Mounted::new(fs.clone(), &store_dir, mountpoint, &so).map_err(|source| {
-        MountError::Mount {
-            path: mountpoint.to_path_buf(),
-            source,
-        }
-    })?;
+    let mut session =
+        Mounted::new(fs.clone(), &store_dir, mountpoint, &opts.session()).map_err(|source| {
+            MountError::Mount {
+                path: mountpoint.to_path_buf(),
+                source,
+            }
+        })?;
     if !opts.read_only {
         let max = opts.max_dirty.unwrap_or(DEFAULT_MAX_DIRTY);
         if max > 0 {
@@ -284,10 +314,10 @@ pub fn run(
     if !opts.read_only {
         match control::bind(&sock) {
             Ok(listener) => {
-                let (fs, stop) = (fs.clone(), stop.clone());
+                let (fs, stop, mnt) = (fs.clone(), stop.clone(), mnt.clone());
                 workers.push(spawn(
                     "kvfs-control",
-                    Box::new(move || control::serve(&fs, listener, &stop)),
+                    Box::new(move || control::serve(&fs, &mnt, listener, &stop)),
                 )?);
             }
             Err(e) => tracing::warn!(
@@ -525,7 +555,7 @@ mod tests {
     #[test]
     fn mount_options_parse() {
         let o = MountOpts::parse("ro,noatime,allow_other,threads=8,defaults").unwrap();
-        assert!(o.read_only && o.noatime);
+        assert!(o.read_only && o.atime.mode == AtimeMode::Never && !o.remount);
         assert_eq!(o.acl.as_deref(), Some("allow_other"));
         assert_eq!(o.threads, Some(8));
         assert!(MountOpts::parse("bogus").is_err());
@@ -535,10 +565,17 @@ mod tests {
             Some(512 << 20)
         );
         assert_eq!(MountOpts::parse("max_dirty=0").unwrap().max_dirty, Some(0));
-        let o = MountOpts::parse("dev,suid,strictatime,nodiratime").unwrap();
-        assert!(o.dev && o.suid && o.strictatime && o.nodiratime && !o.noatime);
-        let o = MountOpts::parse("dev,nodev,suid,nosuid,strictatime,relatime").unwrap();
-        assert!(!o.dev && !o.suid && !o.strictatime);
+        let o = MountOpts::parse("dev,suid,strictatime,nodiratime,noexec,remount").unwrap();
+        assert!(o.dev && o.suid && o.noexec && o.remount);
+        assert_eq!(
+            o.atime,
+            Atime {
+                mode: AtimeMode::Strict,
+                nodir: true
+            }
+        );
+        let o = MountOpts::parse("dev,nodev,suid,nosuid,strictatime,relatime,noexec,exec").unwrap();
+        assert!(!o.dev && !o.suid && !o.noexec && o.atime.mode == AtimeMode::Relatime);
         assert!(MountOpts::parse("max_dirty=lots").is_err());
     }
 

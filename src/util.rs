@@ -2,7 +2,12 @@
 //! choice, mount ids) and wall-clock timestamps in the form records store.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The latest time the kernel stamped on a file and pushed to us (ns since the epoch); see
+/// [`Timestamp::now`].
+static FLOOR: AtomicI64 = AtomicI64::new(i64::MIN);
 
 thread_local! {
     static RNG: Cell<u64> = Cell::new(seed());
@@ -52,8 +57,51 @@ pub struct Timestamp {
 }
 
 impl Timestamp {
+    /// Now, by the clock the kernel stamps file times with: the coarse realtime clock (one
+    /// tick, a few ms, behind the precise one), never earlier than a time the kernel pushed
+    /// ([`Timestamp::observe`]; its stamps may run a little ahead of the coarse clock). With
+    /// the writeback cache the kernel stamps some times itself (a write's mtime, a link's
+    /// ctime) and the daemon the others: one clock keeps them in order, as on ext4.
     pub fn now() -> Timestamp {
-        Timestamp::from_system(SystemTime::now())
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to fill; the clock exists on every Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        let t = Timestamp {
+            secs: ts.tv_sec,
+            nsecs: ts.tv_nsec as u32,
+        };
+        let floor = FLOOR.load(Ordering::Relaxed);
+        if floor > t.nanos() {
+            Timestamp::from_nanos(floor)
+        } else {
+            t
+        }
+    }
+
+    /// The kernel stamped `t` as its "now" (a ctime it pushed): later times are not earlier.
+    /// Ignored unless within a second ahead of our clock (the kernel's lead is a tick).
+    pub fn observe(t: Timestamp) {
+        let n = t.nanos();
+        let ours = Timestamp::now().nanos();
+        if n > ours && n - ours < 1_000_000_000 {
+            FLOOR.fetch_max(n, Ordering::Relaxed);
+        }
+    }
+
+    fn nanos(self) -> i64 {
+        self.secs
+            .saturating_mul(1_000_000_000)
+            .saturating_add(self.nsecs as i64)
+    }
+
+    fn from_nanos(n: i64) -> Timestamp {
+        Timestamp {
+            secs: n.div_euclid(1_000_000_000),
+            nsecs: n.rem_euclid(1_000_000_000) as u32,
+        }
     }
 
     pub fn from_system(t: SystemTime) -> Timestamp {
@@ -114,6 +162,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn now_follows_the_kernels_clock_and_never_goes_back_past_a_pushed_time() {
+        let before = Timestamp::from_system(SystemTime::now());
+        let t = Timestamp::now();
+        // The coarse clock is at most a tick behind the precise one.
+        assert!(t <= before || t.nanos() - before.nanos() < 1_000_000);
+        assert!(
+            before.nanos() - t.nanos() < 100_000_000,
+            "{t:?} vs {before:?}"
+        );
+        let ahead = Timestamp::from_nanos(t.nanos() + 50_000_000);
+        Timestamp::observe(ahead);
+        assert!(Timestamp::now() >= ahead);
+        // Far ahead (a bogus pushed time) is not taken.
+        Timestamp::observe(Timestamp::from_nanos(t.nanos() + 3_600_000_000_000));
+        assert!(Timestamp::now().nanos() < t.nanos() + 1_000_000_000);
+    }
+
+    #[test]
     fn timestamps_round_trip_before_and_after_epoch() {
         for (s, n) in [
             (0i64, 0u32),
@@ -123,6 +189,7 @@ mod tests {
         ] {
             let t = Timestamp { secs: s, nsecs: n };
             assert_eq!(Timestamp::from_system(t.to_system()), t);
+            assert_eq!(Timestamp::from_nanos(t.nanos()), t);
         }
     }
 }

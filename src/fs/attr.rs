@@ -1,5 +1,6 @@
 //! Attributes: getattr/setattr, extended attributes, statfs and access.
 
+use super::acl;
 use super::{check_xattr_name, errno, load_inode, save_inode, Caller, Fs, FsError, Result};
 use crate::keyspace::records::{decode_xattr, encode_xattr, Inode, Kind};
 use crate::keyspace::{self as ks, Ino};
@@ -115,11 +116,22 @@ impl Fs {
             // Buffered writes carry their own mtime; commit them first so ours wins.
             self.flush_ino(ino)?;
         }
+        if let Some(c) = set.ctime {
+            // The kernel's own "now" (it owns a file's times under the writeback cache).
+            Timestamp::observe(c);
+        }
         let now = Timestamp::now();
         let inode = self.txn(|t| {
             let mut i = load_inode(t, ino)?;
             if let Some(m) = set.mode {
                 i.perm = (m & 0o7777) as u16;
+                // The access ACL follows the new bits (posix_acl_chmod).
+                if let Some(v) = acl::get_xattr(t, ino, acl::ACCESS)? {
+                    let mut a = acl::Acl::parse(&v)?;
+                    a.chmod(i.perm);
+                    let key = ks::xattr_key(ino, acl::ACCESS);
+                    t.put(Cf::Meta, &key, &encode_xattr(&a.encode()))?;
+                }
             }
             if let Some(u) = set.uid {
                 i.uid = u;
@@ -179,13 +191,28 @@ impl Fs {
         }
     }
 
-    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+    /// setxattr(2) by `who`. An access ACL sets the mode's permission bits (and clears setgid
+    /// when `who` is neither in the file's group nor privileged) and is not stored when the
+    /// mode says all of it, as on ext4 ([`acl`]).
+    pub fn setxattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+        who: Caller,
+    ) -> Result<()> {
         self.writable()?;
         check_xattr_name(name)?;
         self.space.check(0)?;
         if value.len() > XATTR_SIZE_MAX {
             return errno(libc::E2BIG);
         }
+        let access = match name {
+            acl::ACCESS => Some(acl::Acl::parse(value)?),
+            acl::DEFAULT => acl::Acl::parse(value).map(|_| None)?,
+            _ => None,
+        };
         let key = ks::xattr_key(ino, name);
         self.txn(|t| {
             let mut i = load_inode(t, ino)?;
@@ -196,7 +223,20 @@ impl Fs {
             if flags & libc::XATTR_REPLACE != 0 && !exists {
                 return errno(libc::ENODATA);
             }
-            t.put(Cf::Meta, &key, &encode_xattr(value))?;
+            match &access {
+                Some(a) => {
+                    i.perm = (i.perm & !0o777) | a.mode_bits();
+                    if !acl::in_group_or_capable(who.pid, who.uid, who.gid, i.gid) {
+                        i.perm &= !(libc::S_ISGID as u16);
+                    }
+                    if a.is_mode() {
+                        t.delete(Cf::Meta, &key)?;
+                    } else {
+                        t.put(Cf::Meta, &key, &encode_xattr(value))?;
+                    }
+                }
+                None => t.put(Cf::Meta, &key, &encode_xattr(value))?,
+            }
             i.ctime = Timestamp::now();
             save_inode(t, ino, &i)
         })

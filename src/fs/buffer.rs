@@ -182,7 +182,9 @@ impl Fs {
         }
         s.fetched.clear();
         s.size = s.size.max(end);
-        s.mtime = Some(Timestamp::now());
+        if !self.kernel_times.load(Ordering::Relaxed) {
+            s.mtime = Some(Timestamp::now());
+        }
         s.dirty_since.get_or_insert_with(Instant::now);
         if self.over_limit(s) {
             self.make_room(&st, guard)?;

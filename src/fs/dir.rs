@@ -7,12 +7,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::acl;
 use super::attr::Attr;
 use super::{
     check_name, corrupt, drop_last_link, errno, load_dir, load_inode, lock, nlink_down, nlink_up,
     save_inode, Caller, Freeing, Fs, FsError, Result,
 };
-use crate::keyspace::records::{Dirent, Inode, Kind};
+use crate::keyspace::records::{encode_xattr, Dirent, Inode, Kind};
 use crate::keyspace::{self as ks, Ino, ROOT_INO};
 use crate::kv::{Cf, Txn};
 use crate::util::Timestamp;
@@ -152,6 +153,29 @@ impl Fs {
             }
             let now = Timestamp::now();
             let mut perm = (node.mode & !node.umask & 0o7777) as u16;
+            // The directory's default ACL replaces the umask (posix_acl_create).
+            let default = match node.kind {
+                Kind::Symlink => None,
+                _ => acl::get_xattr(t, parent, acl::DEFAULT)?,
+            };
+            if let Some(d) = &default {
+                let mut a = acl::Acl::parse(d)?;
+                perm = a.create_masq((node.mode & 0o7777) as u16);
+                if !a.is_mode() {
+                    t.put(
+                        Cf::Meta,
+                        &ks::xattr_key(ino, acl::ACCESS),
+                        &encode_xattr(&a.encode()),
+                    )?;
+                }
+                if node.kind == Kind::Dir {
+                    t.put(
+                        Cf::Meta,
+                        &ks::xattr_key(ino, acl::DEFAULT),
+                        &encode_xattr(d),
+                    )?;
+                }
+            }
             let mut gid = who.gid;
             if dir.perm & libc::S_ISGID as u16 != 0 {
                 gid = dir.gid;
@@ -492,7 +516,7 @@ impl Fs {
             if d.kind != Kind::Dir {
                 return errno(libc::ENOTDIR);
             }
-            let due = !self.opts.nodiratime && super::atime_due(&self.opts, &d);
+            let due = self.atime_due(&d, true);
             let mut out = vec![
                 DirEntry {
                     ino,

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use super::buffer::{replace_block, NewBlock};
 use super::{
-    atime_due, charge, corrupt, errno, free_if_unused, load_inode, load_inode_opt, lock,
-    save_inode, Fs, FsError, Result,
+    charge, corrupt, errno, free_if_unused, load_inode, load_inode_opt, lock, save_inode, Fs,
+    FsError, Result,
 };
 use crate::blocks::{self, BlockError};
 use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Kind};
@@ -146,7 +146,7 @@ impl Fs {
                     }
                 }
             }
-            Ok((atime_due(&self.opts, &inode), wanted))
+            Ok((self.atime_due(&inode, false), wanted))
         })?;
         let held: Vec<(u64, Arc<Vec<u8>>)> = s
             .dirty

@@ -11,6 +11,7 @@
 //! Locks, in the order they may be taken: `ns_lock` (operations that can drop a link count to
 //! zero, and last release), then `files` (the open-file table), then one file's state.
 
+mod acl;
 mod attr;
 mod buffer;
 mod dir;
@@ -20,7 +21,7 @@ mod ranges;
 mod space;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::blocks::{self, BlockError, Codec};
@@ -119,12 +120,8 @@ pub struct Caller {
 #[derive(Clone, Debug, Default)]
 pub struct FsOptions {
     pub read_only: bool,
-    /// No access times at all (`noatime`).
-    pub noatime: bool,
-    /// Every read updates the access time (`strictatime`), not only under relatime's rule.
-    pub strictatime: bool,
-    /// Listing a directory leaves its access time alone (`nodiratime`).
-    pub nodiratime: bool,
+    /// When reads and listings update access times (a remount may change it later).
+    pub atime: Atime,
     /// Bytes of buffered writes per file before the write path flushes it itself.
     pub file_buffer_limit: Option<u64>,
     /// Bytes of buffered writes over all files before writers flush.
@@ -135,6 +132,50 @@ pub struct FsOptions {
     /// that `kvfs serve` keeps applying to), so the kernel must not keep file pages across
     /// opens.
     pub follow: bool,
+}
+
+/// When reads update access times: the mount's `relatime` (default, as ext4), `strictatime`
+/// or `noatime`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AtimeMode {
+    #[default]
+    Relatime,
+    Strict,
+    Never,
+}
+
+/// The mount's access-time options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Atime {
+    pub mode: AtimeMode,
+    /// `nodiratime`: listing a directory leaves its access time alone.
+    pub nodir: bool,
+}
+
+impl Atime {
+    fn pack(self, frozen: bool) -> u8 {
+        let m = match self.mode {
+            AtimeMode::Relatime => 0,
+            AtimeMode::Strict => 1,
+            AtimeMode::Never => 2,
+        };
+        m | (self.nodir as u8) << 2 | (frozen as u8) << 3
+    }
+
+    fn unpack(v: u8) -> (Atime, bool) {
+        let mode = match v & 3 {
+            1 => AtimeMode::Strict,
+            2 => AtimeMode::Never,
+            _ => AtimeMode::Relatime,
+        };
+        (
+            Atime {
+                mode,
+                nodir: v & 4 != 0,
+            },
+            v & 8 != 0,
+        )
+    }
 }
 
 const INO_BATCH: u64 = 1024;
@@ -148,6 +189,13 @@ pub struct Fs {
     codec: Codec,
     bs: u64,
     opts: FsOptions,
+    /// The access-time options ([`Atime::pack`]) and whether the kernel's mount is read-only
+    /// now (remounted `ro`: no access times are written); a remount changes them.
+    atime: std::sync::atomic::AtomicU8,
+    /// The kernel stamps files' mtime and ctime for the writes it sends (writeback cache) and
+    /// pushes them with SETATTR: a write then leaves them alone, or a write the kernel sends
+    /// after its SETATTR would give the file the later time at which it arrived.
+    kernel_times: std::sync::atomic::AtomicBool,
     /// This mount's id: the key of its `p` record and the owner of its open counts and locks.
     mount_id: MountId,
     locks: lock::LockTable,
@@ -195,6 +243,8 @@ impl Fs {
             space: space::SpaceGuard::new(opts.space_path.clone()),
             file_limit: opts.file_buffer_limit.unwrap_or(8 << 20),
             total_limit: opts.total_buffer_limit.unwrap_or(32 << 20),
+            atime: std::sync::atomic::AtomicU8::new(opts.atime.pack(false)),
+            kernel_times: std::sync::atomic::AtomicBool::new(false),
             opts,
             ino_pool: Mutex::new((0, 0)),
             ns_lock: Mutex::new(()),
@@ -257,18 +307,17 @@ impl Fs {
         }
         let r = self.store.transact(f);
         let now = self.started.elapsed().as_millis() as u64;
-        self.last_change
-            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.last_change.store(now, Ordering::Relaxed);
         r
     }
 
     /// How long no filesystem operation has changed the store and nothing is buffered (the
     /// mount's own bookkeeping, heartbeat and sweeps, does not count).
     pub fn idle_for(&self) -> std::time::Duration {
-        if self.dirty_total.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        if self.dirty_total.load(Ordering::Relaxed) > 0 {
             return std::time::Duration::ZERO;
         }
-        let last = self.last_change.load(std::sync::atomic::Ordering::Relaxed);
+        let last = self.last_change.load(Ordering::Relaxed);
         std::time::Duration::from_millis(
             (self.started.elapsed().as_millis() as u64).saturating_sub(last),
         )
@@ -549,17 +598,34 @@ fn free_inode_keys(
     Ok(Freeing::Done)
 }
 
-/// Whether a read of `i` now updates its access time under `o`: never with `noatime`,
-/// always with `strictatime`, else by relatime's rule (atime not newer than mtime or ctime,
-/// or a day old), as ext4.
-pub(crate) fn atime_due(o: &FsOptions, i: &Inode) -> bool {
-    let now = Timestamp::now();
-    !o.noatime
-        && !o.read_only
-        && (o.strictatime
-            || i.atime <= i.mtime
-            || i.atime <= i.ctime
-            || now.secs - i.atime.secs >= 24 * 3600)
+impl Fs {
+    /// Whether a read of `i` (a listing, if `dir`) now updates its access time: never on a
+    /// read-only mount or with `noatime` (or `nodiratime` for a listing), always with
+    /// `strictatime`, else by relatime's rule (atime not newer than mtime or ctime, or a day
+    /// old), as ext4.
+    pub(crate) fn atime_due(&self, i: &Inode, dir: bool) -> bool {
+        let (a, frozen) = Atime::unpack(self.atime.load(Ordering::Relaxed));
+        let now = Timestamp::now();
+        let off = self.opts.read_only || frozen || (dir && a.nodir);
+        !off && match a.mode {
+            AtimeMode::Never => false,
+            AtimeMode::Strict => true,
+            AtimeMode::Relatime => {
+                i.atime <= i.mtime || i.atime <= i.ctime || now.secs - i.atime.secs >= 24 * 3600
+            }
+        }
+    }
+
+    /// The kernel owns write times from now on (it negotiated its writeback cache).
+    pub fn set_kernel_times(&self) {
+        self.kernel_times.store(true, Ordering::Relaxed);
+    }
+
+    /// A remount changed the mount's access-time options, or made it read-only (`frozen`:
+    /// the kernel refuses every write; no access time is written either) or writable again.
+    pub fn set_atime(&self, atime: Atime, frozen: bool) {
+        self.atime.store(atime.pack(frozen), Ordering::Relaxed);
+    }
 }
 
 /// Xattr names: 1 to 255 bytes (the VFS answers ERANGE otherwise).

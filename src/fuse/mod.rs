@@ -180,14 +180,13 @@ impl Filesystem for KvFuse {
         // pieces (up to max_write) at writeback, fsync and close. Not where the store changes
         // under the mount (a followed replica): in writeback mode the kernel trusts its own
         // file sizes over ours.
-        if !self.fs.follows()
-            && config
-                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
-                .is_err()
-        {
-            tracing::warn!(
-                "kernel lacks FUSE_WRITEBACK_CACHE; writes arrive as the caller makes them"
-            );
+        if !self.fs.follows() {
+            match config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                Ok(()) => self.fs.set_kernel_times(),
+                Err(_) => tracing::warn!(
+                    "kernel lacks FUSE_WRITEBACK_CACHE; writes arrive as the caller makes them"
+                ),
+            }
         }
         // Listings carry attributes (the kernel decides when they pay off).
         let _ = config
@@ -206,6 +205,16 @@ impl Filesystem for KvFuse {
             .is_err()
         {
             tracing::warn!("kernel lacks FUSE_POSIX_LOCKS; record locks stay local to the kernel");
+        }
+        // POSIX ACLs: the kernel enforces and caches them; we keep the mode and the ACL
+        // xattrs in step and inherit default ACLs (fs/acl.rs), so the kernel must hand us
+        // the create mode without the umask applied (DONT_MASK; we apply it when no default
+        // ACL replaces it).
+        if config
+            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+            .is_err()
+        {
+            tracing::warn!("kernel lacks FUSE_POSIX_ACL; ACLs are stored but not enforced");
         }
         Ok(())
     }
@@ -656,7 +665,7 @@ impl Filesystem for KvFuse {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -664,7 +673,9 @@ impl Filesystem for KvFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = self.fs.setxattr(ino.0, name.as_bytes(), value, flags);
+        let r = self
+            .fs
+            .setxattr(ino.0, name.as_bytes(), value, flags, caller(req));
         self.empty(reply, "setxattr", r)
     }
 

@@ -1,13 +1,16 @@
 //! The fuser session of a mount: mount options for the kernel, the session threads, and the
 //! handle that unmounts it from another thread (the signal thread). Only `fuse/` knows fuser.
 
-use std::path::Path;
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 
 use super::KvFuse;
-use crate::fs::Fs;
+use crate::fs::{Atime, AtimeMode, Fs};
 
 /// What the kernel is told at mount time.
 #[derive(Clone, Debug, Default)]
@@ -21,20 +24,126 @@ pub struct SessionOptions {
     /// only root's mounts get them, as the kernel lets no one else).
     pub dev: bool,
     pub suid: bool,
+    pub noexec: bool,
+    /// Shown by the kernel's mount table and kept by a remount; kvfs applies it itself.
+    pub atime: Atime,
+}
+
+impl SessionOptions {
+    /// The mount(2) flags of these options.
+    pub fn flags(&self) -> libc::c_ulong {
+        let mut f = 0;
+        for (on, flag) in [
+            (self.read_only, libc::MS_RDONLY),
+            (!self.dev, libc::MS_NODEV),
+            (!self.suid, libc::MS_NOSUID),
+            (self.noexec, libc::MS_NOEXEC),
+            (self.atime.nodir, libc::MS_NODIRATIME),
+        ] {
+            if on {
+                f |= flag;
+            }
+        }
+        f | match self.atime.mode {
+            AtimeMode::Relatime => libc::MS_RELATIME,
+            AtimeMode::Strict => libc::MS_STRICTATIME,
+            AtimeMode::Never => libc::MS_NOATIME,
+        }
+    }
 }
 
 /// A mounted filesystem, not yet serving.
 pub struct Mounted {
     session: Session<KvFuse>,
+    /// Set when kvfs mounted it itself (as root), so it unmounts it itself too.
+    own: Option<PathBuf>,
 }
 
 /// Unmounts a [`Mounted`] from any thread; its `run` then returns.
-pub struct Unmounter(SessionUnmounter);
+pub enum Unmounter {
+    Fuser(SessionUnmounter),
+    Own(PathBuf),
+}
 
 impl Unmounter {
     pub fn unmount(&mut self) -> std::io::Result<()> {
-        self.0.unmount()
+        match self {
+            Unmounter::Fuser(u) => u.unmount(),
+            Unmounter::Own(path) => {
+                let c = CString::new(path.as_os_str().as_bytes())?;
+                // SAFETY: a valid C string.
+                if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            }
+        }
     }
+}
+
+/// Mount `/dev/fuse` on `mountpoint` as type `fuse.kvfs` with source `store_dir` (root only):
+/// fuser's own mount names the type plain `fuse` and drops the subtype, and then
+/// `mount -o remount` runs `mount.fuse`, which does not know kvfs. Returns the device.
+fn kernel_mount(
+    store_dir: &Path,
+    mountpoint: &Path,
+    o: &SessionOptions,
+    allow_other: bool,
+) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::MetadataExt;
+    let c = |s: &[u8]| CString::new(s).map_err(std::io::Error::other);
+    let mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    // SAFETY: a valid C string; the descriptor is owned from here on.
+    let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is not owned elsewhere.
+    let dev = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut data = format!("fd={fd},rootmode={mode:o},user_id=0,group_id=0,default_permissions");
+    if allow_other {
+        data.push_str(",allow_other");
+    }
+    let (src, dst) = (
+        c(store_dir.as_os_str().as_bytes())?,
+        c(mountpoint.as_os_str().as_bytes())?,
+    );
+    let data = c(data.as_bytes())?;
+    // SAFETY: valid C strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            c"fuse.kvfs".as_ptr(),
+            o.flags(),
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(dev)
+}
+
+/// Change the kernel's flags of the kvfs mount on `mountpoint` (mount(2) with `MS_REMOUNT`):
+/// read-only or writable, the atime options, dev/suid/exec. The kernel refuses going
+/// read-only with EBUSY while a file is open for writing, and anyone but root with EPERM.
+pub fn remount(mountpoint: &Path, o: &SessionOptions) -> std::io::Result<()> {
+    let dst = CString::new(mountpoint.as_os_str().as_bytes())?;
+    // SAFETY: a valid C string; the other pointers may be null for a remount.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | o.flags(),
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Mounted {
@@ -66,6 +175,12 @@ impl Mounted {
         if o.read_only {
             config.mount_options.push(MountOption::RO);
         }
+        if o.noexec {
+            config.mount_options.push(MountOption::NoExec);
+        }
+        if o.atime.mode == AtimeMode::Never {
+            config.mount_options.push(MountOption::NoAtime);
+        }
         config.acl = match o.acl.as_deref() {
             Some("allow_root") => SessionACL::RootAndOwner,
             Some(_) => SessionACL::All,
@@ -73,12 +188,32 @@ impl Mounted {
             None => SessionACL::Owner,
         };
         config.n_threads = Some(o.threads.max(1));
-        let session = Session::new(KvFuse::new(fs, store_dir), mountpoint, &config)?;
-        Ok(Mounted { session })
+        let fs = KvFuse::new(fs, store_dir);
+        if !root {
+            // fusermount3 mounts it, as type `fuse.kvfs`.
+            let session = Session::new(fs, mountpoint, &config)?;
+            return Ok(Mounted { session, own: None });
+        }
+        let mountpoint = std::fs::canonicalize(mountpoint)?;
+        let dev = kernel_mount(store_dir, &mountpoint, o, config.acl != SessionACL::Owner)?;
+        let acl = config.acl;
+        match Session::from_fd(fs, dev, acl, config) {
+            Ok(session) => Ok(Mounted {
+                session,
+                own: Some(mountpoint),
+            }),
+            Err(e) => {
+                let _ = Unmounter::Own(mountpoint).unmount();
+                Err(e)
+            }
+        }
     }
 
     pub fn unmounter(&mut self) -> Unmounter {
-        Unmounter(self.session.unmount_callable())
+        match &self.own {
+            Some(path) => Unmounter::Own(path.clone()),
+            None => Unmounter::Fuser(self.session.unmount_callable()),
+        }
     }
 
     /// Serve requests until the filesystem is unmounted.

@@ -144,7 +144,14 @@ impl Sim {
             // Whether a read updates atime depends on the clock: off, so a seed replays exactly.
             // (KVFS_SIM_ATIME=1 turns it on, for a run that needs it.)
             FsOptions {
-                noatime: std::env::var_os("KVFS_SIM_ATIME").is_none(),
+                atime: crate::fs::Atime {
+                    mode: if std::env::var_os("KVFS_SIM_ATIME").is_some() {
+                        crate::fs::AtimeMode::Relatime
+                    } else {
+                        crate::fs::AtimeMode::Never
+                    },
+                    nodir: false,
+                },
                 ..Default::default()
             },
         );
@@ -525,7 +532,7 @@ impl Sim {
         if self.rng.pct(70) {
             let len = 1 + self.rng.below(100) as usize;
             let v = self.new_data(len);
-            self.fs().setxattr(ino, &name, &v, 0)?;
+            self.fs().setxattr(ino, &name, &v, 0, WHO)?;
             if let Some(n) = self.model.nodes.get_mut(&ino) {
                 n.xattrs.insert(name, v);
             }

@@ -269,3 +269,221 @@ fn mount_options_of(p: &Path) -> Option<String> {
         .max_by_key(|(point, _)| point.len())
         .map(|(_, opts)| opts.to_string())
 }
+
+/// `mount -o remount,OPTS dir`.
+fn remount(dir: &Path, opts: &str) -> bool {
+    let out = std::process::Command::new("mount")
+        .args(["-o", &format!("remount,{opts}")])
+        .arg(dir)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!("remount,{opts}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    out.status.success()
+}
+
+/// Read-only and back: (remount ro with a file open for writing, remount ro, the errno of a
+/// create, the content read, remount rw, a write after it).
+fn remount_case(dir: &Path) -> (bool, bool, i32, Vec<u8>, bool, bool) {
+    fs::write(dir.join("f"), b"kept").unwrap();
+    let held = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("f"))
+        .unwrap();
+    let busy = remount(dir, "ro");
+    drop(held);
+    let ro = remount(dir, "ro");
+    let create = errno(fs::write(dir.join("g"), b"x"));
+    let read = fs::read(dir.join("f")).unwrap();
+    let rw = remount(dir, "rw");
+    let write = fs::write(dir.join("g"), b"x").is_ok();
+    (busy, ro, create, read, rw, write)
+}
+
+#[test]
+fn remount_switches_read_only_and_access_times_as_tmpfs_does() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "remount needs root under CI"
+        );
+        eprintln!("skipped: remount needs root");
+        return;
+    }
+    let Some(m) = mount() else { return };
+    // mount(8) runs /sbin/mount.fuse.kvfs for a remount of type fuse.kvfs (tools/install
+    // links it); installed for this test when it is not there.
+    struct Helper(Option<&'static Path>);
+    impl Drop for Helper {
+        fn drop(&mut self) {
+            if let Some(p) = self.0 {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
+    let sbin = Path::new("/sbin/mount.fuse.kvfs");
+    let _helper = Helper((!sbin.exists()).then(|| {
+        std::os::unix::fs::symlink(KVFS, sbin).unwrap();
+        sbin
+    }));
+    let info = fs::read_to_string("/proc/self/mounts").unwrap();
+    let mnt = fs::canonicalize(&m.mnt).unwrap();
+    assert!(
+        info.lines().any(
+            |l| l.split(' ').nth(1) == mnt.to_str() && l.split(' ').nth(2) == Some("fuse.kvfs")
+        ),
+        "the mount's type is fuse.kvfs:\n{info}"
+    );
+    let reference = m.tmp.path().join("tmpfs");
+    fs::create_dir(&reference).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&reference)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let want = remount_case(&reference);
+    let _ = std::process::Command::new("umount")
+        .arg(&reference)
+        .status();
+    assert_eq!(
+        want,
+        (false, true, libc::EROFS, b"kept".to_vec(), true, true)
+    );
+    assert_eq!(remount_case(&m.mnt), want, "kvfs against tmpfs");
+    // The access-time options change with a remount too (mount(8) keeps what a remount does
+    // not name: `diratime` undoes the `nodiratime` before it).
+    for (i, (opts, expect)) in [
+        ("strictatime", (true, true)),
+        ("noatime", (false, false)),
+        ("relatime,nodiratime", (false, false)),
+        ("relatime,diratime", (true, false)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert!(remount(&m.mnt, opts), "remount,{opts}");
+        let d = m.mnt.join(format!("at{i}"));
+        fs::create_dir(&d).unwrap();
+        assert_eq!(atime_case(&d), expect, "after remount,{opts}");
+    }
+}
+
+fn mtime_ns(p: &Path) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(p).unwrap();
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+fn ctime_ns(p: &Path) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(p).unwrap();
+    m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128
+}
+
+fn wall_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+}
+
+/// Write `p` by `how` (write(2), O_DIRECT, a shared mapping), fsync, close.
+fn write_by(p: &Path, how: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = fs::OpenOptions::new();
+    o.read(true).write(true);
+    if how == "direct" {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let mut f = o.open(p).unwrap();
+    match how {
+        "bulk" => {
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..96 {
+                f.write_all(&chunk).unwrap();
+            }
+            return;
+        }
+        "mmap" => {
+            // SAFETY: a shared mapping of the file's first 4 KiB, written and unmapped here.
+            unsafe {
+                let a = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                );
+                assert_ne!(a, libc::MAP_FAILED);
+                *(a as *mut u8).add(100) = b'm';
+                assert_eq!(libc::msync(a, 4096, libc::MS_SYNC), 0);
+                libc::munmap(a, 4096);
+            }
+        }
+        _ => {
+            // 4 KiB aligned, for O_DIRECT.
+            let mut buf = vec![0u8; 8192];
+            let off = buf.as_ptr().align_offset(4096);
+            buf[off..off + 4096].fill(b'w');
+            f.write_all(&buf[off..off + 4096]).unwrap();
+        }
+    }
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn write_times_are_the_kernels_and_stay_after_a_remount() {
+    let Some(mut m) = mount() else { return };
+    let mut seen = Vec::new();
+    for how in ["write", "direct", "mmap", "bulk"] {
+        let p = m.path(how);
+        fs::write(&p, vec![0u8; 8192]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let before = wall_ns();
+        write_by(&p, how);
+        let t = mtime_ns(&p);
+        // The kernel's clock is coarse: a tick (at most 10 ms) behind the precise one.
+        assert!(
+            t >= before - 10_000_000,
+            "{how}: mtime {t} before the write {before}"
+        );
+        assert!(t <= wall_ns(), "{how}");
+        seen.push((how, t, ctime_ns(&p)));
+    }
+    // What the kernel wrote back on its own, and the timed flush, have landed.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    m.unmount();
+    m.start();
+    for (how, t, c) in seen {
+        assert_eq!(mtime_ns(&m.path(how)), t, "{how}: mtime after remount");
+        assert_eq!(ctime_ns(&m.path(how)), c, "{how}: ctime after remount");
+    }
+}
+
+#[test]
+fn times_never_go_backwards_between_kernel_and_daemon_stamps() {
+    let Some(m) = mount() else { return };
+    for i in 0..40 {
+        let f = m.path(&format!("f{i}"));
+        fs::write(&f, b"x").unwrap();
+        let sock = m.path(&format!("s{i}"));
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        fs::hard_link(&f, m.path(&format!("l{i}"))).unwrap();
+        let d = m.path(&format!("d{i}"));
+        fs::create_dir(&d).unwrap();
+        let (cs, cf, cd) = (ctime_ns(&sock), ctime_ns(&f), ctime_ns(&d));
+        assert!(
+            cs <= cf,
+            "round {i}: the socket's ctime {cs} after the later link's {cf}"
+        );
+        assert!(
+            cf <= cd,
+            "round {i}: the link's ctime {cf} after the later mkdir's {cd}"
+        );
+    }
+}

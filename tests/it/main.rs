@@ -1,5 +1,6 @@
 //! Behaviour tests through the public API, the real binary and real FUSE mounts.
 
+mod acl;
 mod cli;
 mod common;
 mod crash;
