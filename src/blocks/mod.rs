@@ -80,11 +80,19 @@ pub fn prepare(slot: &[u8], codec: &Codec) -> Option<Prepared> {
 /// [`prepare`] for many slots at once, spread over the machine's cores: hashing and
 /// compression are the CPU-heavy part of a flush.
 pub fn prepare_all(slots: &[(u64, &[u8])], codec: &Codec) -> Vec<(u64, Option<Prepared>)> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    if threads < 2 || slots.len() < 2 {
+    if slots.len() < 2 {
+        return slots.iter().map(|(n, s)| (*n, prepare(s, codec))).collect();
+    }
+    // Asked once: available_parallelism reads the cgroup's CPU quota (four statx and several
+    // reads each time), and an fsync-heavy writer flushed once per 4 KiB write.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *CORES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(8)
+    });
+    if threads < 2 {
         return slots.iter().map(|(n, s)| (*n, prepare(s, codec))).collect();
     }
     let per = slots.len().div_ceil(threads);
