@@ -58,8 +58,10 @@ pub(super) struct Inner {
     pub(super) seq_run: u32,
     /// First block not yet handed to the prefetcher in the current sequential run.
     pub(super) ahead_from: u64,
-    /// Flushes of this file running outside the mutex.
+    /// Flushes of this file running outside the mutex, and the bytes of the slots they took
+    /// (still counted in `dirty_bytes` until committed).
     pub(super) inflight: u32,
+    pub(super) inflight_bytes: u64,
     /// Source of slot generations.
     pub(super) next_gen: u64,
     /// Bumped by every commit and truncate: what was read of the committed blocks with the
@@ -236,7 +238,11 @@ impl Fs {
     }
 
     fn over_limit(&self, s: &Inner) -> bool {
-        s.dirty_bytes >= self.file_limit
+        // Slots already in flight do not count: a write arriving while 8 MiB were in flight
+        // found the file over its limit and flushed its own 1 MiB, too little to be written
+        // ahead, so most of a sequential write's blocks went through the WAL too (1.8x the
+        // data written to disk).
+        s.dirty_bytes.saturating_sub(s.inflight_bytes) >= self.file_limit
             || self.dirty_total.load(Ordering::Relaxed) >= self.total_limit
     }
 
@@ -294,7 +300,9 @@ impl Fs {
         if taken.is_empty() {
             return Ok(());
         }
+        let flight_bytes = taken.len() as u64 * bs;
         s.inflight += 1;
+        s.inflight_bytes += flight_bytes;
         drop(s);
         let prepared = self.prepare(&taken);
         let mut s = lock(&st.inner);
@@ -305,6 +313,7 @@ impl Fs {
             }
         }
         s.inflight -= 1;
+        s.inflight_bytes -= flight_bytes;
         st.settled.notify_all();
         r
     }
