@@ -6,6 +6,7 @@ use crate::keyspace::records::{decode_xattr, encode_xattr, Inode, Kind};
 use crate::keyspace::{self as ks, Ino};
 use crate::kv::Cf;
 use crate::util::Timestamp;
+use std::sync::atomic::Ordering;
 
 /// What `stat` shows for one inode.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,8 +113,11 @@ impl Fs {
         self.writable()?;
         if let Some(size) = set.size {
             self.truncate(ino, size)?;
-        } else if set.mtime.is_some() {
-            // Buffered writes carry their own mtime; commit them first so ours wins.
+        } else if set.mtime.is_some() && !self.kernel_times.load(Ordering::Relaxed) {
+            // Buffered writes carry their own mtime; commit them first so ours wins. (Not when
+            // the kernel owns write times: then they carry none, and the kernel pushes a
+            // file's times after every writeback, which would commit its buffer in pieces
+            // too small to be written ahead, the block bytes going through the WAL.)
             self.flush_ino(ino)?;
         }
         if let Some(c) = set.ctime {
