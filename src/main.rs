@@ -38,7 +38,7 @@ enum Cmd {
         block_size: u32,
         /// Compression tried on each new block, kept only when it saves space: none, lz4,
         /// zstd or zstd:LEVEL (1..19).
-        #[arg(long, default_value = "none")]
+        #[arg(long, default_value = "lz4")]
         compression: String,
         /// Store 512 bytes of parity and per-sector checksums with each block, so one damaged
         /// 512-byte sector per block is rebuilt on read and by `audit --repair`.

@@ -61,7 +61,7 @@ pub struct ServeArgs {
     pub allow_first: bool,
     /// Compression of the blocks stored here, when the store is created: none, lz4, zstd or
     /// zstd:LEVEL.
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "lz4")]
     pub compression: String,
     /// Store parity with each block here (when the store is created).
     #[arg(long)]

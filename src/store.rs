@@ -88,7 +88,7 @@ impl Default for FormatOptions {
     fn default() -> Self {
         FormatOptions {
             block_size: DEFAULT_BLOCK_SIZE,
-            compression: COMP_NONE,
+            compression: COMP_LZ4,
             level: 0,
             parity: false,
             fs_id: None,
