@@ -39,6 +39,9 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
+/// The answer to a remount of a mount point this process does not serve.
+pub const NOT_THIS_MOUNT: &str = "not this mount";
+
 /// Answer the tools for the mount of `fs` on `mountpoint`: one request line, a reply, close.
 pub fn serve(fs: &Fs, mountpoint: &Path, listener: UnixListener, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
@@ -83,10 +86,18 @@ fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
                 Err(e) => format!("error: {e}\n"),
             }
         }
-        Some("remount") => match remount(fs, mountpoint, words.next().unwrap_or("")) {
-            Ok(()) => "ok\n".to_string(),
-            Err(e) => format!("error: {e}\n"),
-        },
+        Some("remount") => {
+            // `remount OPTIONS MOUNTPOINT`: a read-only mount of the same store elsewhere has
+            // no socket of its own, and must not have this one remounted in its place.
+            let options = words.next().unwrap_or("");
+            let target = line.trim_end().splitn(3, ' ').nth(2).unwrap_or("");
+            let ours = std::fs::canonicalize(target).is_ok_and(|t| t == mountpoint);
+            match ours.then(|| remount(fs, mountpoint, options)) {
+                Some(Ok(())) => "ok\n".to_string(),
+                Some(Err(e)) => format!("error: {e}\n"),
+                None => format!("error: {NOT_THIS_MOUNT}\n"),
+            }
+        }
         Some("replica-add") => {
             let (name, fp) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
             let url = words.collect::<Vec<_>>().join(" ");

@@ -432,20 +432,30 @@ fn mount_helper() -> anyhow::Result<()> {
 /// `mount -o remount,OPTIONS MOUNTPOINT`: the mount's process changes the kernel's flags and
 /// its own. A read-only mount has no control socket: it can only stay read-only.
 fn remount_cmd(store_dir: &Path, mountpoint: &Path, options: &str) -> anyhow::Result<()> {
-    match control::request(store_dir, &format!("remount {options}")) {
-        Err(ControlError::NoAnswer { .. }) => {
-            let o = MountOpts::parse(options).map_err(anyhow::Error::msg)?;
-            if !o.read_only {
-                anyhow::bail!(
-                    "{}: mounted read-only (or its mount does not answer): unmount it and mount it read-write",
-                    mountpoint.display()
-                );
-            }
-            mount::remount_kernel(mountpoint, &o)
-                .map_err(|e| anyhow::anyhow!("{}: remount: {e}", mountpoint.display()))
+    let request = format!("remount {options} {}", mountpoint.display());
+    match control::request(store_dir, &request) {
+        // No writable mount of the store answers, or it is mounted writable elsewhere: this
+        // mount is a read-only one, whose process has no socket and opened the store
+        // read-only.
+        Err(ControlError::NoAnswer { .. }) => remount_read_only(mountpoint, options),
+        Err(ControlError::Refused(e)) if e == control::NOT_THIS_MOUNT => {
+            remount_read_only(mountpoint, options)
         }
         r => Ok(r.map(drop)?),
     }
+}
+
+/// A remount of a read-only mount: it can change its flags but not become writable.
+fn remount_read_only(mountpoint: &Path, options: &str) -> anyhow::Result<()> {
+    let o = MountOpts::parse(options).map_err(anyhow::Error::msg)?;
+    if !o.read_only {
+        anyhow::bail!(
+            "{}: mounted read-only (its process opened the store read-only): unmount it and mount it read-write",
+            mountpoint.display()
+        );
+    }
+    mount::remount_kernel(mountpoint, &o)
+        .map_err(|e| anyhow::anyhow!("{}: remount: {e}", mountpoint.display()))
 }
 
 fn mount_cmd(

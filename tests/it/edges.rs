@@ -312,7 +312,7 @@ fn remount_switches_read_only_and_access_times_as_tmpfs_does() {
         eprintln!("skipped: remount needs root");
         return;
     }
-    let Some(m) = mount() else { return };
+    let Some(mut m) = mount() else { return };
     // mount(8) runs /sbin/mount.fuse.kvfs for a remount of type fuse.kvfs (tools/install
     // links it); installed for this test when it is not there.
     struct Helper(Option<&'static Path>);
@@ -369,6 +369,31 @@ fn remount_switches_read_only_and_access_times_as_tmpfs_does() {
         fs::create_dir(&d).unwrap();
         assert_eq!(atime_case(&d), expect, "after remount,{opts}");
     }
+    // A mount made read-only (its process opened the store read-only, without a control
+    // socket) changes its flags but does not become writable.
+    m.unmount();
+    let st = std::process::Command::new(KVFS)
+        .arg("mount")
+        .arg(&m.store)
+        .arg(&m.mnt)
+        .args(["-o", "ro"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        remount(&m.mnt, "ro,noatime"),
+        "remount of a read-only mount"
+    );
+    assert!(
+        !remount(&m.mnt, "rw"),
+        "a read-only mount does not become writable"
+    );
+    let opts = mount_options_of(&m.mnt).unwrap_or_default();
+    assert!(
+        opts.split(',').any(|o| o == "ro") && opts.contains("noatime"),
+        "{opts}"
+    );
+    let _ = std::process::Command::new("umount").arg(&m.mnt).status();
 }
 
 fn mtime_ns(p: &Path) -> i128 {
