@@ -182,13 +182,7 @@ fn acl_case(dir: &Path) -> Vec<String> {
 
 #[test]
 fn acls_behave_as_on_ext4() {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the ACL test needs root under CI"
-        );
-        eprintln!("skipped: the ACL test changes owners");
+    if !root_for("change owners and switch users") {
         return;
     }
     let Some(m) = mount() else { return };

@@ -371,3 +371,28 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// Whether the test runs as root, as it must to `what`; otherwise it says it skips, and fails
+/// under CI, where the tests run as root.
+pub fn root_for(what: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "needs root under CI to {what}"
+    );
+    eprintln!("skipped: needs root to {what}");
+    false
+}
+
+/// Mount a tmpfs of `size` (such as "16m") on `dir`.
+pub fn mount_tmpfs(dir: &Path, size: &str) {
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a tmpfs on {}", dir.display());
+}

@@ -225,21 +225,14 @@ impl Drop for Unmount {
 
 #[test]
 fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root to mount a small tmpfs under the store");
+    if !root_for("mount a small tmpfs under the store") {
         return;
     }
     let mut disk = None;
     let Some(mut m) = mount_prepared(&["--block-size", "64K"], "", |tmp| {
         let d = tmp.join("store");
         fs::create_dir(&d).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256M", "tmpfs"])
-            .arg(&d)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs");
+        mount_tmpfs(&d, "256M");
         disk = Some(Unmount(d));
     }) else {
         return;

@@ -561,8 +561,7 @@ fn xattrs_match_ext4() {
 
 #[test]
 fn permissions_are_checked_for_other_users() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root to switch users");
+    if !root_for("switch users") {
         return;
     }
     differential("perms", |d, log| {
