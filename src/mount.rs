@@ -261,7 +261,7 @@ pub fn run(
     }
 
     let mut session =
-        Mounted::new(fs.clone(), &store_dir, mountpoint, &opts.session()).map_err(|source| {
+        Mounted::new(fs.clone(), &store_dir, &mnt, &opts.session()).map_err(|source| {
             MountError::Mount {
                 path: mountpoint.to_path_buf(),
                 source,
@@ -270,7 +270,7 @@ pub fn run(
     if !opts.read_only {
         let max = opts.max_dirty.unwrap_or(DEFAULT_MAX_DIRTY);
         if max > 0 {
-            raise_dirty_limit(mountpoint, max);
+            raise_dirty_limit(&mnt, max);
         }
     }
     let mut unmounter = session.unmounter();
@@ -399,7 +399,8 @@ fn follow(fs: &Fs, stop: &AtomicBool) {
     }
 }
 
-/// Let the kernel hold up to `bytes` of dirty pages for the FUSE mount on `mountpoint`
+/// Let the kernel hold up to `bytes` of dirty pages for the FUSE mount on `mountpoint` (a
+/// canonical path)
 /// (`/sys/class/bdi/MAJ:MIN/max_bytes`, Linux 6.2+). Best effort: without root or on an older
 /// kernel the mount keeps the kernel's default and says so in the log.
 fn raise_dirty_limit(mountpoint: &Path, bytes: u64) {
@@ -414,12 +415,11 @@ fn raise_dirty_limit(mountpoint: &Path, bytes: u64) {
     }
 }
 
-/// The `MAJ:MIN` device of the newest mount on `mountpoint`, from /proc/self/mountinfo.
-/// Read from the table, not by stat(2): a stat here would be a request to this very mount.
+/// The `MAJ:MIN` device of the newest mount on `mountpoint` (canonical: resolving it would
+/// stat the mount, a request to this very process), from /proc/self/mountinfo.
 fn mount_device(mountpoint: &Path) -> Option<String> {
-    let want = std::fs::canonicalize(mountpoint).ok()?;
     let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo_device(&table, &want)
+    mountinfo_device(&table, mountpoint)
 }
 
 fn mountinfo_device(table: &str, want: &Path) -> Option<String> {

@@ -70,14 +70,23 @@ impl Unmounter {
         match self {
             Unmounter::Fuser(u) => u.unmount(),
             Unmounter::Own(path) => {
-                let c = CString::new(path.as_os_str().as_bytes())?;
+                let c = c_path(path)?;
                 // SAFETY: a valid C string.
-                if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
+                check(unsafe { libc::umount2(c.as_ptr(), 0) })
             }
         }
+    }
+}
+
+fn c_path(p: &Path) -> std::io::Result<CString> {
+    Ok(CString::new(p.as_os_str().as_bytes())?)
+}
+
+/// A system call's result: 0, or the errno.
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    match r {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 
@@ -91,7 +100,6 @@ fn kernel_mount(
     allow_other: bool,
 ) -> std::io::Result<OwnedFd> {
     use std::os::unix::fs::MetadataExt;
-    let c = |s: &[u8]| CString::new(s).map_err(std::io::Error::other);
     let mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
     // SAFETY: a valid C string; the descriptor is owned from here on.
     let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
@@ -104,13 +112,10 @@ fn kernel_mount(
     if allow_other {
         data.push_str(",allow_other");
     }
-    let (src, dst) = (
-        c(store_dir.as_os_str().as_bytes())?,
-        c(mountpoint.as_os_str().as_bytes())?,
-    );
-    let data = c(data.as_bytes())?;
+    let (src, dst) = (c_path(store_dir)?, c_path(mountpoint)?);
+    let data = CString::new(data)?;
     // SAFETY: valid C strings that outlive the call.
-    let r = unsafe {
+    check(unsafe {
         libc::mount(
             src.as_ptr(),
             dst.as_ptr(),
@@ -118,10 +123,7 @@ fn kernel_mount(
             o.flags(),
             data.as_ptr().cast(),
         )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    })?;
     Ok(dev)
 }
 
@@ -129,9 +131,9 @@ fn kernel_mount(
 /// read-only or writable, the atime options, dev/suid/exec. The kernel refuses going
 /// read-only with EBUSY while a file is open for writing, and anyone but root with EPERM.
 pub fn remount(mountpoint: &Path, o: &SessionOptions) -> std::io::Result<()> {
-    let dst = CString::new(mountpoint.as_os_str().as_bytes())?;
+    let dst = c_path(mountpoint)?;
     // SAFETY: a valid C string; the other pointers may be null for a remount.
-    let r = unsafe {
+    check(unsafe {
         libc::mount(
             std::ptr::null(),
             dst.as_ptr(),
@@ -139,15 +141,11 @@ pub fn remount(mountpoint: &Path, o: &SessionOptions) -> std::io::Result<()> {
             libc::MS_REMOUNT | o.flags(),
             std::ptr::null(),
         )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    })
 }
 
 impl Mounted {
-    /// Mount `fs` (whose store lives in `store_dir`) on `mountpoint`.
+    /// Mount `fs` (whose store lives in `store_dir`) on `mountpoint`, a canonical path.
     pub fn new(
         fs: Arc<Fs>,
         store_dir: &Path,
@@ -194,16 +192,15 @@ impl Mounted {
             let session = Session::new(fs, mountpoint, &config)?;
             return Ok(Mounted { session, own: None });
         }
-        let mountpoint = std::fs::canonicalize(mountpoint)?;
-        let dev = kernel_mount(store_dir, &mountpoint, o, config.acl != SessionACL::Owner)?;
+        let dev = kernel_mount(store_dir, mountpoint, o, config.acl != SessionACL::Owner)?;
         let acl = config.acl;
         match Session::from_fd(fs, dev, acl, config) {
             Ok(session) => Ok(Mounted {
                 session,
-                own: Some(mountpoint),
+                own: Some(mountpoint.to_path_buf()),
             }),
             Err(e) => {
-                let _ = Unmounter::Own(mountpoint).unmount();
+                let _ = Unmounter::Own(mountpoint.to_path_buf()).unmount();
                 Err(e)
             }
         }
