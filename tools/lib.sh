@@ -1,0 +1,15 @@
+# Shared by the benchmark scripts (source it):
+#   bench_tree FILE        the bench's source tree as a tar file (the first 5,000 files of the
+#                          cargo registry sources on this machine), made when missing
+#   stop_mount STORE MNT   unmount a background kvfs mount and wait for its daemon's clean exit
+#   drop_caches            sync and drop every cache (root)
+bench_tree() {
+    [ -s "$1" ] && return
+    (cd "$HOME/.cargo/registry/src" && find . -type f | sort | awk 'NR <= 5000' > "$1.list" \
+        && tar cf "$1" -T "$1.list")
+}
+stop_mount() {
+    mountpoint -q "$2" && umount "$2"
+    while pgrep -f -- "mount $1 .*--daemon-child" >/dev/null; do sleep 0.1; done
+}
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
