@@ -2,7 +2,7 @@
 //! that holds the store. One request line, one reply, close. Requests: `gc [dry-run]
 //! [timeout=S]` (the sweep, after flushing buffered writes, so it sees what the user sees),
 //! `remount OPTIONS` (what `mount -o remount` asks through the mount helper), `replica-add`,
-//! `replica-remove`, `replica-sync`.
+//! `replica-remove`, `replica-sync`, `config KEY=VALUE...`, `pin INODE`, `unpin INODE`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -118,6 +118,26 @@ fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
                 Err(e) => format!("error: {e}\n"),
             }
         }
+        Some("config") => {
+            let changes: Vec<(String, String)> = words
+                .filter_map(|w| w.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            match fs.tier() {
+                Some(t) => match crate::tier::configure(fs.store(), t, &changes) {
+                    Ok(s) => format!("ok\n{}", crate::tier::config::render(&s)),
+                    Err(e) => format!("error: {e}\n"),
+                },
+                None => "error: this mount is read-only\n".to_string(),
+            }
+        }
+        Some(w @ ("pin" | "unpin")) => match words.next().and_then(|i| i.parse().ok()) {
+            Some(ino) => match fs.pin(ino, w == "pin") {
+                Ok(r) => format!("ok\n{r}\n"),
+                Err(e) => format!("error: {e}\n"),
+            },
+            None => "error: pin INODE\n".to_string(),
+        },
         _ => format!("error: unknown request {:?}\n", line.trim()),
     };
     (&conn).write_all(reply.as_bytes())

@@ -6,8 +6,8 @@ use std::io::Write;
 
 use crate::blocks::encode::INFO_PARITY;
 use crate::keyspace::records::{
-    decode_counter, decode_xattr, BlockInfo, Dirent, FmapEntry, FormatRecord, GarbageRecord, Inode,
-    LockRecord, ProcessRecord,
+    decode_counter, decode_v1, decode_xattr, BlockInfo, Dirent, FmapEntry, FormatRecord,
+    GarbageRecord, Inode, LockRecord, ProcessRecord,
 };
 use crate::keyspace::{self as ks, Ino, InodeKey, Prefix};
 use crate::kv::{decode_i64, KvError, KvStore};
@@ -47,6 +47,12 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
             ks::META_NEXT_INO => decode_counter(v).map(|n| n.to_string()).map_err(e),
             ks::META_LOG_HEAD => LogHead::decode(v).map(|h| format!("{h:?}")).map_err(e),
             ks::META_REPLICA => ReplicaState::decode(v).map(|r| format!("{r:?}")).map_err(e),
+            ks::META_CONFIG => decode_v1::<Vec<(String, String)>>("settings", v)
+                .map(|s| format!("{s:?}"))
+                .map_err(e),
+            ks::META_PINS => decode_v1::<Vec<u64>>("pins", v)
+                .map(|p| format!("pinned roots {p:?}"))
+                .map_err(e),
             _ => Err(format!("unknown metadata key, value {}", hex_cut(v))),
         },
         Some(Prefix::Inode) => match ks::parse_inode_key(key) {
@@ -95,7 +101,7 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
         Some(Prefix::BlockInfo) if key.len() == 33 => BlockInfo::decode(v)
             .map(|b| {
                 format!(
-                    "len {} stored {} compression {}{}",
+                    "len {} stored {} compression {}{} used {} logged {}{}{}",
                     b.len,
                     b.stored,
                     b.encoding & !INFO_PARITY,
@@ -103,6 +109,14 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
                         " +parity"
                     } else {
                         ""
+                    },
+                    b.used,
+                    b.logged,
+                    if b.evicted { " evicted" } else { "" },
+                    if b.pins > 0 {
+                        format!(" pinned {}", b.pins)
+                    } else {
+                        String::new()
                     }
                 )
             })
@@ -146,6 +160,21 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
             .map_err(e),
         Some(Prefix::Hold) if key.len() == 33 && v.is_empty() => {
             Ok("held for a group not yet applied".into())
+        }
+        Some(Prefix::LastUse) if key.len() == 37 && v.is_empty() => Ok("resident".into()),
+        Some(Prefix::Unlogged) if key.len() == 33 => match <[u8; 8]>::try_from(v) {
+            Ok(t) => Ok(format!(
+                "a reference not yet logged (token {:016x})",
+                u64::from_le_bytes(t)
+            )),
+            Err(_) => Err(format!("token is {} bytes, expected 8", v.len())),
+        },
+        Some(Prefix::Counter) if key.len() > 1 => {
+            if v.len() == 8 {
+                Ok(format!("{}", decode_i64(v)))
+            } else {
+                Err(format!("counter is {} bytes, expected 8", v.len()))
+            }
         }
         _ => Err(format!("unknown key kind, value {}", hex_cut(v))),
     }

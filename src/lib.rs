@@ -23,4 +23,5 @@ pub mod replica;
 mod sim;
 pub mod status;
 pub mod store;
+pub mod tier;
 pub mod util;

@@ -16,6 +16,7 @@ use kvfs::store::{self, FormatOptions};
 use kvfs::{audit, dump, gc, status};
 
 mod replica_cmd;
+mod tier_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +90,13 @@ enum Cmd {
     /// Manage the replicas a primary ships to.
     #[command(subcommand)]
     Replica(replica_cmd::ReplicaCmd),
+    /// Show or change the settings kept in the store (tiering: cache_size, min_copies,
+    /// fetch_timeout); a mount's -o of the same name overrides them.
+    Config(tier_cmd::ConfigArgs),
+    /// Keep the content of the files under PATH resident (fetching what was evicted).
+    Pin(tier_cmd::PinArgs),
+    /// Undo `kvfs pin` of PATH: its blocks may be evicted again.
+    Unpin(tier_cmd::PinArgs),
     /// Turn a replica into the primary of its filesystem (when the old primary is lost).
     Promote { store: PathBuf },
     /// Print STORE's certificate fingerprint (what `kvfs serve --allow` takes), creating its
@@ -119,7 +127,9 @@ enum Cmd {
     Mount {
         store: PathBuf,
         mountpoint: PathBuf,
-        /// Comma-separated options: ro, noatime, strictatime, nodiratime, dev, suid, allow_other, allow_root, threads=N, max_dirty=SIZE.
+        /// Comma-separated options: ro, noatime, strictatime, nodiratime, noexec, dev, suid,
+        /// allow_other, allow_root, threads=N, max_dirty=SIZE, cache_size=SIZE, min_copies=N,
+        /// fetch_timeout=SECS.
         #[arg(short = 'o', default_value = "")]
         options: String,
         /// Stay attached to the terminal and log to stderr.
@@ -195,6 +205,9 @@ fn main() -> ExitCode {
         Cmd::Status { store, json } => status_cmd(&store, json),
         Cmd::Serve(a) => replica_cmd::serve(a),
         Cmd::Replica(c) => replica_cmd::replica(c),
+        Cmd::Config(a) => tier_cmd::config_cmd(a),
+        Cmd::Pin(a) => tier_cmd::pin_cmd(a, true),
+        Cmd::Unpin(a) => tier_cmd::pin_cmd(a, false),
         Cmd::Promote { store } => replica_cmd::promote(&store),
         Cmd::Fingerprint { store } => replica_cmd::fingerprint(&store),
         Cmd::BenchMeta { dir, files, dirs } => kvfs::bench::meta(&dir, files, dirs)

@@ -37,6 +37,9 @@ pub struct MountOpts {
     /// `max_dirty=SIZE`: how much written data the kernel may hold in its page cache for this
     /// mount before writers wait (`0`: leave the kernel's default). See [`DEFAULT_MAX_DIRTY`].
     pub max_dirty: Option<u64>,
+    /// `cache_size=`, `min_copies=`, `fetch_timeout=`: tiering settings for this mount,
+    /// over the store's own (`kvfs config`).
+    pub tier: Vec<(String, String)>,
 }
 
 /// The kernel lets a FUSE mount hold only 1% of the dirty-page budget (about 47 MiB on this
@@ -106,6 +109,10 @@ impl MountOpts {
                         o.max_dirty = Some(crate::util::parse_size(n).map_err(|e| {
                             format!("bad max_dirty value: {e} (a size such as 512M, or 0)")
                         })?)
+                    }
+                    Some((k @ ("cache_size" | "min_copies" | "fetch_timeout"), v)) => {
+                        crate::tier::config::check(k, v)?;
+                        o.tier.push((k.to_string(), v.to_string()));
                     }
                     Some(("threads", n)) => {
                         o.threads = Some(
@@ -194,6 +201,8 @@ pub enum MountError {
     Fs(#[from] crate::fs::FsError),
     #[error(transparent)]
     Kv(#[from] crate::kv::KvError),
+    #[error("settings: {0}")]
+    Settings(String),
 }
 
 /// Mount `store_dir` on `mountpoint` and serve until unmounted. `ready` is called once the
@@ -299,6 +308,36 @@ pub fn run(
             Box::new(move || maintenance(&fs, &stop, started)),
         )?);
     }
+    let mut fetcher = None;
+    if !opts.read_only {
+        let settings = crate::tier::config::TierSettings::resolve(
+            &crate::tier::config::read(fs.store())?,
+            &opts.tier.iter().cloned().collect(),
+        )
+        .map_err(MountError::Settings)?;
+        let tier = Arc::new(crate::tier::Tier::new(settings, opts.tier.clone()));
+        let f = Arc::new(crate::tier::fetch::Fetcher::new(
+            fs.store_arc(),
+            &format,
+            store_dir.clone(),
+            settings.fetch_timeout,
+            tier.clone(),
+        ));
+        fs.set_tiering(f.clone(), tier.clone());
+        if let Some(size) = settings.cache_size {
+            tracing::info!(
+                cache_size = size,
+                min_copies = settings.min_copies,
+                "tiering: resident blocks kept under the cache size"
+            );
+        }
+        fetcher = Some(f.clone());
+        let (fs, stop) = (fs.clone(), stop.clone());
+        workers.push(spawn(
+            "kvfs-tier",
+            Box::new(move || crate::tier::run(fs.store(), &tier, &f, &stop)),
+        )?);
+    }
     if !opts.read_only {
         let (fs, stop, dir, format) = (fs.clone(), stop.clone(), store_dir.clone(), format.clone());
         workers.push(spawn(
@@ -334,6 +373,7 @@ pub fn run(
     for w in workers {
         let _ = w.join();
     }
+    drop(fetcher);
     fs.sync_all()?;
     if !opts.read_only {
         let _ = std::fs::remove_file(&sock);

@@ -35,6 +35,31 @@ pub struct Status {
     pub garbage_inodes: u64,
     /// Bytes of the store's files on disk.
     pub disk_bytes: u64,
+    pub tier: TierStatus,
+}
+
+/// Residency and fetching (tiering).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TierStatus {
+    /// `cache_size` kept in the store (a mount may override it).
+    pub cache_size: Option<u64>,
+    pub min_copies: u32,
+    /// Stored bytes of the blocks whose content is here.
+    pub resident_block_bytes: u64,
+    /// Stored bytes of every block, here or evicted.
+    pub total_block_bytes: u64,
+    pub evicted_blocks: u64,
+    pub evicted_block_bytes: u64,
+    /// Resident bytes of pinned blocks.
+    pub pinned_bytes: u64,
+    /// Resident bytes that replicas hold (by what they acknowledged): evictable now.
+    pub evictable_bytes: u64,
+    pub fetches: u64,
+    pub fetched_bytes: u64,
+    pub fetch_failures: u64,
+    pub block_reads: u64,
+    /// Block reads served without a fetch, of all block reads.
+    pub hit_ratio: Option<f64>,
 }
 
 fn ratio(a: u64, b: u64) -> String {
@@ -103,7 +128,31 @@ impl fmt::Display for Status {
             "compression ratio: {} (unique / stored)",
             ratio(self.unique_bytes, self.stored_bytes)
         )?;
-        write!(f, "store size on disk: {}", self.disk_bytes)
+        writeln!(f, "store size on disk: {}", self.disk_bytes)?;
+        let t = &self.tier;
+        writeln!(
+            f,
+            "resident block bytes: {} of {} ({} evicted blocks, {} bytes; cache size {})",
+            t.resident_block_bytes,
+            t.total_block_bytes,
+            t.evicted_blocks,
+            t.evicted_block_bytes,
+            t.cache_size
+                .map_or("unlimited".to_string(), |c| c.to_string())
+        )?;
+        writeln!(
+            f,
+            "pinned bytes: {}; evictable now: {} (held by {} replica(s) or more)",
+            t.pinned_bytes, t.evictable_bytes, t.min_copies
+        )?;
+        write!(
+            f,
+            "fetches: {} ({} bytes, {} failed); hit ratio {}",
+            t.fetches,
+            t.fetched_bytes,
+            t.fetch_failures,
+            t.hit_ratio.map_or("-".to_string(), |r| format!("{r:.4}"))
+        )
     }
 }
 
@@ -175,9 +224,39 @@ pub fn status(
         }
         true
     })?;
+    let mut unlogged = std::collections::HashSet::new();
+    let (a, b) = Prefix::Unlogged.range();
+    store.for_each(Cf::Bidx, &a, &b, |k, _| {
+        unlogged.extend(crate::keyspace::key_hash(k));
+        true
+    })?;
+    let replicas: Vec<_> = crate::replica::replicas(store)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    let settings = crate::tier::config::TierSettings::resolve(
+        &crate::tier::config::read(store)?,
+        &Default::default(),
+    )
+    .ok();
+    s.tier.cache_size = settings.and_then(|t| t.cache_size);
+    let min_copies = settings.map_or(1, |t| t.min_copies);
+    s.tier.min_copies = min_copies;
     let (a, b) = Prefix::BlockInfo.range();
-    store.for_each(Cf::Bidx, &a, &b, |_, v| {
+    store.for_each(Cf::Bidx, &a, &b, |k, v| {
         if let Ok(i) = BlockInfo::decode(v) {
+            let t = &mut s.tier;
+            t.total_block_bytes += i.stored as u64;
+            if i.evicted {
+                t.evicted_blocks += 1;
+                t.evicted_block_bytes += i.stored as u64;
+            } else if i.pins > 0 {
+                t.pinned_bytes += i.stored as u64;
+            } else if crate::tier::copies(&i, &replicas) >= min_copies
+                && !crate::keyspace::key_hash(k).is_some_and(|h| unlogged.contains(&h))
+            {
+                t.evictable_bytes += i.stored as u64;
+            }
             s.blocks += 1;
             s.unique_bytes += i.len as u64;
             s.stored_bytes += i.stored as u64;
@@ -187,6 +266,19 @@ pub fn status(
         }
         true
     })?;
+    let counter = |name: &str| -> Result<u64, FsError> {
+        Ok(store
+            .get(Cf::Bidx, &crate::keyspace::counter_key(name))?
+            .map_or(0, |v| crate::kv::decode_i64(&v).max(0) as u64))
+    };
+    let t = &mut s.tier;
+    t.resident_block_bytes = counter(crate::keyspace::COUNTER_RESIDENT)?;
+    t.fetches = counter(crate::tier::COUNTER_FETCHED_BLOCKS)?;
+    t.fetched_bytes = counter(crate::tier::COUNTER_FETCHED_BYTES)?;
+    t.fetch_failures = counter(crate::tier::COUNTER_FETCH_FAILURES)?;
+    t.block_reads = counter(crate::tier::COUNTER_BLOCK_READS)?;
+    t.hit_ratio =
+        (t.block_reads > 0).then(|| 1.0 - (t.fetches as f64 / t.block_reads as f64).min(1.0));
     Ok(s)
 }
 
@@ -222,6 +314,13 @@ pub fn json(s: &Status, r: &crate::replica::status::Replication) -> serde_json::
         "stored_bytes": s.stored_bytes,
         "blocks": s.blocks,
         "disk_bytes": s.disk_bytes,
+        "tiering": s.tier,
+        "resident_block_bytes": s.tier.resident_block_bytes,
+        "total_block_bytes": s.tier.total_block_bytes,
+        "pinned_bytes": s.tier.pinned_bytes,
+        "evictable_bytes": s.tier.evictable_bytes,
+        "fetches": s.tier.fetches,
+        "hit_ratio": s.tier.hit_ratio,
         "replication": r,
     })
 }

@@ -193,15 +193,24 @@ pub fn init(kv: &KvStore, o: &FormatOptions) -> Result<FormatRecord, KvError> {
     Ok(rec)
 }
 
-/// Open an existing store for reading and writing, alone. A format 1 or 2 store is upgraded to this build's format (its bytes mean the same; only the
-/// format record changes; keyspace.md, "Upgrades").
+/// Open an existing store for reading and writing, alone. A store of an older format is
+/// upgraded to this build's (keyspace.md, "Upgrades").
 pub fn open(path: &Path) -> Result<(KvStore, FormatRecord), StoreError> {
     let (kv, mut rec) = open_with(path, false)?;
     if (rec.major, rec.minor) < (FORMAT_MAJOR, FORMAT_MINOR) {
-        let from = rec.version();
+        let (from, from_major) = (rec.version(), rec.major);
         rec.major = FORMAT_MAJOR;
         rec.minor = FORMAT_MINOR;
         rec.patch = FORMAT_PATCH;
+        let kv_err = |source| StoreError::Kv {
+            path: path.to_path_buf(),
+            source,
+        };
+        if from_major < 4 {
+            // Format 4 indexes every resident block by last use and counts their bytes.
+            let n = crate::blocks::resident::index_existing(&kv).map_err(kv_err)?;
+            tracing::info!(blocks = n, "indexed the store's blocks by last use");
+        }
         kv.transact(|t| t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()?))
             .and_then(|_| kv.sync())
             .map_err(|source| StoreError::Kv {

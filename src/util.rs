@@ -150,6 +150,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
         Some(b'M' | b'm') => (&s[..s.len() - 1], 1u64 << 20),
         Some(b'G' | b'g') => (&s[..s.len() - 1], 1u64 << 30),
+        Some(b'T' | b't') => (&s[..s.len() - 1], 1u64 << 40),
         _ => (s, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;

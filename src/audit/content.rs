@@ -21,7 +21,11 @@ pub(super) fn check(
     refs: &Refs,
     ahead: &HashSet<Hash>,
 ) -> Result<()> {
-    let total: u64 = infos.values().map(|i| i.stored as u64).sum();
+    let total: u64 = infos
+        .values()
+        .filter(|i| !i.evicted)
+        .map(|i| i.stored as u64)
+        .sum();
     let pb = bar(o.progress, total, "blocks");
     let (s, e) = Prefix::Block.range();
     let mut seen: HashSet<Hash> = HashSet::new();
@@ -48,6 +52,12 @@ pub(super) fn check(
             );
             return true;
         };
+        if info.evicted {
+            cx.problem(
+                key.clone(),
+                "a value is stored but the block info says it was evicted",
+            );
+        }
         if info.stored as usize != v.len() {
             cx.problem(
                 key.clone(),
@@ -89,7 +99,7 @@ pub(super) fn check(
     })?;
     pb.finish_and_clear();
     for h in infos.keys() {
-        if !seen.contains(h) && refs.contains_key(h) {
+        if !seen.contains(h) && refs.contains_key(h) && !infos[h].evicted {
             cx.problem(
                 ks::describe_key(&ks::block_key(h)),
                 "block info present but the block is missing (data lost)",

@@ -26,6 +26,7 @@ mod process;
 mod records;
 mod repair;
 mod replication;
+mod tiering;
 
 use std::fmt;
 use std::time::Duration;
@@ -195,6 +196,7 @@ fn check(store: &KvStore, o: &AuditOptions) -> Result<Ctx> {
     let mut refs = blockmaps::check(store, &mut cx, &r, format.block_size as u64)?;
     replication::check(store, &mut cx, &mut refs)?;
     let infos = blockindex::check(store, &mut cx, &refs)?;
+    tiering::check(store, &mut cx, &infos)?;
     let ahead = ahead::check(store, &mut cx)?;
     content::check(store, &mut cx, o, &format, &infos, &refs, &ahead)?;
     Ok(cx)

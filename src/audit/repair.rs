@@ -15,6 +15,7 @@ pub(super) enum Fix {
     ToLostFound(Ino),
     DeleteDirent(Vec<u8>),
     DeleteKey(Cf, Vec<u8>),
+    PutKey(Cf, Vec<u8>, Vec<u8>),
     DropFmap(Vec<u8>, Hash),
     SetRefcount(Hash, i64),
     MarkGarbageBlock(Hash),
@@ -101,6 +102,10 @@ pub(super) fn apply(store: &KvStore, fix: &Fix) -> Result<String> {
                 t.delete(*cf, k)?;
                 "key removed".into()
             }
+            Fix::PutKey(cf, k, v) => {
+                t.put(*cf, k, v)?;
+                "key written".into()
+            }
             Fix::DropFmap(k, h) => {
                 t.delete(Cf::Fmap, k)?;
                 blocks::drop_ref(t, h)?;
@@ -122,11 +127,11 @@ pub(super) fn apply(store: &KvStore, fix: &Fix) -> Result<String> {
                 if t.get(Cf::Bidx, &ks::block_info_key(h))?.is_none() {
                     // A block without info: give it one so the sweeper can free it.
                     if let Some(v) = t.get_untracked(Cf::Blocks, &ks::block_key(h))? {
-                        let info = BlockInfo {
-                            len: 0,
+                        let mut info = BlockInfo {
                             stored: v.len() as u32,
-                            encoding: 0,
+                            ..Default::default()
                         };
+                        crate::blocks::resident::stored(t, h, &mut info)?;
                         t.put(Cf::Bidx, &ks::block_info_key(h), &info.encode()?)?;
                     }
                 }

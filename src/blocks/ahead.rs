@@ -11,6 +11,7 @@
 use std::collections::HashSet;
 
 use super::Prepared;
+use crate::keyspace::records::BlockInfo;
 use crate::keyspace::{self as ks, Hash};
 use crate::kv::{Cf, KvError, KvStore};
 
@@ -84,8 +85,12 @@ fn settle_written_ahead(store: &KvStore, h: &Hash, token: Option<u64>) -> Result
             return Ok(false);
         }
         t.delete(Cf::Blocks, &w_key)?;
-        if t.get(Cf::Bidx, &ks::block_info_key(h))?.is_some() {
-            return Ok(false);
+        // A `b` key names the value, unless it says the block was evicted (its content then
+        // lives on replicas, and a value here would be stray).
+        if let Some(raw) = t.get(Cf::Bidx, &ks::block_info_key(h))? {
+            if !BlockInfo::decode(&raw)?.evicted {
+                return Ok(false);
+            }
         }
         t.delete(Cf::Blocks, &ks::block_key(h))?;
         Ok(true)

@@ -235,6 +235,21 @@ fn header(value: &[u8]) -> Result<(Option<u64>, &[u8]), String> {
     }
 }
 
+/// The [`Encoded::info`] byte of a stored value (compression used, parity bit), read from
+/// its header: a value fetched from a replica is stored as it came.
+pub fn info_of(value: &[u8]) -> Result<u8, String> {
+    let (_, enc) = header(value)?;
+    let inner_info = |inner: &[u8]| match inner {
+        [ENC_PLAIN, ..] => Ok(COMP_NONE),
+        [ENC_COMPRESSED, alg, ..] => Ok(*alg),
+        _ => Err("unknown inner encoding".to_string()),
+    };
+    match enc {
+        [ENC_PARITY, rest @ ..] => Ok(inner_info(split_parity(rest)?.inner)? | INFO_PARITY),
+        _ => inner_info(enc),
+    }
+}
+
 /// How hard a decode checks the content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Check {

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod encode;
 pub mod prefetch;
 pub mod reader;
+pub mod resident;
 
 pub mod ahead;
 pub use ahead::{
@@ -41,6 +42,12 @@ pub enum BlockError {
     /// No value stored under the name (freed since its map entry was read, or lost).
     #[error("block {} missing", ks::hex(hash))]
     Missing { hash: Hash },
+    /// Evicted, and no replica gave it back (down, timed out, or without it).
+    #[error(
+        "block {} is evicted and could not be fetched: {reason}",
+        ks::hex(hash)
+    )]
+    Unavailable { hash: Hash, reason: String },
 }
 
 /// A block ready to be referenced: its name, content length and encoded value.
@@ -118,29 +125,41 @@ fn shard() -> u8 {
     (crate::util::rand_u64() % REF_SHARDS as u64) as u8
 }
 
-/// Add one reference to `b`, storing it if it is new, unless `ahead` is the token
-/// [`write_ahead`] stored it with and `W` still holds that token.
+/// Add one reference to `b`, storing it if it is new (or its content back if it was
+/// evicted), unless `ahead` is the token [`write_ahead`] stored it with and `W` still holds
+/// that token.
 pub fn add_ref(t: &mut dyn Txn, b: &Prepared, ahead: Option<u64>) -> Result<(), KvError> {
     let info_key = ks::block_info_key(&b.hash);
-    if t.get(Cf::Bidx, &info_key)?.is_none() {
-        let info = BlockInfo {
-            len: b.len,
-            stored: b.encoded.value.len() as u32,
-            encoding: b.encoded.info,
-        };
-        let stored = match ahead {
-            Some(tok) => {
-                t.get(Cf::Blocks, &ks::written_ahead_key(&b.hash))?
-                    .as_deref()
-                    == Some(&tok.to_le_bytes()[..])
+    match t.get(Cf::Bidx, &info_key)? {
+        None => {
+            let mut info = BlockInfo {
+                len: b.len,
+                stored: b.encoded.value.len() as u32,
+                encoding: b.encoded.info,
+                ..Default::default()
+            };
+            let stored = match ahead {
+                Some(tok) => {
+                    t.get(Cf::Blocks, &ks::written_ahead_key(&b.hash))?
+                        .as_deref()
+                        == Some(&tok.to_le_bytes()[..])
+                }
+                None => false,
+            };
+            if !stored {
+                t.put(Cf::Blocks, &ks::block_key(&b.hash), &b.encoded.value)?;
             }
-            None => false,
-        };
-        if !stored {
-            t.put(Cf::Blocks, &ks::block_key(&b.hash), &b.encoded.value)?;
+            resident::stored(t, &b.hash, &mut info)?;
+            t.put(Cf::Bidx, &info_key, &info.encode()?)?;
         }
-        t.put(Cf::Bidx, &info_key, &info.encode()?)?;
+        // The writer holds the content: it comes back rather than waiting on a replica
+        // (which may drop it once nothing it holds names it).
+        Some(raw) if BlockInfo::decode(&raw)?.evicted => {
+            resident::restore(t, &b.hash, &b.encoded.value)?;
+        }
+        Some(_) => {}
     }
+    resident::note_unlogged(t, &b.hash)?;
     add_shared_ref(t, &b.hash)
 }
 
@@ -148,6 +167,13 @@ pub fn add_ref(t: &mut dyn Txn, b: &Prepared, ahead: Option<u64>) -> Result<(), 
 /// with tracking and in the same transaction, a map entry that names the block: the sweeper
 /// frees a block only in a transaction that reads every refcount shard with tracking, so
 /// either it sees this reference or one of the two retries.
+pub fn add_copy_ref(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
+    resident::note_unlogged(t, h)?;
+    add_shared_ref(t, h)
+}
+
+/// Add one reference to a block stored already, not from a file's map (the log's holds and
+/// the replica's own bookkeeping).
 pub fn add_shared_ref(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
     t.merge(Cf::Bidx, &ks::refcount_key(h, shard()), &1i64.to_le_bytes())
 }
@@ -258,7 +284,9 @@ pub fn collect_garbage(store: &KvStore, max: usize) -> Result<u64, KvError> {
             for s in 0..REF_SHARDS {
                 t.delete(Cf::Bidx, &ks::refcount_key(&h, s))?;
             }
-            t.get(Cf::Bidx, &ks::block_info_key(&h))?;
+            if let Some(raw) = t.get(Cf::Bidx, &ks::block_info_key(&h))? {
+                resident::freed(t, &h, &BlockInfo::decode(&raw)?)?;
+            }
             t.delete(Cf::Bidx, &ks::block_info_key(&h))?;
             t.delete(Cf::Blocks, &ks::block_key(&h))?;
             // Whoever deletes a value deletes its `W` key too (see `write_ahead`).

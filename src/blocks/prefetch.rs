@@ -4,7 +4,7 @@
 //! fetching block after block was bound by that latency, not by the disk's bandwidth.
 //! Prefetching is best effort: a fetch that fails is dropped (the reader's own read then
 //! reports the error), and a full queue drops requests instead of blocking the reader.
-//! The same queue is where fetching evicted blocks back from a replica will plug in.
+//! An evicted block is handed to the fetcher instead (no worker waits on a replica).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -44,7 +44,7 @@ impl Prefetcher {
                     .name(format!("kvfs-fetch-{i}"))
                     .spawn(move || {
                         for (h, len) in rx {
-                            if let Err(e) = reader.get(&h, len) {
+                            if let Err(e) = reader.warm(&h, len) {
                                 tracing::debug!(block = %ks::hex(&h), error = %e, "prefetch failed");
                             }
                             lock(&pending).remove(&h);

@@ -1,8 +1,9 @@
 //! The one way block content is obtained: [`BlockReader::get`]. It answers from the cache of
 //! verified blocks, or reads the stored value outside any transaction and lock, verifies it
 //! and caches it. Two readers of the same block that is not cached wait on one read
-//! (single-flight) instead of reading it twice. Fetching an evicted block from a replica
-//! plugs in here: callers never hold a file lock or a transaction while they wait on it.
+//! (single-flight) instead of reading it twice. A block evicted from this store is fetched
+//! back through the [`Tiering`] hook the mount installs: callers never hold a file lock or a
+//! transaction while they wait on it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,12 +11,25 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::cache::BlockCache;
 use super::BlockError;
-use crate::keyspace::Hash;
-use crate::kv::KvStore;
+use crate::keyspace::records::BlockInfo;
+use crate::keyspace::{self as ks, Hash};
+use crate::kv::{Cf, KvStore};
 use crate::util::lock;
+
+/// What lies below the store: where evicted blocks come back from, and who is told which
+/// blocks are used (the last-use index).
+pub trait Tiering: Send + Sync {
+    /// Block `h` (evicted here) from a replica, verified and stored here again.
+    fn fetch(&self, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError>;
+    /// Start fetching `h` (readahead); it lands in the store. Best effort.
+    fn prefetch(&self, h: &Hash, len: u32);
+    /// Block `h` was read.
+    fn used(&self, h: &Hash);
+}
 
 pub struct BlockReader {
     store: Arc<KvStore>,
+    tiering: std::sync::OnceLock<Arc<dyn Tiering>>,
     cache: BlockCache,
     /// Reads under way, by block: followers wait on the leader's result.
     flights: Mutex<HashMap<Hash, Arc<Flight>>>,
@@ -53,6 +67,7 @@ impl BlockReader {
     pub fn new(store: Arc<KvStore>, cache_bytes: usize) -> BlockReader {
         BlockReader {
             store,
+            tiering: std::sync::OnceLock::new(),
             cache: BlockCache::new(cache_bytes),
             flights: Mutex::new(HashMap::new()),
             loads: AtomicU64::new(0),
@@ -69,8 +84,21 @@ impl BlockReader {
         self.cache.contains(h)
     }
 
+    /// Install the tiering hook (once, before reads start).
+    pub fn set_tiering(&self, t: Arc<dyn Tiering>) {
+        let _ = self.tiering.set(t);
+    }
+
+    /// The tiering hook, if installed.
+    pub fn tiering(&self) -> Option<Arc<dyn Tiering>> {
+        self.tiering.get().cloned()
+    }
+
     /// Block `h`'s verified content (`len` bytes expected).
     pub fn get(&self, h: &Hash, len: u32) -> Result<Arc<Vec<u8>>, BlockError> {
+        if let Some(t) = self.tiering.get() {
+            t.used(h);
+        }
         if let Some(d) = self.cache.get(h).filter(|d| d.len() == len as usize) {
             return Ok(d);
         }
@@ -111,9 +139,53 @@ impl BlockReader {
 
     fn load(&self, h: &Hash, len: u32) -> Result<Arc<Vec<u8>>, BlockError> {
         self.loads.fetch_add(1, Ordering::Relaxed);
-        let d = Arc::new(super::read_stored(&self.store, h, len)?);
+        let d = match super::read_stored(&self.store, h, len) {
+            Err(BlockError::Missing { hash }) => match self.tiering.get() {
+                Some(t) if self.evicted(h)? => t.fetch(h, len)?,
+                _ => return Err(BlockError::Missing { hash }),
+            },
+            r => r?,
+        };
+        let d = Arc::new(d);
         self.cache.insert(*h, d.clone());
         Ok(d)
+    }
+
+    /// Whether block `h` is evicted here (its record says so).
+    fn evicted(&self, h: &Hash) -> Result<bool, BlockError> {
+        Ok(match self.store.get(Cf::Bidx, &ks::block_info_key(h))? {
+            Some(v) => {
+                BlockInfo::decode(&v)
+                    .map_err(|e| BlockError::Corrupt {
+                        hash: *h,
+                        reason: e.to_string(),
+                    })?
+                    .evicted
+            }
+            None => false,
+        })
+    }
+
+    /// Make block `h` quick to read soon: into the cache if it is here, fetched in the
+    /// background if it is evicted. For readahead: never waits on a replica.
+    pub fn warm(&self, h: &Hash, len: u32) -> Result<(), BlockError> {
+        if self.cache.contains(h) {
+            return Ok(());
+        }
+        match super::read_stored(&self.store, h, len) {
+            Ok(d) => {
+                self.cache.insert(*h, Arc::new(d));
+                Ok(())
+            }
+            Err(BlockError::Missing { hash }) => match self.tiering.get() {
+                Some(t) if self.evicted(h)? => {
+                    t.prefetch(h, len);
+                    Ok(())
+                }
+                _ => Err(BlockError::Missing { hash }),
+            },
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -304,6 +304,8 @@ impl Fs {
         s.inflight += 1;
         s.inflight_bytes += flight_bytes;
         drop(s);
+        // Over the cache size while replicas take what was written: go at their pace.
+        self.wait_for_room();
         let prepared = self.prepare(&taken);
         let mut s = lock(&st.inner);
         let r = prepared.and_then(|(p, ahead)| self.commit(st.ino, &mut s, &taken, p, ahead));
@@ -386,6 +388,15 @@ impl Fs {
             blocks::settle_flush(&self.store, a, if res.is_ok() { &named[..] } else { &[] });
         }
         res?;
+        if let Some(t) = self.tier() {
+            // At most this much is new here (less where blocks were stored already).
+            let bytes = current
+                .iter()
+                .filter_map(|(_, p)| p.as_ref())
+                .map(|p| p.encoded.value.len() as u64)
+                .sum();
+            t.gate.added(bytes);
+        }
         s.epoch += 1;
         let done = current.len() as u64 * bs;
         self.dirty_total.fetch_sub(done, Ordering::Relaxed);
@@ -490,7 +501,7 @@ pub(super) fn replace_block(
     }
     match new {
         NewBlock::Prepared(p, ahead) => blocks::add_ref(t, p, ahead)?,
-        NewBlock::Shared(e) => blocks::add_shared_ref(t, &e.hash)?,
+        NewBlock::Shared(e) => blocks::add_copy_ref(t, &e.hash)?,
         NewBlock::Hole => {}
     }
     match ent {

@@ -91,6 +91,10 @@ impl From<BlockError> for FsError {
                 key: ks::describe_key(&ks::block_key(&hash)),
                 reason: "block missing".into(),
             },
+            BlockError::Unavailable { hash, reason } => FsError::Corrupt {
+                key: ks::describe_key(&ks::block_key(&hash)),
+                reason: format!("evicted, not fetched: {reason}"),
+            },
         }
     }
 }
@@ -206,6 +210,8 @@ pub struct Fs {
     /// The one way to block content: cache of verified blocks, single-flight reads.
     blocks: Arc<blocks::reader::BlockReader>,
     prefetch: blocks::prefetch::Prefetcher,
+    /// Tiering, when the mount keeps a cache size: writers wait at its gate.
+    tier: std::sync::OnceLock<Arc<crate::tier::Tier>>,
     handles: Mutex<Handles>,
     dirty_total: AtomicU64,
     /// When this mount's operations last committed (ms since `started`).
@@ -251,6 +257,7 @@ impl Fs {
             files: Mutex::new(HashMap::new()),
             blocks: reader,
             prefetch,
+            tier: std::sync::OnceLock::new(),
             handles: Mutex::new(Handles {
                 next: 1,
                 ..Default::default()
@@ -263,6 +270,44 @@ impl Fs {
 
     pub fn store(&self) -> &KvStore {
         &self.store
+    }
+
+    /// The store, shared (for the threads that work beside the filesystem).
+    pub fn store_arc(&self) -> Arc<KvStore> {
+        self.store.clone()
+    }
+
+    /// Install tiering: evicted blocks come back through `hook`; writers wait at `tier`'s
+    /// gate while it makes room.
+    pub fn set_tiering(
+        &self,
+        hook: Arc<dyn blocks::reader::Tiering>,
+        tier: Arc<crate::tier::Tier>,
+    ) {
+        self.blocks.set_tiering(hook);
+        let _ = self.tier.set(tier);
+    }
+
+    /// The mount's tiering state, if installed.
+    pub fn tier(&self) -> Option<&Arc<crate::tier::Tier>> {
+        self.tier.get()
+    }
+
+    /// Pin (`up`) or unpin the subtree at `root` (`kvfs pin` through the control socket).
+    pub fn pin(&self, root: Ino, up: bool) -> Result<crate::tier::pin::PinReport> {
+        let hook = self
+            .blocks
+            .tiering()
+            .ok_or_else(|| FsError::Kv(KvError::Other("tiering is not set up".into())))?;
+        self.flush_all()?;
+        Ok(crate::tier::pin::pin(&self.store, &*hook, root, up)?)
+    }
+
+    /// How long a writer waits at the tiering gate for room, at most.
+    pub(crate) fn wait_for_room(&self) {
+        if let Some(t) = self.tier.get() {
+            t.gate.wait_room(std::time::Duration::from_secs(10));
+        }
     }
 
     pub fn block_size(&self) -> u64 {

@@ -38,10 +38,13 @@ pub enum Prefix {
     Log,
     Replica,
     Hold,
+    LastUse,
+    Unlogged,
+    Counter,
 }
 
 impl Prefix {
-    pub const ALL: [Prefix; 15] = [
+    pub const ALL: [Prefix; 18] = [
         Prefix::Meta,
         Prefix::Inode,
         Prefix::Dirent,
@@ -57,6 +60,9 @@ impl Prefix {
         Prefix::Log,
         Prefix::Replica,
         Prefix::Hold,
+        Prefix::LastUse,
+        Prefix::Unlogged,
+        Prefix::Counter,
     ];
 
     pub const fn byte(self) -> u8 {
@@ -76,6 +82,9 @@ impl Prefix {
             Prefix::Log => b'L',
             Prefix::Replica => b'R',
             Prefix::Hold => b'H',
+            Prefix::LastUse => b'A',
+            Prefix::Unlogged => b'U',
+            Prefix::Counter => b's',
         }
     }
 
@@ -91,7 +100,13 @@ impl Prefix {
             | Prefix::Replica => Cf::Meta,
             Prefix::Fmap => Cf::Fmap,
             Prefix::Block | Prefix::WrittenAhead => Cf::Blocks,
-            Prefix::BlockInfo | Prefix::Refcount | Prefix::BlockGarbage | Prefix::Hold => Cf::Bidx,
+            Prefix::BlockInfo
+            | Prefix::Refcount
+            | Prefix::BlockGarbage
+            | Prefix::Hold
+            | Prefix::LastUse
+            | Prefix::Unlogged
+            | Prefix::Counter => Cf::Bidx,
         }
     }
 
@@ -112,6 +127,9 @@ impl Prefix {
             Prefix::Log => "log-part",
             Prefix::Replica => "replica",
             Prefix::Hold => "hold",
+            Prefix::LastUse => "last-use",
+            Prefix::Unlogged => "unlogged-ref",
+            Prefix::Counter => "counter",
         }
     }
 
@@ -170,6 +188,10 @@ pub const META_NEXT_INO: &[u8] = b"Mnext_ino";
 pub const META_LOG_HEAD: &[u8] = b"Mlog";
 /// On a replica store: whose filesystem it follows and what it has applied.
 pub const META_REPLICA: &[u8] = b"Mreplica";
+/// Settings kept in the store (`kvfs config`).
+pub const META_CONFIG: &[u8] = b"Mconfig";
+/// The roots of pinned subtrees (`kvfs pin`).
+pub const META_PINS: &[u8] = b"Mpins";
 
 fn with_ino(p: Prefix, ino: Ino, extra: usize) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + extra);
@@ -410,7 +432,42 @@ pub fn written_ahead_key(h: &Hash) -> Vec<u8> {
     with_hash(Prefix::WrittenAhead, h, 0)
 }
 
-/// The hash inside a `B`, `b`, `r`, `G` or `W` key.
+/// `A secs hash`: the last-use index, ordered by when each resident block was last used.
+pub fn last_use_key(secs: u32, h: &Hash) -> Vec<u8> {
+    let mut k = Vec::with_capacity(37);
+    k.push(Prefix::LastUse.byte());
+    k.extend_from_slice(&secs.to_be_bytes());
+    k.extend_from_slice(h);
+    k
+}
+
+/// The use time and block of an `A` key.
+pub fn parse_last_use_key(k: &[u8]) -> Option<(u32, Hash)> {
+    if k.len() != 37 || k[0] != Prefix::LastUse.byte() {
+        return None;
+    }
+    let secs = u32::from_be_bytes(k[1..5].try_into().ok()?);
+    Some((secs, Hash::try_from(&k[5..37]).ok()?))
+}
+
+/// `U hash`: a reference to the block not yet in the shipping log.
+pub fn unlogged_key(h: &Hash) -> Vec<u8> {
+    with_hash(Prefix::Unlogged, h, 0)
+}
+
+/// `s name`: a store-wide counter (merge operands summed).
+pub fn counter_key(name: &str) -> Vec<u8> {
+    let mut k = vec![Prefix::Counter.byte()];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Stored bytes of the blocks whose content is here.
+pub const COUNTER_RESIDENT: &str = "resident";
+/// Stored bytes of the blocks evicted (their content on replicas only).
+pub const COUNTER_EVICTED: &str = "evicted";
+
+/// The hash inside a `B`, `b`, `r`, `G`, `W` or `U` key.
 pub fn key_hash(key: &[u8]) -> Option<Hash> {
     key.get(1..33).and_then(|b| Hash::try_from(b).ok())
 }
@@ -453,7 +510,8 @@ pub fn describe_key(key: &[u8]) -> String {
             | Prefix::BlockInfo
             | Prefix::Refcount
             | Prefix::BlockGarbage
-            | Prefix::WrittenAhead,
+            | Prefix::WrittenAhead
+            | Prefix::Unlogged,
         ) if key.len() >= 33 => {
             format!(
                 "{} {}{}",
@@ -466,6 +524,10 @@ pub fn describe_key(key: &[u8]) -> String {
                 }
             )
         }
+        Some(Prefix::LastUse) => match parse_last_use_key(key) {
+            Some((secs, h)) => format!("A {secs} {}", hex(&h)),
+            None => format!("A {}", hex(&key[1..])),
+        },
         _ => format!("{:?}", String::from_utf8_lossy(key)),
     }
 }

@@ -10,11 +10,11 @@ use crate::util::Timestamp;
 
 /// The on-disk format this build writes. A store of another major is refused at open, except
 /// format 1 stores, which this build upgrades in place (see keyspace.md, "Upgrades").
-pub const FORMAT_MAJOR: u32 = 3;
+pub const FORMAT_MAJOR: u32 = 4;
 pub const FORMAT_MINOR: u32 = 0;
 pub const FORMAT_PATCH: u32 = 0;
 /// Older majors this build reads and upgrades.
-pub const UPGRADABLE_MAJORS: &[u32] = &[1, 2];
+pub const UPGRADABLE_MAJORS: &[u32] = &[1, 2, 3];
 
 /// Hash algorithm ids for [`FormatRecord::hash`].
 pub const HASH_SHA256: u8 = 1;
@@ -52,6 +52,12 @@ fn err(what: &'static str, reason: impl Into<String>) -> DecodeError {
 pub struct EncodeError {
     pub what: &'static str,
     pub reason: String,
+}
+
+impl From<DecodeError> for crate::kv::KvError {
+    fn from(e: DecodeError) -> Self {
+        crate::kv::KvError::Other(e.to_string())
+    }
 }
 
 impl From<EncodeError> for crate::kv::KvError {
@@ -303,23 +309,56 @@ impl FmapEntry {
     }
 }
 
-/// `b hash`: facts about a stored block (small, so existence checks stay cheap).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `b hash`: facts about a block (small, so existence checks stay cheap). Version tag 2;
+/// tag 1 ([`BlockInfoV1`], the first three fields) reads as resident, used at 0, logged at 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockInfo {
     /// Plain content length.
     pub len: u32,
-    /// Bytes of the whole stored `B` value.
+    /// Bytes of the whole stored `B` value (the last one stored, when evicted).
     pub stored: u32,
     /// Compression used (`COMP_*`), plus 0x80 when the block carries parity.
+    pub encoding: u8,
+    /// When it was last used (Unix seconds, coarse): its `A` key while resident.
+    pub used: u32,
+    /// The latest log group that named it after a new reference (0: none since the store
+    /// began logging; the replicas' base groups cover those).
+    pub logged: u64,
+    /// Its content is not here (`B` absent): replicas hold it.
+    pub evicted: bool,
+    /// Pinned subtrees naming it (`kvfs pin`): while above 0 it has no `A` key and is never
+    /// evicted.
+    pub pins: u32,
+}
+
+/// The tag-1 `b` record (formats 1 to 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockInfoV1 {
+    pub len: u32,
+    pub stored: u32,
     pub encoding: u8,
 }
 
 impl BlockInfo {
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        encode_v1(self)
+        encode_tagged(2, self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        decode_v1("block info", b)
+        const WHAT: &str = "block info";
+        match b.split_first() {
+            Some((2, body)) => decode_body(WHAT, body),
+            Some((1, body)) => {
+                let v: BlockInfoV1 = decode_body(WHAT, body)?;
+                Ok(BlockInfo {
+                    len: v.len,
+                    stored: v.stored,
+                    encoding: v.encoding,
+                    ..Default::default()
+                })
+            }
+            None => Err(err(WHAT, "empty value")),
+            Some((t, _)) => Err(err(WHAT, format!("unknown version tag {t}"))),
+        }
     }
 }
 

@@ -122,6 +122,11 @@ pub trait Txn {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<Pair>, KvError>;
+    /// Whether a change tracker records this transaction's writes (the store has replicas):
+    /// writers then mark what the log must still carry.
+    fn logs_changes(&self) -> bool {
+        false
+    }
 }
 
 /// The [`Txn`] methods of a read-only snapshot: untracked reads are its plain reads, and every
@@ -333,6 +338,9 @@ impl Txn for Tracked<'_> {
         limit: usize,
     ) -> Result<Vec<Pair>, KvError> {
         self.inner.scan(cf, start, end, limit)
+    }
+    fn logs_changes(&self) -> bool {
+        self.tracker.is_some()
     }
 }
 

@@ -18,7 +18,7 @@ use super::{
     Change, ChangeMarker, LogHead, LogPart, ReplicaError, ReplicaRecord, PAGE,
 };
 use crate::blocks;
-use crate::keyspace::records::FmapEntry;
+use crate::keyspace::records::{BlockInfo, FmapEntry};
 use crate::keyspace::{self as ks, Hash, Prefix};
 use crate::kv::{Cf, KvError, KvStore, Txn};
 use crate::util::Timestamp;
@@ -39,6 +39,9 @@ struct Collected {
     changes: Vec<Change>,
     /// Blocks the group's map entries name, with multiplicity.
     hashes: Vec<Hash>,
+    /// Blocks whose `U` mark this snapshot holds, with the mark's token: the group carries
+    /// their new references.
+    unlogged: Vec<(Hash, Vec<u8>)>,
     /// Replicas whose first group this is.
     base_for: Vec<String>,
     replicas: usize,
@@ -93,6 +96,14 @@ fn collect(s: &mut dyn Txn, markers_from: &[u8]) -> Result<Collected, ReplicaErr
         c.markers.push(k);
         Ok(())
     })?;
+    let unlogged = Prefix::Unlogged.byte();
+    for (cf, key) in &keys {
+        if *cf == Cf::Bidx.index() as u8 && key.first() == Some(&unlogged) {
+            if let (Some(h), Some(tok)) = (ks::key_hash(key), s.get(Cf::Bidx, key)?) {
+                c.unlogged.push((h, tok));
+            }
+        }
+    }
     if c.replicas == 0 {
         return Ok(c);
     }
@@ -201,6 +212,7 @@ fn commit(store: &KvStore, c: &Collected) -> Result<Outcome, ReplicaError> {
         for m in &c.markers {
             t.delete(Cf::Meta, m)?;
         }
+        settle_unlogged(t, &c.unlogged, Some(seq))?;
         for name in &c.base_for {
             let key = replica_key(name);
             let Some(v) = t.get(Cf::Meta, &key)? else {
@@ -218,6 +230,33 @@ fn commit(store: &KvStore, c: &Collected) -> Result<Outcome, ReplicaError> {
         t.put(Cf::Meta, ks::META_LOG_HEAD, &new_head.encode()?)?;
         Ok(Outcome::Logged(seq))
     })
+}
+
+/// The group `seq` carries the new references the marks in `unlogged` stood for: each mark
+/// still holding the token seen goes (a later one stays for the next group) and the block
+/// records the group, which its replicas must have applied before it may be evicted. Without
+/// a group (no replica), the marks just go.
+fn settle_unlogged(
+    t: &mut dyn Txn,
+    unlogged: &[(Hash, Vec<u8>)],
+    seq: Option<u64>,
+) -> Result<(), ReplicaError> {
+    for (h, tok) in unlogged {
+        let key = ks::unlogged_key(h);
+        if t.get(Cf::Bidx, &key)?.as_ref() == Some(tok) {
+            t.delete(Cf::Bidx, &key)?;
+        }
+        let Some(seq) = seq else { continue };
+        let ik = ks::block_info_key(h);
+        if let Some(raw) = t.get(Cf::Bidx, &ik)? {
+            let mut info = BlockInfo::decode(&raw)?;
+            if info.logged < seq {
+                info.logged = seq;
+                t.put(Cf::Bidx, &ik, &info.encode()?)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One logger round: turn the markers present now into a group. Returns the group's seq, or
@@ -263,6 +302,9 @@ fn round_from(store: &KvStore, markers_from: &[u8]) -> Result<Option<u64>, Repli
                     chunk.iter().try_for_each(|m| t.delete(Cf::Meta, m))?;
                     Ok::<_, KvError>(())
                 })?;
+            }
+            for chunk in c.unlogged.chunks(PAGE) {
+                store.transact(|t| settle_unlogged(t, chunk, None))?;
             }
             return Ok(None);
         }

@@ -275,7 +275,9 @@ pub struct Changes {
 
 impl ChangeTracker for Changes {
     fn wants(&self, cf: Cf, key: &[u8]) -> bool {
-        shippable(cf, key)
+        // `U` keys are not shipped; listed in the marker, they tell the logger which blocks
+        // gained references that its group now carries (see `log`).
+        shippable(cf, key) || (cf == Cf::Bidx && key.first() == Some(&Prefix::Unlogged.byte()))
     }
 
     fn marker(&self, keys: &[(Cf, Vec<u8>)]) -> Result<(Cf, Vec<u8>, Vec<u8>), KvError> {

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 
 use super::apply;
 use super::transport::Duplex;
-use super::wire::{self, Msg, WireError, MAX_HAVE, PROTO_MAX, PROTO_MIN};
+use super::wire::{self, Msg, WireError, MAX_FETCH, MAX_HAVE, PROTO_FETCH, PROTO_MAX, PROTO_MIN};
 use super::{chain, Change, ReplicaError};
 use crate::blocks::{self, encode::Codec, Prepared};
 use crate::keyspace::records::FormatRecord;
 use crate::keyspace::{self as ks, Hash};
-use crate::kv::KvStore;
+use crate::kv::{Cf, KvStore};
 use crate::store::{self, FormatOptions};
 
 /// Received block bytes kept in memory before they are stored (held) without waiting for the
@@ -268,6 +268,18 @@ impl Server {
                                 chain: claimed,
                             },
                         )?;
+                    }
+                }
+                Msg::Fetch { hashes } if proto >= PROTO_FETCH => {
+                    if hashes.len() > MAX_FETCH {
+                        return Err(refuse(format!("{} hashes in one fetch", hashes.len())));
+                    }
+                    for hash in hashes {
+                        let m = match st.kv.get(Cf::Blocks, &ks::block_key(&hash))? {
+                            Some(value) => Msg::Content { hash, value },
+                            None => Msg::NotHeld { hash },
+                        };
+                        wire::send(io, &m)?;
                     }
                 }
                 Msg::Bye => return Ok(()),

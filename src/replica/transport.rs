@@ -194,6 +194,22 @@ pub fn ssh_argv(host: &str, port: Option<u16>, path: &str) -> Vec<String> {
     argv
 }
 
+/// How long a TCP connection attempt may take (a host that drops packets would otherwise
+/// hold the caller for minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn connect_tcp(addr: &str) -> std::io::Result<std::net::TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for a in addr.to_socket_addrs()? {
+        match std::net::TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Connect to `url`. `fingerprint` pins the replica's certificate over TCP.
 pub fn connect(
     url: &str,
@@ -208,7 +224,7 @@ pub fn connect(
                 url: url.into(),
                 reason: "tcp:// needs the replica's --fingerprint".into(),
             })?;
-            let sock = std::net::TcpStream::connect(&addr).map_err(|source| ReplicaError::Io {
+            let sock = connect_tcp(&addr).map_err(|source| ReplicaError::Io {
                 what: format!("cannot connect to {addr}"),
                 source,
             })?;

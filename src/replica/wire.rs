@@ -17,7 +17,9 @@ use crate::util::Timestamp;
 /// Protocol versions this build speaks. The replica, answering the primary's range, picks the
 /// highest both speak or refuses.
 pub const PROTO_MIN: u32 = 1;
-pub const PROTO_MAX: u32 = 1;
+pub const PROTO_MAX: u32 = 2;
+/// The first version with `Fetch` (fetching evicted blocks back).
+pub const PROTO_FETCH: u32 = 2;
 
 /// Largest frame body: a block of the largest block size (4 MiB) with room to spare; a
 /// group's stored parts are cut at 1 MiB.
@@ -86,7 +88,22 @@ pub enum Msg {
         base: Hash,
         chunks: Vec<Option<ByteBuf>>,
     },
+    /// Fetcher (version 2): send me these blocks' stored values (at most [`MAX_FETCH`]).
+    Fetch { hashes: Vec<Hash> },
+    /// One answer per hash of a `Fetch`, in order: the block's stored `B` value (keyspace.md,
+    /// block encodings); the fetcher decodes it and checks the content's SHA-256 against
+    /// `hash` before using or storing anything.
+    Content {
+        hash: Hash,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// One answer per hash of a `Fetch`: this store does not hold it.
+    NotHeld { hash: Hash },
 }
+
+/// Hashes per `Fetch` request.
+pub const MAX_FETCH: usize = 256;
 
 /// Chunk size of deltas: writes are usually page-aligned.
 pub const CHUNK: usize = 4096;
@@ -216,6 +233,9 @@ pub fn name(m: &Msg) -> &'static str {
         Msg::Sums { .. } => "Sums",
         Msg::SumsReply { .. } => "SumsReply",
         Msg::Delta { .. } => "Delta",
+        Msg::Fetch { .. } => "Fetch",
+        Msg::Content { .. } => "Content",
+        Msg::NotHeld { .. } => "NotHeld",
     }
 }
 

@@ -14,4 +14,5 @@ mod posix;
 mod ranges;
 mod replica;
 mod replica_faults;
+mod tier;
 mod tools;

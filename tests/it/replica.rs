@@ -313,6 +313,57 @@ pub(crate) fn server_pid(replica: &Path) -> Option<i32> {
     None
 }
 
+/// A `kvfs serve --listen` child serving `replica` to the primary `store`; killed when
+/// dropped.
+pub(crate) struct TcpServer {
+    child: std::process::Child,
+    pub fp: String,
+    pub addr: String,
+}
+
+impl TcpServer {
+    pub(crate) fn start(replica: &Path, store: &Path, listen: &str) -> TcpServer {
+        let primary_fp = ok(&[OsStr::new("fingerprint"), store.as_os_str()]);
+        let mut child = Command::new(KVFS)
+            .args([
+                OsStr::new("serve"),
+                replica.as_os_str(),
+                OsStr::new("--listen"),
+                OsStr::new(listen),
+                OsStr::new("--allow"),
+                OsStr::new(primary_fp.trim()),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let fp = lines.next().unwrap().unwrap();
+        let addr = lines.next().unwrap().unwrap();
+        TcpServer {
+            child,
+            fp: fp.strip_prefix("fingerprint ").unwrap().to_string(),
+            addr: addr.strip_prefix("listening on ").unwrap().to_string(),
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
+
+    /// Kill it now (SIGKILL) and wait for it.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 #[test]
 fn over_tcp_tls_with_pinned_fingerprints_and_refusals() {
     let Some(mut m) = common::mount() else {
@@ -320,34 +371,8 @@ fn over_tcp_tls_with_pinned_fingerprints_and_refusals() {
     };
     populate(&m.mnt);
     let replica = replica_dir(&m);
-    let primary_fp = ok(&[OsStr::new("fingerprint"), m.store.as_os_str()]);
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut server = Command::new(KVFS)
-        .args([
-            OsStr::new("serve"),
-            replica.as_os_str(),
-            OsStr::new("--listen"),
-            OsStr::new("127.0.0.1:0"),
-            OsStr::new("--allow"),
-            OsStr::new(primary_fp.trim()),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let server = Server(server);
-    let fp = lines.next().unwrap().unwrap();
-    let addr = lines.next().unwrap().unwrap();
-    let fp = fp.strip_prefix("fingerprint ").unwrap().to_string();
-    let addr = addr.strip_prefix("listening on ").unwrap().to_string();
-    let url = format!("tcp://{addr}");
+    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
+    let (fp, url) = (server.fp.clone(), server.url());
 
     // A wrong pin is refused before anything is sent.
     add(

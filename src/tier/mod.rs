@@ -1,0 +1,389 @@
+//! Tiering: a store keeps at most `cache_size` bytes of block content on its own disk. The
+//! coldest blocks that enough replicas hold are evicted (their `b` record stays, marked
+//! evicted); a read of one fetches it back by hash ([`fetch`]). keyspace.md, "Tiering", has
+//! the rule that makes eviction safe; [`evictable`] is that rule.
+
+pub mod config;
+pub mod fetch;
+pub mod pin;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::blocks::resident;
+use crate::keyspace::records::BlockInfo;
+use crate::keyspace::{self as ks, Hash, Prefix};
+use crate::kv::{Cf, KvError, KvStore, Txn};
+use crate::replica::{replica_key, ReplicaRecord};
+use crate::util::lock;
+
+/// Eviction brings the resident bytes this far under the limit, so that it runs in batches
+/// rather than after every flush.
+const HEADROOM: u64 = 20;
+
+/// How many replicas hold block `info` by what they acknowledged: those whose first (base)
+/// group and the latest group that named the block after a new reference are both applied.
+/// A `U` mark (a reference no group carries yet) means none can be counted on.
+pub fn copies(info: &BlockInfo, replicas: &[ReplicaRecord]) -> u32 {
+    replicas
+        .iter()
+        .filter(|r| r.base.is_some_and(|b| r.acked >= b.max(info.logged)))
+        .count() as u32
+}
+
+/// Whether block `h` (record `info`) may be evicted now, read in `t` with tracking: resident,
+/// not pinned, no reference the log does not carry yet, and held by `min_copies` replicas.
+pub fn evictable(
+    t: &mut dyn Txn,
+    h: &Hash,
+    info: &BlockInfo,
+    replicas: &[ReplicaRecord],
+    min_copies: u32,
+) -> Result<bool, KvError> {
+    if info.evicted || info.pins > 0 {
+        return Ok(false);
+    }
+    if t.get(Cf::Bidx, &ks::unlogged_key(h))?.is_some() {
+        return Ok(false);
+    }
+    Ok(copies(info, replicas) >= min_copies.max(1))
+}
+
+/// The replica records, each read with tracking (a replica that starts over drops what it
+/// acknowledged: an eviction decided on the old record must then retry).
+fn replica_records(t: &mut dyn Txn) -> Result<Vec<ReplicaRecord>, KvError> {
+    let (a, b) = Prefix::Replica.range();
+    let mut out = Vec::new();
+    for (k, _) in t.scan(Cf::Meta, &a, &b, usize::MAX)? {
+        let name = String::from_utf8_lossy(&k[1..]).into_owned();
+        if let Some(v) = t.get(Cf::Meta, &replica_key(&name))? {
+            out.push(ReplicaRecord::decode(&v)?);
+        }
+    }
+    Ok(out)
+}
+
+/// What an eviction pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Candidates looked at and kept (not yet replicated, pinned, or newly referenced).
+    pub kept: u64,
+}
+
+/// Evict the coldest evictable blocks until `want` stored bytes are gone or the index is
+/// exhausted: pages of the last-use index in key order, each page one transaction.
+pub fn evict(store: &KvStore, min_copies: u32, want: u64) -> Result<Evicted, KvError> {
+    let (start, end) = Prefix::LastUse.range();
+    let mut from = start;
+    let mut done = Evicted::default();
+    while done.bytes < want {
+        let page = store.read(|s| s.scan(Cf::Bidx, &from, &end, 256))?;
+        let Some((last, _)) = page.last() else { break };
+        from = last.clone();
+        from.push(0);
+        let step = store.transact(|t| {
+            let reps = replica_records(t)?;
+            let mut step = Evicted::default();
+            for (k, _) in &page {
+                if done.bytes + step.bytes >= want {
+                    break;
+                }
+                let Some((secs, h)) = ks::parse_last_use_key(k) else {
+                    continue;
+                };
+                let ik = ks::block_info_key(&h);
+                let Some(raw) = t.get(Cf::Bidx, &ik)? else {
+                    continue;
+                };
+                let mut info = BlockInfo::decode(&raw)?;
+                if info.used != secs || !evictable(t, &h, &info, &reps, min_copies)? {
+                    step.kept += 1;
+                    continue;
+                }
+                resident::evict(t, &h, &mut info)?;
+                step.blocks += 1;
+                step.bytes += info.stored as u64;
+            }
+            Ok::<_, KvError>(step)
+        })?;
+        done.blocks += step.blocks;
+        done.bytes += step.bytes;
+        done.kept += step.kept;
+    }
+    Ok(done)
+}
+
+/// Uses of blocks seen by readers, gathered in memory and written to the last-use index now
+/// and then ([`Touches::flush`]): a read costs no write.
+#[derive(Default)]
+pub struct Touches {
+    seen: Mutex<HashMap<Hash, u32>>,
+    /// Block reads seen (cache hits included), for the hit ratio.
+    pub reads: AtomicU64,
+}
+
+/// A use is recorded at this granularity (seconds): a block read again within it is not
+/// moved in the index again.
+const TOUCH_GRAIN: u32 = 60;
+
+impl Touches {
+    pub fn note(&self, h: &Hash) {
+        let now = resident::now_secs() / TOUCH_GRAIN * TOUCH_GRAIN;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        lock(&self.seen).insert(*h, now);
+    }
+
+    /// Move the blocks used since the last flush in the index. Returns how many moved.
+    pub fn flush(&self, store: &KvStore) -> Result<u64, KvError> {
+        let seen: Vec<(Hash, u32)> = std::mem::take(&mut *lock(&self.seen)).into_iter().collect();
+        let mut moved = 0;
+        for chunk in seen.chunks(512) {
+            moved += store.transact(|t| {
+                let mut n = 0;
+                for (h, secs) in chunk {
+                    n += resident::touch(t, h, *secs)? as u64;
+                }
+                Ok::<_, KvError>(n)
+            })?;
+        }
+        Ok(moved)
+    }
+}
+
+/// Holds writers back while the resident bytes are over the limit and eviction is making
+/// room (replicas taking what was written): a writer then goes at the replicas' pace instead
+/// of filling the disk. Between the tiering thread's rounds, the bytes flushed since count
+/// too, so a fast writer cannot run far past the limit in the meantime. When no room comes
+/// (replicas down or behind), writers go on and the store grows: unreplicated data is never
+/// evicted.
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// 0: no limit.
+    limit: u64,
+    /// Resident bytes at the last round, and bytes flushed since.
+    base: u64,
+    added: u64,
+    stalled: bool,
+}
+
+impl GateState {
+    fn closed(&self) -> bool {
+        self.limit > 0 && !self.stalled && self.base + self.added > self.limit
+    }
+}
+
+impl Gate {
+    /// A round's reading: the resident bytes now and whether eviction stalled.
+    pub fn update(&self, limit: Option<u64>, resident: u64, stalled: bool) {
+        let mut g = lock(&self.state);
+        g.limit = limit.unwrap_or(0);
+        g.base = resident;
+        g.added = 0;
+        g.stalled = stalled;
+        self.room.notify_all();
+    }
+
+    /// A flush stored about this many new bytes.
+    pub fn added(&self, bytes: u64) {
+        lock(&self.state).added += bytes;
+    }
+
+    /// Whether writers are held now.
+    pub fn closed(&self) -> bool {
+        lock(&self.state).closed()
+    }
+
+    /// Wait while over the limit, at most `max`.
+    pub fn wait_room(&self, max: Duration) {
+        let t0 = Instant::now();
+        let mut g = lock(&self.state);
+        while g.closed() {
+            let left = max.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                return;
+            }
+            g = self
+                .room
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A mount's tiering state: the settings, the uses not yet written, the writers' gate.
+pub struct Tier {
+    pub settings: Mutex<config::TierSettings>,
+    /// The mount's own settings (they override the store's).
+    pub mount_settings: Vec<(String, String)>,
+    pub touches: Touches,
+    pub gate: Gate,
+    /// Set when the last passes found nothing to evict while over the limit.
+    pub stalled: AtomicBool,
+    /// Stored bytes evicted since their space was last given back by a compaction.
+    unreclaimed: AtomicU64,
+}
+
+/// Persisted counters of fetching (`status` reads them; the mount adds what it did).
+pub const COUNTER_FETCHED_BLOCKS: &str = "fetched_blocks";
+pub const COUNTER_FETCHED_BYTES: &str = "fetched_bytes";
+pub const COUNTER_FETCH_FAILURES: &str = "fetch_failures";
+pub const COUNTER_BLOCK_READS: &str = "block_reads";
+
+impl Tier {
+    pub fn new(settings: config::TierSettings, mount_settings: Vec<(String, String)>) -> Tier {
+        Tier {
+            settings: Mutex::new(settings),
+            mount_settings,
+            touches: Touches::default(),
+            gate: Gate::default(),
+            stalled: AtomicBool::new(false),
+            unreclaimed: AtomicU64::new(0),
+        }
+    }
+
+    /// One round of the mount's tiering thread: write the uses seen, and evict when over the
+    /// limit. Returns the bytes evicted.
+    pub fn round(&self, store: &KvStore, stalled_rounds: &mut u32) -> Result<u64, KvError> {
+        self.touches.flush(store)?;
+        let settings = *lock(&self.settings);
+        let Some(cache_size) = settings.cache_size else {
+            self.gate.update(None, 0, false);
+            return Ok(0);
+        };
+        let resident = resident::totals(store)?.resident;
+        if resident <= cache_size {
+            *stalled_rounds = 0;
+            self.stalled.store(false, Ordering::Relaxed);
+            self.gate.update(Some(cache_size), resident, false);
+            return Ok(0);
+        }
+        let target = cache_size - cache_size / HEADROOM;
+        let e = evict(store, settings.min_copies, resident - target)?;
+        self.unreclaimed.fetch_add(e.bytes, Ordering::Relaxed);
+        let now = resident::totals(store)?.resident;
+        if e.bytes == 0 {
+            *stalled_rounds += 1;
+        } else {
+            *stalled_rounds = 0;
+            tracing::debug!(
+                blocks = e.blocks,
+                bytes = e.bytes,
+                kept = e.kept,
+                resident = now,
+                "evicted"
+            );
+        }
+        // Ten rounds (about ten seconds) without anything to evict: the replicas are not
+        // taking the data; writers stop waiting for them.
+        let stalled = *stalled_rounds >= 10;
+        if stalled && !self.stalled.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                resident = now,
+                cache_size,
+                "over the cache size and nothing can be evicted: no replica holds the newest data yet; the store grows until they do"
+            );
+        }
+        if !stalled {
+            self.stalled.store(false, Ordering::Relaxed);
+        }
+        self.gate.update(Some(cache_size), now, stalled);
+        Ok(e.bytes)
+    }
+}
+
+/// `kvfs config` on a mounted store: the store's settings change, and this mount's with them
+/// (its own `-o` settings still win). Returns the store's settings.
+pub fn configure(
+    store: &KvStore,
+    tier: &Tier,
+    changes: &[(String, String)],
+) -> Result<config::Settings, KvError> {
+    let stored = config::write(store, changes)?;
+    let now =
+        config::TierSettings::resolve(&stored, &tier.mount_settings.iter().cloned().collect())
+            .map_err(KvError::Other)?;
+    *lock(&tier.settings) = now;
+    Ok(stored)
+}
+
+/// Space of evicted blocks is given back by a compaction once this much was evicted (or a
+/// tenth of the blocks' files), as for freed blocks.
+const RECLAIM_AFTER: u64 = 256 << 20;
+
+/// The mount's tiering thread: every second, a [`Tier::round`] and the fetch counters into
+/// the store; at the end, the last uses.
+pub fn run(store: &KvStore, tier: &Tier, fetcher: &fetch::Fetcher, stop: &AtomicBool) {
+    let mut stalled = 0;
+    let mut last_err: Option<String> = None;
+    let mut reported = (0u64, 0u64, 0u64, 0u64);
+    let mut t = Instant::now() - Duration::from_secs(1);
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        // Every second; five times as often while writers wait for room.
+        let every = if tier.gate.closed() {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        };
+        if !stopping && t.elapsed() < every {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        t = Instant::now();
+        let r = tier.round(store, &mut stalled).and_then(|_| {
+            let st = fetcher.stats();
+            let now = (
+                st.blocks.load(Ordering::Relaxed),
+                st.bytes.load(Ordering::Relaxed),
+                st.failures.load(Ordering::Relaxed),
+                tier.touches.reads.load(Ordering::Relaxed),
+            );
+            if now != reported {
+                let d = [
+                    (COUNTER_FETCHED_BLOCKS, now.0 - reported.0),
+                    (COUNTER_FETCHED_BYTES, now.1 - reported.1),
+                    (COUNTER_FETCH_FAILURES, now.2 - reported.2),
+                    (COUNTER_BLOCK_READS, now.3 - reported.3),
+                ];
+                store.transact(|t| {
+                    for (name, n) in d {
+                        if n > 0 {
+                            t.merge(Cf::Bidx, &ks::counter_key(name), &(n as i64).to_le_bytes())?;
+                        }
+                    }
+                    Ok::<_, KvError>(())
+                })?;
+                reported = now;
+            }
+            let freed = tier.unreclaimed.load(Ordering::Relaxed);
+            if freed >= RECLAIM_AFTER.max(store.block_storage_bytes() / 10) {
+                tier.unreclaimed.store(0, Ordering::Relaxed);
+                tracing::info!(bytes = freed, "reclaiming the space of evicted blocks");
+                store.reclaim_freed_space()?;
+            }
+            Ok(())
+        });
+        match r {
+            Err(e) if last_err.as_deref() != Some(&e.to_string()) => {
+                tracing::error!(error = %e, "tiering round failed");
+                last_err = Some(e.to_string());
+            }
+            Err(_) => {}
+            Ok(()) => last_err = None,
+        }
+        if stopping {
+            return;
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Tiering through real processes: a mounted primary with a cache size ships to a `kvfs serve`
+//! child over loopback TCP with TLS, evicts what the replica acknowledged, and fetches it back
+//! when read; a replica killed during a cold read gives EIO within the timeout and the read
+//! works again once it is back; unreplicated data is never evicted; pins keep content here.
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::{self, pattern, Mounted};
+use crate::replica::{add, audit_clean, ok, replica_dir, status_json, sync, TcpServer};
+
+const MIB: u64 = 1 << 20;
+
+fn tiering(store: &Path) -> serde_json::Value {
+    status_json(store)["tiering"].clone()
+}
+
+fn num(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// Wait until the store's resident bytes are at most `limit`.
+fn wait_resident_under(store: &Path, limit: u64, secs: u64) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let t = tiering(store);
+        if num(&t, "resident_block_bytes") <= limit {
+            return t;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "resident bytes still over {limit} after {secs}s: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn read_back(m: &Mounted, name: &str, seed: u64, len: usize) {
+    let got = std::fs::read(m.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(got == pattern(seed, len), "{name} differs after fetching");
+}
+
+#[test]
+fn a_cache_size_is_kept_and_everything_reads_back_through_fetches() {
+    let Some(mut m) = common::mount_with("64K", "cache_size=64M") else {
+        return;
+    };
+    let replica = replica_dir(&m);
+    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
+    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
+    sync(&m.store);
+
+    // Sample the resident bytes while 256 MiB are written (8 files of 32 MiB).
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak, store) = (stop.clone(), peak.clone(), m.store.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = num(&tiering(&store), "resident_block_bytes");
+                peak.fetch_max(r, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    for i in 0..8u64 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(100 + i, 32 << 20)).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    // 64 MiB, and at most what one round of flushes adds before the evictor catches up (the
+    // write-back buffers' 32 MiB).
+    assert!(peak <= 96 * MIB, "resident peaked at {} MiB", peak / MIB);
+    sync(&m.store);
+    let t = wait_resident_under(&m.store, 64 * MIB, 30);
+    assert!(num(&t, "evicted_block_bytes") >= 150 * MIB, "{t}");
+    assert_eq!(
+        num(&t, "total_block_bytes"),
+        num(&t, "resident_block_bytes") + num(&t, "evicted_block_bytes"),
+        "{t}"
+    );
+
+    // Cold: every file reads back byte-exact, most of it fetched from the replica.
+    drop_caches();
+    for i in 0..8u64 {
+        read_back(&m, &format!("f{i}"), 100 + i, 32 << 20);
+    }
+    // The counters reach the store within a second or two.
+    std::thread::sleep(Duration::from_millis(2500));
+    let t = tiering(&m.store);
+    assert!(num(&t, "fetches") * 64 * 1024 >= 150 * MIB, "{t}");
+    assert_eq!(num(&t, "fetch_failures"), 0, "{t}");
+    m.unmount();
+    audit_clean(&m.store);
+    // The residency rules hold after the fetches (and eviction kept the cache size).
+    let t = tiering(&m.store);
+    assert!(num(&t, "resident_block_bytes") <= 96 * MIB, "{t}");
+    drop(server);
+    audit_clean(&replica);
+}
+
+#[test]
+fn unreplicated_data_is_never_evicted() {
+    let Some(mut m) = common::mount_with("64K", "cache_size=8M") else {
+        return;
+    };
+    // A replica that is never reachable: nothing it acknowledged, nothing evicted.
+    let replica = replica_dir(&m);
+    let mut server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
+    let (url, fp) = (server.url(), server.fp.clone());
+    server.kill();
+    add(&m, "gone", &url, &["--fingerprint", &fp]);
+    for i in 0..4u64 {
+        std::fs::write(m.path(&format!("f{i}")), pattern(i, 8 << 20)).unwrap();
+    }
+    // Two tiering rounds at least.
+    std::thread::sleep(Duration::from_secs(3));
+    let t = tiering(&m.store);
+    assert_eq!(num(&t, "evicted_blocks"), 0, "{t}");
+    assert!(num(&t, "resident_block_bytes") >= 32 * MIB, "{t}");
+    for i in 0..4u64 {
+        read_back(&m, &format!("f{i}"), i, 8 << 20);
+    }
+    // With min_copies=2 and one replica that has everything, still nothing goes.
+    m.unmount();
+    let server = TcpServer::start(&replica, &m.store, &url["tcp://".len()..]);
+    m.opts = "cache_size=8M,min_copies=2".into();
+    m.start();
+    sync(&m.store);
+    std::thread::sleep(Duration::from_secs(3));
+    let t = tiering(&m.store);
+    assert_eq!(num(&t, "evicted_blocks"), 0, "{t}");
+    // One copy is enough by default: the store's own setting, changed while mounted.
+    m.unmount();
+    m.opts = String::new();
+    m.start();
+    ok(&[
+        OsStr::new("config"),
+        m.store.as_os_str(),
+        OsStr::new("cache_size=8M"),
+    ]);
+    wait_resident_under(&m.store, 8 * MIB, 30);
+    m.unmount();
+    audit_clean(&m.store);
+    drop(server);
+}
+
+#[test]
+fn a_dead_replica_gives_eio_in_time_and_reads_work_again_when_it_returns() {
+    let Some(mut m) = common::mount_with("64K", "cache_size=16M,fetch_timeout=3") else {
+        return;
+    };
+    let replica = replica_dir(&m);
+    let mut server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
+    let addr = server.addr.clone();
+    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
+    std::fs::write(m.path("cold"), pattern(1, 48 << 20)).unwrap();
+    sync(&m.store);
+    wait_resident_under(&m.store, 16 * MIB, 30);
+    // Written now: resident (the newest data is not replicated yet, and is the hottest).
+    std::fs::write(m.path("hot"), pattern(2, 1 << 20)).unwrap();
+
+    server.kill();
+    m.errors_expected = true;
+    drop_caches();
+    let t0 = Instant::now();
+    let mut f = std::fs::File::open(m.path("cold")).unwrap();
+    let mut buf = vec![0u8; 48 << 20];
+    let r = f.read_exact(&mut buf);
+    let took = t0.elapsed();
+    assert_eq!(
+        r.as_ref().err().and_then(|e| e.raw_os_error()),
+        Some(libc::EIO),
+        "{r:?}"
+    );
+    drop(f);
+    assert!(took < Duration::from_secs(8), "EIO took {took:?}");
+    // A second miss fails at once while the replica is known down.
+    drop_caches();
+    let t1 = Instant::now();
+    assert!(std::fs::read(m.path("cold")).is_err());
+    assert!(t1.elapsed() < Duration::from_secs(2), "{:?}", t1.elapsed());
+    // What is resident still reads.
+    read_back(&m, "hot", 2, 1 << 20);
+    assert!(m.log().contains("could not be fetched"), "{}", m.log());
+
+    // The replica returns (same address): after the down period the read works again.
+    let _server = TcpServer::start(&replica, &m.store, &addr);
+    std::thread::sleep(Duration::from_secs(4));
+    drop_caches();
+    read_back(&m, "cold", 1, 48 << 20);
+    m.unmount();
+    audit_clean(&m.store);
+}
+
+#[test]
+fn a_pinned_subtree_stays_resident_and_unpinning_lets_it_go() {
+    let Some(mut m) = common::mount_with("64K", "cache_size=8M") else {
+        return;
+    };
+    let replica = replica_dir(&m);
+    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
+    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
+    std::fs::create_dir(m.path("thesis")).unwrap();
+    std::fs::write(m.path("thesis/draft"), pattern(5, 6 << 20)).unwrap();
+    std::fs::write(m.path("other"), pattern(6, 24 << 20)).unwrap();
+    sync(&m.store);
+    let t = wait_resident_under(&m.store, 8 * MIB, 30);
+    assert!(num(&t, "evicted_blocks") > 0, "{t}");
+
+    let out = ok(&[
+        OsStr::new("pin"),
+        m.store.as_os_str(),
+        m.path("thesis").as_os_str(),
+    ]);
+    assert!(out.contains("pinned"), "{out}");
+    let t = tiering(&m.store);
+    assert!(num(&t, "pinned_bytes") >= 6 * MIB, "{t}");
+    // Pinning twice is refused; the pinned content stays while the rest is read and evicted.
+    let again = crate::replica::kvfs(&[
+        OsStr::new("pin"),
+        m.store.as_os_str(),
+        m.path("thesis").as_os_str(),
+    ]);
+    assert!(!again.status.success());
+    drop_caches();
+    read_back(&m, "other", 6, 24 << 20);
+    std::thread::sleep(Duration::from_secs(3));
+    let t = tiering(&m.store);
+    assert!(num(&t, "pinned_bytes") >= 6 * MIB, "{t}");
+    // Offline, the pinned file still reads.
+    drop(server);
+    drop_caches();
+    read_back(&m, "thesis/draft", 5, 6 << 20);
+
+    ok(&[
+        OsStr::new("unpin"),
+        m.store.as_os_str(),
+        m.path("thesis").as_os_str(),
+    ]);
+    let t = tiering(&m.store);
+    assert_eq!(num(&t, "pinned_bytes"), 0, "{t}");
+    m.unmount();
+    audit_clean(&m.store);
+}
