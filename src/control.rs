@@ -125,7 +125,17 @@ fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
                 .collect();
             match fs.tier() {
                 Some(t) => match crate::tier::configure(fs.store(), t, &changes) {
-                    Ok(s) => format!("ok\n{}", crate::tier::config::render(&s)),
+                    Ok(s) => {
+                        let mut out = format!("ok\n{}", crate::tier::config::render(&s));
+                        for (k, v) in &t.mount_settings {
+                            if changes.iter().any(|(c, _)| c == k) {
+                                out.push_str(&format!(
+                                    "note: this mount's -o {k}={v} stays in force until it is mounted again\n"
+                                ));
+                            }
+                        }
+                        out
+                    }
                     Err(e) => format!("error: {e}\n"),
                 },
                 None => "error: this mount is read-only\n".to_string(),

@@ -309,7 +309,10 @@ pub fn run(
         )?);
     }
     let mut fetcher = None;
-    if !opts.read_only {
+    // KVFS_NO_TIERING=1: no last-use tracking, no fetching (tools/bench-tier measures what
+    // tracking costs resident reads against this).
+    let tiering = std::env::var_os("KVFS_NO_TIERING").is_none();
+    if !opts.read_only && tiering {
         let settings = crate::tier::config::TierSettings::resolve(
             &crate::tier::config::read(fs.store())?,
             &opts.tier.iter().cloned().collect(),
@@ -323,7 +326,7 @@ pub fn run(
             settings.fetch_timeout,
             tier.clone(),
         ));
-        fs.set_tiering(f.clone(), tier.clone());
+        fs.set_tiering(f.clone(), Some(tier.clone()));
         if let Some(size) = settings.cache_size {
             tracing::info!(
                 cache_size = size,

@@ -25,12 +25,15 @@ pub trait Tiering: Send + Sync {
     fn prefetch(&self, h: &Hash, len: u32);
     /// Block `h` was read.
     fn used(&self, h: &Hash);
+    /// Where fetched content goes besides the store (the reader's cache), so that a block
+    /// fetched ahead is read from memory, not looked up, decoded and checked again.
+    fn deliver_to(&self, _sink: Arc<BlockCache>) {}
 }
 
 pub struct BlockReader {
     store: Arc<KvStore>,
     tiering: std::sync::OnceLock<Arc<dyn Tiering>>,
-    cache: BlockCache,
+    cache: Arc<BlockCache>,
     /// Reads under way, by block: followers wait on the leader's result.
     flights: Mutex<HashMap<Hash, Arc<Flight>>>,
     /// Blocks read from the store (cache misses that were not followers).
@@ -68,7 +71,7 @@ impl BlockReader {
         BlockReader {
             store,
             tiering: std::sync::OnceLock::new(),
-            cache: BlockCache::new(cache_bytes),
+            cache: Arc::new(BlockCache::new(cache_bytes)),
             flights: Mutex::new(HashMap::new()),
             loads: AtomicU64::new(0),
         }
@@ -86,6 +89,7 @@ impl BlockReader {
 
     /// Install the tiering hook (once, before reads start).
     pub fn set_tiering(&self, t: Arc<dyn Tiering>) {
+        t.deliver_to(self.cache.clone());
         let _ = self.tiering.set(t);
     }
 

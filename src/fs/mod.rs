@@ -282,10 +282,12 @@ impl Fs {
     pub fn set_tiering(
         &self,
         hook: Arc<dyn blocks::reader::Tiering>,
-        tier: Arc<crate::tier::Tier>,
+        tier: Option<Arc<crate::tier::Tier>>,
     ) {
         self.blocks.set_tiering(hook);
-        let _ = self.tier.set(tier);
+        if let Some(t) = tier {
+            let _ = self.tier.set(t);
+        }
     }
 
     /// The mount's tiering state, if installed.

@@ -19,8 +19,10 @@ mod model;
 mod replicate;
 #[cfg(test)]
 mod tests;
+mod tier;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::audit::{audit, AuditOptions};
@@ -52,6 +54,10 @@ pub struct Stats {
     pub crashes: u64,
     /// Shipments to the replica that went through whole (and were compared).
     pub shipments: u64,
+    /// Blocks evicted from the primary (their content then read from the replica).
+    pub evicted: u64,
+    /// Evicted blocks read back through the simulated remote.
+    pub fetched: u64,
 }
 
 struct Sim {
@@ -80,10 +86,17 @@ struct Sim {
     replica: Option<replicate::SimReplica>,
     /// The "mount's" logger (one per mount: its scan positions follow its change tracker).
     logger: crate::replica::log::Logger,
+    /// Where evicted blocks come back from (the replica's engine), once there is one.
+    remote: Option<Arc<tier::SimRemote>>,
 }
 
 fn is_injected(e: &FsError) -> bool {
-    matches!(e, FsError::Kv(KvError::Other(m)) if m.contains("injected"))
+    match e {
+        FsError::Kv(KvError::Other(m)) => m.contains("injected"),
+        // A fetch of an evicted block that the simulated remote failed on purpose.
+        FsError::Corrupt { reason, .. } => reason.contains("injected fetch failure"),
+        _ => false,
+    }
 }
 
 impl Sim {
@@ -116,10 +129,18 @@ impl Sim {
             touched: Default::default(),
             replica: None,
             logger: Default::default(),
+            remote: None,
         };
         sim.init_replica(seed);
         sim.start();
         sim
+    }
+
+    /// Evicted blocks the simulated remote gave back so far.
+    fn fetched(&self) -> u64 {
+        self.remote
+            .as_ref()
+            .map_or(0, |r| r.fetched.load(Ordering::Relaxed))
     }
 
     fn fs(&self) -> &Fs {
@@ -157,6 +178,9 @@ impl Sim {
         );
         crate::replica::track_if_replicated(fs.store())
             .unwrap_or_else(|e| self.fail(format!("change tracking: {e}")));
+        if let Some(r) = &self.remote {
+            fs.set_tiering(r.clone(), None);
+        }
         self.logger = Default::default();
         gc::register(fs.store(), fs.mount_id())
             .unwrap_or_else(|e| self.fail(format!("register: {e}")));
@@ -167,6 +191,9 @@ impl Sim {
     }
 
     fn faults_off(&self) {
+        if let Some(r) = &self.remote {
+            r.faults.store(false, Ordering::Relaxed);
+        }
         let mut f = self.engine.faults();
         f.commit_error = 0;
         f.conflict = 0;
@@ -175,6 +202,9 @@ impl Sim {
     }
 
     fn faults_on(&self) {
+        if let Some(r) = &self.remote {
+            r.faults.store(true, Ordering::Relaxed);
+        }
         let mut f = self.engine.faults();
         f.commit_error = self.faults.0;
         f.conflict = self.faults.1;
@@ -706,6 +736,8 @@ pub fn run(first: u64, seeds: u64, ops: u64, faults: (u32, u32)) -> Stats {
         total.failed_ops += sim.stats.failed_ops;
         total.crashes += sim.stats.crashes;
         total.shipments += sim.stats.shipments;
+        total.evicted += sim.stats.evicted;
+        total.fetched += sim.fetched();
     }
     total
 }

@@ -71,6 +71,11 @@ impl Sim {
         apply::init_state(&kv).expect("replica state");
         let primary = KvStore::with_engine(Arc::new(self.engine.clone()));
         replica::add(&primary, NAME, "exec:simulated", None).expect("replica add");
+        self.remote = Some(Arc::new(super::tier::SimRemote::new(
+            &self.engine,
+            &engine,
+            seed ^ 0xfe7c,
+        )));
         self.replica = Some(SimReplica { engine });
     }
 
@@ -191,8 +196,12 @@ impl Sim {
         if !report.problems.is_empty() {
             self.fail(format!("replica audit after replicate:\n{report}"));
         }
+        self.check_evicted_held("after a shipment");
         self.replica_faults(true);
         self.faults_on();
         self.stats.shipments += compared as u64;
+        if self.rng.pct(50) {
+            self.evict_all();
+        }
     }
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::Tier;
+use crate::blocks::cache::BlockCache;
 use crate::blocks::encode::{self, Check};
 use crate::blocks::reader::Tiering;
 use crate::blocks::{resident, BlockError};
@@ -33,6 +34,8 @@ use crate::util::lock;
 
 /// Blocks per request to a replica.
 const BATCH: usize = 32;
+/// Stored bytes the keeper commits in one transaction at most.
+const KEEP_BYTES: usize = 8 << 20;
 /// Workers (each with its own connection per replica): batches in flight at once.
 const WORKERS: usize = 4;
 /// How long a replica that failed is left alone before it is tried again.
@@ -40,6 +43,17 @@ pub const DOWN_FOR: Duration = Duration::from_secs(3);
 
 /// A block a replica gave: its name, the verified `B` value to store, and its content.
 type Got = (Hash, Vec<u8>, Vec<u8>);
+
+/// A replica to ask: name, URL, pinned fingerprint.
+type Candidate = (String, String, Option<String>);
+/// The replicas to ask, or why there is none.
+type Candidates = Result<Vec<Candidate>, String>;
+/// Fetched `B` values to store, by block.
+type Values = Vec<(Hash, Vec<u8>)>;
+
+/// The replicas' records are read again after this long (a replica added, removed or
+/// starting over is seen within it).
+const CANDIDATES_FOR: Duration = Duration::from_secs(1);
 
 /// One block on its way.
 struct Flight {
@@ -82,9 +96,14 @@ struct Shared {
     flights: Mutex<HashMap<Hash, Arc<Flight>>>,
     peers: Mutex<HashMap<String, Peer>>,
     busy: Mutex<Vec<Option<Busy>>>,
+    candidates: Mutex<Option<(Instant, Candidates)>>,
+    /// To the keeper thread (`None` once stopping).
+    keeper: Mutex<Option<Sender<Values>>>,
     stop: AtomicBool,
     stats: FetchStats,
     tier: Arc<Tier>,
+    /// The block reader's cache: fetched content lands there too.
+    sink: std::sync::OnceLock<Arc<BlockCache>>,
 }
 
 /// The mount's fetcher: the [`Tiering`] hook of its block reader.
@@ -92,6 +111,7 @@ pub struct Fetcher {
     shared: Arc<Shared>,
     tx: Option<Sender<Hash>>,
     workers: Vec<JoinHandle<()>>,
+    keeper: Option<JoinHandle<()>>,
 }
 
 impl Fetcher {
@@ -111,11 +131,23 @@ impl Fetcher {
             flights: Mutex::default(),
             peers: Mutex::default(),
             busy: Mutex::new((0..WORKERS).map(|_| None).collect()),
+            candidates: Mutex::default(),
+            keeper: Mutex::default(),
             stop: AtomicBool::new(false),
             stats: FetchStats::default(),
             tier,
+            sink: std::sync::OnceLock::new(),
         });
         let (tx, rx) = crossbeam_channel::unbounded::<Hash>();
+        let (ktx, krx) = crossbeam_channel::bounded::<Values>(WORKERS * 2);
+        *lock(&shared.keeper) = Some(ktx);
+        let keeper_thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("kvfs-keep".into())
+                .spawn(move || keeper(&shared, &krx))
+                .ok()
+        };
         let workers = (0..WORKERS)
             .filter_map(|i| {
                 let (shared, rx) = (shared.clone(), rx.clone());
@@ -129,6 +161,7 @@ impl Fetcher {
             shared,
             tx: Some(tx),
             workers,
+            keeper: keeper_thread,
         }
     }
 
@@ -200,6 +233,10 @@ impl Tiering for Fetcher {
     fn used(&self, h: &Hash) {
         self.shared.tier.touches.note(h);
     }
+
+    fn deliver_to(&self, sink: Arc<BlockCache>) {
+        let _ = self.shared.sink.set(sink);
+    }
 }
 
 impl Drop for Fetcher {
@@ -210,13 +247,29 @@ impl Drop for Fetcher {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        *lock(&self.shared.keeper) = None;
+        if let Some(k) = self.keeper.take() {
+            let _ = k.join();
+        }
     }
 }
 
 impl Shared {
     /// The replicas to ask, best first (those that acknowledged most), with the reason none
     /// can be asked if so.
-    fn candidates(&self) -> Result<Vec<(String, String, Option<String>)>, String> {
+    fn candidates(&self) -> Candidates {
+        let mut cached = lock(&self.candidates);
+        if let Some((at, c)) = cached.as_ref() {
+            if at.elapsed() < CANDIDATES_FOR {
+                return c.clone();
+            }
+        }
+        let c = self.read_candidates();
+        *cached = Some((Instant::now(), c.clone()));
+        c
+    }
+
+    fn read_candidates(&self) -> Candidates {
         let mut reps = replicas(&self.store).map_err(|e| e.to_string())?;
         reps.retain(|(_, r)| r.base.is_some());
         if reps.is_empty() {
@@ -432,8 +485,12 @@ impl Shared {
             }
             match self.ask(slot, &name, &url, fp.as_deref(), &want) {
                 Ok(got) => {
-                    if let Err(e) = self.keep(&got) {
-                        tracing::error!(error = %e, "storing fetched blocks failed; they are served but not kept");
+                    let values: Values = got
+                        .iter()
+                        .map(|(h, value, _)| (*h, value.clone()))
+                        .collect();
+                    if let Some(tx) = lock(&self.keeper).as_ref() {
+                        let _ = tx.send(values);
                     }
                     for (h, value, content) in got {
                         self.stats.blocks.fetch_add(1, Ordering::Relaxed);
@@ -441,7 +498,11 @@ impl Shared {
                             .bytes
                             .fetch_add(value.len() as u64, Ordering::Relaxed);
                         want.retain(|(w, _)| *w != h);
-                        self.land(&h, Ok(Arc::new(content)));
+                        let content = Arc::new(content);
+                        if let Some(c) = self.sink.get() {
+                            c.insert(h, content.clone());
+                        }
+                        self.land(&h, Ok(content));
                     }
                     if !want.is_empty() {
                         errors.push(format!("{name} does not hold it"));
@@ -468,9 +529,9 @@ impl Shared {
 
     /// Store fetched values here again (one transaction; not synced: a crash loses only
     /// copies the replicas still hold).
-    fn keep(&self, got: &[Got]) -> Result<(), KvError> {
+    fn keep(&self, got: &[(Hash, Vec<u8>)]) -> Result<(), KvError> {
         self.store.transact(|t| {
-            for (h, value, _) in got {
+            for (h, value) in got {
                 resident::restore(t, h, value)?;
             }
             Ok(())
@@ -481,6 +542,27 @@ impl Shared {
         if let Some(f) = lock(&self.flights).remove(h) {
             *lock(&f.done) = Some(r);
             f.landed.notify_all();
+        }
+    }
+}
+
+/// The one thread that stores fetched blocks: the workers go back to the wire at once, and
+/// one committer (taking what several batches brought) avoids writers contending for the
+/// store's write path.
+fn keeper(shared: &Shared, rx: &Receiver<Values>) {
+    while let Ok(mut batch) = rx.recv() {
+        let mut bytes: usize = batch.iter().map(|(_, v)| v.len()).sum();
+        while bytes < KEEP_BYTES {
+            match rx.try_recv() {
+                Ok(more) => {
+                    bytes += more.iter().map(|(_, v)| v.len()).sum::<usize>();
+                    batch.extend(more);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = shared.keep(&batch) {
+            tracing::error!(error = %e, blocks = batch.len(), "storing fetched blocks failed; they were served but are not kept");
         }
     }
 }
