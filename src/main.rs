@@ -65,6 +65,10 @@ enum Cmd {
         /// from parity, stale keys); the store must not be mounted.
         #[arg(long)]
         repair: bool,
+        /// Also fetch every evicted block from the replicas and check it by hash (slow: it
+        /// reads what the replicas hold for this store).
+        #[arg(long)]
+        fetch: bool,
     },
     /// Print every key with its decoded value (works on a mounted store).
     Dump {
@@ -196,7 +200,11 @@ fn main() -> ExitCode {
             dry_run,
             timeout,
         } => gc_cmd(&store, dry_run, timeout),
-        Cmd::Audit { store, repair } => return audit_cmd(&store, repair),
+        Cmd::Audit {
+            store,
+            repair,
+            fetch,
+        } => return audit_cmd(&store, repair, fetch),
         Cmd::Dump {
             store,
             prefix,
@@ -326,7 +334,7 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
     }
 }
 
-fn audit_cmd(dir: &Path, repair: bool) -> ExitCode {
+fn audit_cmd(dir: &Path, repair: bool, fetch: bool) -> ExitCode {
     tool_logging();
     let opened = if repair {
         store::open(dir).map_err(|e| match e {
@@ -339,7 +347,7 @@ fn audit_cmd(dir: &Path, repair: bool) -> ExitCode {
     } else {
         store::open_read_only(dir).map_err(anyhow::Error::from)
     };
-    let (kv, _) = match opened {
+    let (kv, format) = match opened {
         Ok(x) => x,
         Err(e) => {
             eprintln!("kvfs: {e:#}");
@@ -353,10 +361,22 @@ fn audit_cmd(dir: &Path, repair: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let kv = std::sync::Arc::new(kv);
+    let fetcher: Option<std::sync::Arc<dyn kvfs::blocks::reader::Tiering>> = if fetch {
+        Some(std::sync::Arc::new(kvfs::tier::fetch::Fetcher::checking(
+            kv.clone(),
+            &format,
+            dir.to_path_buf(),
+            Duration::from_secs(60),
+        )))
+    } else {
+        None
+    };
     let o = audit::AuditOptions {
         repair,
         progress: std::io::stderr().is_terminal(),
         timeout: None,
+        fetch: fetcher.map(audit::Fetch),
     };
     match audit::audit(&kv, &o) {
         Ok(r) => {

@@ -107,6 +107,18 @@ pub struct AuditOptions {
     pub progress: bool,
     /// Heartbeat age that makes a mount dead (when the store is open read-only beside it).
     pub timeout: Option<Duration>,
+    /// `--fetch`: fetch every evicted block from the replicas through this and check it.
+    pub fetch: Option<Fetch>,
+}
+
+/// Where `audit --fetch` gets evicted blocks from.
+#[derive(Clone)]
+pub struct Fetch(pub std::sync::Arc<dyn crate::blocks::reader::Tiering>);
+
+impl fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fetch")
+    }
 }
 
 struct Ctx {
@@ -196,7 +208,7 @@ fn check(store: &KvStore, o: &AuditOptions) -> Result<Ctx> {
     let mut refs = blockmaps::check(store, &mut cx, &r, format.block_size as u64)?;
     replication::check(store, &mut cx, &mut refs)?;
     let infos = blockindex::check(store, &mut cx, &refs)?;
-    tiering::check(store, &mut cx, &infos)?;
+    tiering::check(store, &mut cx, &infos, o.fetch.as_ref())?;
     let ahead = ahead::check(store, &mut cx)?;
     content::check(store, &mut cx, o, &format, &infos, &refs, &ahead)?;
     Ok(cx)

@@ -12,7 +12,12 @@ use crate::keyspace::records::BlockInfo;
 use crate::keyspace::{self as ks, Hash, Prefix, COUNTER_EVICTED, COUNTER_RESIDENT};
 use crate::kv::{decode_i64, Cf, KvStore};
 
-pub(super) fn check(store: &KvStore, cx: &mut Ctx, infos: &HashMap<Hash, BlockInfo>) -> Result<()> {
+pub(super) fn check(
+    store: &KvStore,
+    cx: &mut Ctx,
+    infos: &HashMap<Hash, BlockInfo>,
+    fetch: Option<&super::Fetch>,
+) -> Result<()> {
     let mut indexed: HashSet<(u32, Hash)> = HashSet::new();
     let (a, b) = Prefix::LastUse.range();
     store.for_each(Cf::Bidx, &a, &b, |k, _| {
@@ -78,6 +83,28 @@ pub(super) fn check(store: &KvStore, cx: &mut Ctx, infos: &HashMap<Hash, BlockIn
                 Fix::PutKey(Cf::Bidx, key, want.to_le_bytes().to_vec()),
             );
         }
+    }
+    if let Some(f) = fetch {
+        let evicted: Vec<(&Hash, &BlockInfo)> = infos.iter().filter(|(_, i)| i.evicted).collect();
+        for (h, i) in &evicted {
+            f.0.prefetch(h, i.len);
+        }
+        let mut fetched = 0u64;
+        for (h, i) in &evicted {
+            // The fetcher decodes what a replica sends and checks its SHA-256 before it
+            // answers: an answer is a verified copy.
+            match f.0.fetch(h, i.len) {
+                Ok(_) => fetched += 1,
+                Err(e) => cx.problem(
+                    ks::describe_key(&ks::block_info_key(h)),
+                    format!("evicted, and no replica gave it back: {e}"),
+                ),
+            }
+        }
+        cx.report.notes.push(format!(
+            "{fetched} of {} evicted block(s) fetched from the replicas and verified",
+            evicted.len()
+        ));
     }
     let n = infos.values().filter(|i| i.evicted).count();
     if n > 0 {

@@ -294,7 +294,10 @@ impl Fs {
     /// does with its reserved blocks, `bavail` leaves out the reserve new data may not take.
     pub fn statfs(&self, store_dir: &std::path::Path) -> Result<StatFs> {
         let frsize: u64 = 4096;
-        let used = self.store.bytes_on_disk();
+        // Of the whole filesystem, as the seed asks: what is here, plus what was evicted to
+        // the replicas (its stored bytes); free is what this store can still take.
+        let evicted = crate::blocks::resident::totals(&self.store)?.evicted;
+        let used = self.store.bytes_on_disk() + evicted;
         let d = super::disk_space(store_dir).map_err(FsError::Errno)?;
         // Inodes are keys: as many as the usable space has room for at ~256 bytes each.
         let free_files = d.usable() / 256;

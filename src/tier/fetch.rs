@@ -104,6 +104,8 @@ struct Shared {
     tier: Arc<Tier>,
     /// The block reader's cache: fetched content lands there too.
     sink: std::sync::OnceLock<Arc<BlockCache>>,
+    /// Store what is fetched here again (not for `audit --fetch`, which only checks).
+    keep: bool,
 }
 
 /// The mount's fetcher: the [`Tiering`] hook of its block reader.
@@ -122,6 +124,36 @@ impl Fetcher {
         timeout: Duration,
         tier: Arc<Tier>,
     ) -> Fetcher {
+        Fetcher::with(store, format, dir, timeout, tier, true)
+    }
+
+    /// A fetcher that only checks: nothing fetched is stored (`audit --fetch`, which may run
+    /// on a store opened read-only).
+    pub fn checking(
+        store: Arc<KvStore>,
+        format: &FormatRecord,
+        dir: PathBuf,
+        timeout: Duration,
+    ) -> Fetcher {
+        let tier = Arc::new(Tier::new(
+            super::config::TierSettings {
+                cache_size: None,
+                min_copies: 1,
+                fetch_timeout: timeout,
+            },
+            Vec::new(),
+        ));
+        Fetcher::with(store, format, dir, timeout, tier, false)
+    }
+
+    fn with(
+        store: Arc<KvStore>,
+        format: &FormatRecord,
+        dir: PathBuf,
+        timeout: Duration,
+        tier: Arc<Tier>,
+        keep: bool,
+    ) -> Fetcher {
         let shared = Arc::new(Shared {
             store,
             fs_id: format.fs_id,
@@ -137,6 +169,7 @@ impl Fetcher {
             stats: FetchStats::default(),
             tier,
             sink: std::sync::OnceLock::new(),
+            keep,
         });
         let (tx, rx) = crossbeam_channel::unbounded::<Hash>();
         let (ktx, krx) = crossbeam_channel::bounded::<Values>(WORKERS * 2);
@@ -489,7 +522,7 @@ impl Shared {
                         .iter()
                         .map(|(h, value, _)| (*h, value.clone()))
                         .collect();
-                    if let Some(tx) = lock(&self.keeper).as_ref() {
+                    if let Some(tx) = lock(&self.keeper).as_ref().filter(|_| self.keep) {
                         let _ = tx.send(values);
                     }
                     for (h, value, content) in got {

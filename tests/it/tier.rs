@@ -104,6 +104,17 @@ fn a_cache_size_is_kept_and_everything_reads_back_through_fetches() {
     // The residency rules hold after the fetches (and eviction kept the cache size).
     let t = tiering(&m.store);
     assert!(num(&t, "resident_block_bytes") <= 96 * MIB, "{t}");
+    // Every evicted block is on the replica, by hash.
+    let out = ok(&[
+        OsStr::new("audit"),
+        m.store.as_os_str(),
+        OsStr::new("--fetch"),
+    ]);
+    let evicted = num(&t, "evicted_blocks");
+    assert!(
+        out.contains(&format!("{evicted} of {evicted} evicted block(s) fetched")),
+        "{out}"
+    );
     drop(server);
     audit_clean(&replica);
 }
