@@ -272,7 +272,9 @@ pub fn status(
             .map_or(0, |v| crate::kv::decode_i64(&v).max(0) as u64))
     };
     let t = &mut s.tier;
-    t.resident_block_bytes = counter(crate::keyspace::COUNTER_RESIDENT)?;
+    t.resident_block_bytes =
+        crate::blocks::resident::counter_sum(store, crate::keyspace::COUNTER_RESIDENT)?.max(0)
+            as u64;
     t.fetches = counter(crate::tier::COUNTER_FETCHED_BLOCKS)?;
     t.fetched_bytes = counter(crate::tier::COUNTER_FETCHED_BYTES)?;
     t.fetch_failures = counter(crate::tier::COUNTER_FETCH_FAILURES)?;

@@ -431,7 +431,9 @@ mod tests {
                         &crate::keyspace::records::encode_v1(&v1)?,
                     )?;
                 }
-                t.delete(Cf::Bidx, &ks::counter_key(ks::COUNTER_RESIDENT))?;
+                for s in 0..crate::kv::SUM_SHARDS {
+                    t.delete(Cf::Bidx, &ks::counter_shard_key(ks::COUNTER_RESIDENT, s))?;
+                }
                 rec.major = 3;
                 t.put(Cf::Meta, ks::META_FORMAT, &rec.encode()?)
             })

@@ -16,6 +16,8 @@ pub(super) enum Fix {
     DeleteDirent(Vec<u8>),
     DeleteKey(Cf, Vec<u8>),
     PutKey(Cf, Vec<u8>, Vec<u8>),
+    /// A sharded counter: every shard removed, shard 0 set to the value.
+    SetCounter(&'static str, i64),
     DropFmap(Vec<u8>, Hash),
     SetRefcount(Hash, i64),
     MarkGarbageBlock(Hash),
@@ -105,6 +107,13 @@ pub(super) fn apply(store: &KvStore, fix: &Fix) -> Result<String> {
             Fix::PutKey(cf, k, v) => {
                 t.put(*cf, k, v)?;
                 "key written".into()
+            }
+            Fix::SetCounter(name, v) => {
+                for s in 0..crate::kv::SUM_SHARDS {
+                    t.delete(Cf::Bidx, &ks::counter_shard_key(name, s))?;
+                }
+                t.put(Cf::Bidx, &ks::counter_shard_key(name, 0), &v.to_le_bytes())?;
+                format!("set to {v}")
             }
             Fix::DropFmap(k, h) => {
                 t.delete(Cf::Fmap, k)?;

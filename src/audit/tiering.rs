@@ -10,7 +10,7 @@ use super::repair::Fix;
 use super::{Ctx, Result};
 use crate::keyspace::records::BlockInfo;
 use crate::keyspace::{self as ks, Hash, Prefix, COUNTER_EVICTED, COUNTER_RESIDENT};
-use crate::kv::{decode_i64, Cf, KvStore};
+use crate::kv::{Cf, KvStore};
 
 pub(super) fn check(
     store: &KvStore,
@@ -74,13 +74,12 @@ pub(super) fn check(
         }
     }
     for (name, want) in [(COUNTER_RESIDENT, resident), (COUNTER_EVICTED, evicted)] {
-        let key = ks::counter_key(name);
-        let have = store.get(Cf::Bidx, &key)?.map_or(0, |v| decode_i64(&v));
+        let have = crate::blocks::resident::counter_sum(store, name)?;
         if have != want {
             cx.fixable(
-                ks::describe_key(&key),
+                format!("s {name}"),
                 format!("counter says {have} bytes, the blocks add up to {want}"),
-                Fix::PutKey(Cf::Bidx, key, want.to_le_bytes().to_vec()),
+                Fix::SetCounter(name, want),
             );
         }
     }

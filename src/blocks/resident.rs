@@ -22,7 +22,7 @@ fn count(t: &mut dyn Txn, name: &str, delta: i64) -> Result<(), KvError> {
     if delta == 0 {
         return Ok(());
     }
-    t.merge(Cf::Bidx, &ks::counter_key(name), &delta.to_le_bytes())
+    t.add_sum(Cf::Bidx, &ks::counter_key(name), delta)
 }
 
 /// A block just stored here (new, or its content back): indexed as used now and counted.
@@ -144,12 +144,19 @@ pub struct Totals {
     pub evicted: u64,
 }
 
+/// The sum of sharded counter `name`'s shards.
+pub fn counter_sum(store: &KvStore, name: &str) -> Result<i64, KvError> {
+    let (a, b) = ks::counter_shards(name);
+    let mut sum = 0i64;
+    store.for_each(Cf::Bidx, &a, &b, |_, v| {
+        sum = sum.wrapping_add(decode_i64(v));
+        true
+    })?;
+    Ok(sum)
+}
+
 pub fn totals(store: &KvStore) -> Result<Totals, KvError> {
-    let get = |name| -> Result<u64, KvError> {
-        Ok(store
-            .get(Cf::Bidx, &ks::counter_key(name))?
-            .map_or(0, |v| decode_i64(&v).max(0) as u64))
-    };
+    let get = |name| -> Result<u64, KvError> { Ok(counter_sum(store, name)?.max(0) as u64) };
     Ok(Totals {
         resident: get(COUNTER_RESIDENT)?,
         evicted: get(COUNTER_EVICTED)?,

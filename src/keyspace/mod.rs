@@ -455,11 +455,26 @@ pub fn unlogged_key(h: &Hash) -> Vec<u8> {
     with_hash(Prefix::Unlogged, h, 0)
 }
 
-/// `s name`: a store-wide counter (merge operands summed).
+/// `s name`: a store-wide counter (merge operands summed) that one writer adds to.
 pub fn counter_key(name: &str) -> Vec<u8> {
     let mut k = vec![Prefix::Counter.byte()];
     k.extend_from_slice(name.as_bytes());
     k
+}
+
+/// `s name / shard`: one shard of a counter written with [`crate::kv::Txn::add_sum`]; its
+/// value is the sum of all shards.
+pub fn counter_shard_key(name: &str, shard: u8) -> Vec<u8> {
+    crate::kv::sum_shard_key(&counter_key(name), shard)
+}
+
+/// Every shard of counter `name`.
+pub fn counter_shards(name: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut a = counter_key(name);
+    a.push(b'/');
+    let mut b = a.clone();
+    b.push(0xff);
+    (a, b)
 }
 
 /// Stored bytes of the blocks whose content is here.

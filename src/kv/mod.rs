@@ -127,6 +127,33 @@ pub trait Txn {
     fn logs_changes(&self) -> bool {
         false
     }
+    /// Add `delta` to the sharded counter `key` (in a family that sums): the transaction's
+    /// deltas to one key are summed and written as one merge operand to `key` `/` a random
+    /// shard below [`SUM_SHARDS`] at commit, so that concurrent transactions rarely write the
+    /// same key (a merge is a tracked write: two that do, conflict).
+    fn add_sum(&mut self, cf: Cf, key: &[u8], delta: i64) -> Result<(), KvError> {
+        self.merge(
+            cf,
+            &sum_shard_key(key, random_shard()),
+            &delta.to_le_bytes(),
+        )
+    }
+}
+
+/// Shards of a counter written with [`Txn::add_sum`].
+pub const SUM_SHARDS: u8 = 32;
+
+/// The key of shard `shard` of counter `key`.
+pub fn sum_shard_key(key: &[u8], shard: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 2);
+    k.extend_from_slice(key);
+    k.push(b'/');
+    k.push(shard);
+    k
+}
+
+fn random_shard() -> u8 {
+    (crate::util::rand_u64() % SUM_SHARDS as u64) as u8
 }
 
 /// The [`Txn`] methods of a read-only snapshot: untracked reads are its plain reads, and every
@@ -299,6 +326,8 @@ struct Tracked<'a> {
     inner: &'a mut dyn Txn,
     tracker: &'a Tracker,
     written: Vec<(Cf, Vec<u8>)>,
+    /// [`Txn::add_sum`] deltas, written at commit.
+    sums: Vec<(Cf, Vec<u8>, i64)>,
 }
 
 impl Tracked<'_> {
@@ -341,6 +370,13 @@ impl Txn for Tracked<'_> {
     }
     fn logs_changes(&self) -> bool {
         self.tracker.is_some()
+    }
+    fn add_sum(&mut self, cf: Cf, key: &[u8], delta: i64) -> Result<(), KvError> {
+        match self.sums.iter_mut().find(|(c, k, _)| *c == cf && k == key) {
+            Some(s) => s.2 = s.2.wrapping_add(delta),
+            None => self.sums.push((cf, key.to_vec(), delta)),
+        }
+        Ok(())
     }
 }
 
@@ -422,10 +458,24 @@ impl KvStore {
                 inner: t.as_txn(),
                 tracker: &tracker,
                 written: Vec::new(),
+                sums: Vec::new(),
             };
             // On error the transaction is dropped, which rolls it back.
             let res = f(&mut tracked).and_then(|v| {
-                let written = std::mem::take(&mut tracked.written);
+                let shard = random_shard();
+                for (cf, key, delta) in std::mem::take(&mut tracked.sums) {
+                    if delta != 0 {
+                        let k = sum_shard_key(&key, shard);
+                        tracked
+                            .inner
+                            .merge(cf, &k, &delta.to_le_bytes())
+                            .map_err(E::from)?;
+                    }
+                }
+                Ok(v)
+            });
+            let written = std::mem::take(&mut tracked.written);
+            let res = res.and_then(|v| {
                 self.commit_tracked(t, &tracker, &written)
                     .map(|_| v)
                     .map_err(E::from)
