@@ -340,6 +340,23 @@ pub fn run(
             "kvfs-tier",
             Box::new(move || crate::tier::run(fs.store(), &tier, &f, &stop)),
         )?);
+    } else if role == Role::Primary && tiering {
+        // A read-only mount of a store with evicted blocks fetches them too, without storing
+        // them (the store is open read-only).
+        let timeout = crate::tier::config::TierSettings::resolve(
+            &crate::tier::config::read(fs.store())?,
+            &opts.tier.iter().cloned().collect(),
+        )
+        .map_err(MountError::Settings)?
+        .fetch_timeout;
+        let f = Arc::new(crate::tier::fetch::Fetcher::checking(
+            fs.store_arc(),
+            &format,
+            store_dir.clone(),
+            timeout,
+        ));
+        fs.set_tiering(f.clone(), None);
+        fetcher = Some(f);
     }
     if !opts.read_only {
         let (fs, stop, dir, format) = (fs.clone(), stop.clone(), store_dir.clone(), format.clone());

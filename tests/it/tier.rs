@@ -104,6 +104,12 @@ fn a_cache_size_is_kept_and_everything_reads_back_through_fetches() {
     // The residency rules hold after the fetches (and eviction kept the cache size).
     let t = tiering(&m.store);
     assert!(num(&t, "resident_block_bytes") <= 96 * MIB, "{t}");
+    // A read-only mount fetches what is evicted too (without storing it).
+    m.opts = "ro".into();
+    m.start();
+    drop_caches();
+    read_back(&m, "f0", 100, 32 << 20);
+    m.unmount();
     // Every evicted block is on the replica, by hash.
     let out = ok(&[
         OsStr::new("audit"),
