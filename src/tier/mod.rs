@@ -263,7 +263,8 @@ impl Tier {
 
     /// One round of the mount's tiering thread: write the uses seen, and evict when over the
     /// limit. Returns the bytes evicted.
-    pub fn round(&self, store: &KvStore, stalled_rounds: &mut u32) -> Result<u64, KvError> {
+    /// `progress`: when eviction last made room (or was not needed).
+    pub fn round(&self, store: &KvStore, progress: &mut Instant) -> Result<u64, KvError> {
         self.touches.flush(store)?;
         let settings = *lock(&self.settings);
         let Some(cache_size) = settings.cache_size else {
@@ -272,7 +273,7 @@ impl Tier {
         };
         let resident = resident::totals(store)?.resident;
         if resident <= cache_size {
-            *stalled_rounds = 0;
+            *progress = Instant::now();
             self.stalled.store(false, Ordering::Relaxed);
             self.gate.update(Some(cache_size), resident, false);
             return Ok(0);
@@ -281,10 +282,8 @@ impl Tier {
         let e = evict(store, settings.min_copies, resident - target)?;
         self.unreclaimed.fetch_add(e.bytes, Ordering::Relaxed);
         let now = resident::totals(store)?.resident;
-        if e.bytes == 0 {
-            *stalled_rounds += 1;
-        } else {
-            *stalled_rounds = 0;
+        if e.bytes > 0 {
+            *progress = Instant::now();
             tracing::debug!(
                 blocks = e.blocks,
                 bytes = e.bytes,
@@ -293,9 +292,9 @@ impl Tier {
                 "evicted"
             );
         }
-        // Ten rounds (about ten seconds) without anything to evict: the replicas are not
-        // taking the data; writers stop waiting for them.
-        let stalled = *stalled_rounds >= 10;
+        // Ten seconds without anything to evict: the replicas are not taking the data;
+        // writers stop waiting for them.
+        let stalled = progress.elapsed() >= STALL_AFTER;
         if stalled && !self.stalled.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 resident = now,
@@ -326,6 +325,9 @@ pub fn configure(
     Ok(stored)
 }
 
+/// Writers stop waiting for room after this long without any eviction.
+const STALL_AFTER: Duration = Duration::from_secs(10);
+
 /// Space of evicted blocks is given back by a compaction once this much was evicted (or a
 /// tenth of the blocks' files), as for freed blocks.
 const RECLAIM_AFTER: u64 = 256 << 20;
@@ -333,7 +335,7 @@ const RECLAIM_AFTER: u64 = 256 << 20;
 /// The mount's tiering thread: every second, a [`Tier::round`] and the fetch counters into
 /// the store; at the end, the last uses.
 pub fn run(store: &KvStore, tier: &Tier, fetcher: &fetch::Fetcher, stop: &AtomicBool) {
-    let mut stalled = 0;
+    let mut progress = Instant::now();
     let mut last_err: Option<String> = None;
     let mut reported = (0u64, 0u64, 0u64, 0u64);
     let mut t = Instant::now() - Duration::from_secs(1);
@@ -350,7 +352,7 @@ pub fn run(store: &KvStore, tier: &Tier, fetcher: &fetch::Fetcher, stop: &Atomic
             continue;
         }
         t = Instant::now();
-        let r = tier.round(store, &mut stalled).and_then(|_| {
+        let r = tier.round(store, &mut progress).and_then(|_| {
             let st = fetcher.stats();
             let now = (
                 st.blocks.load(Ordering::Relaxed),
