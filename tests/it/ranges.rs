@@ -13,7 +13,13 @@ use crate::common::*;
 const BS: u64 = 64 << 10;
 
 /// copy_file_range(2) until `len` bytes are copied or it copies nothing; (bytes, errno).
-fn copy_range(src: &File, off_in: u64, dst: &File, off_out: u64, len: u64) -> (u64, i32) {
+pub(crate) fn copy_range(
+    src: &File,
+    off_in: u64,
+    dst: &File,
+    off_out: u64,
+    len: u64,
+) -> (u64, i32) {
     let (mut i, mut o) = (off_in as i64, off_out as i64);
     let mut done = 0;
     while done < len {

@@ -269,3 +269,41 @@ fn a_pinned_subtree_stays_resident_and_unpinning_lets_it_go() {
     m.unmount();
     audit_clean(&m.store);
 }
+
+#[test]
+fn a_copy_that_shares_evicted_blocks_outlives_its_source() {
+    let Some(mut m) = common::mount_with("64K", "cache_size=4M") else {
+        return;
+    };
+    let replica = replica_dir(&m);
+    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
+    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
+    std::fs::write(m.path("a"), pattern(9, 16 << 20)).unwrap();
+    sync(&m.store);
+    let t = wait_resident_under(&m.store, 4 * MIB, 30);
+    assert!(num(&t, "evicted_blocks") > 150, "{t}");
+    // The copy names the evicted blocks without their content (no fetch); the source goes.
+    let src = std::fs::File::open(m.path("a")).unwrap();
+    let dst = std::fs::File::create(m.path("b")).unwrap();
+    let (n, e) = crate::ranges::copy_range(&src, 0, &dst, 0, 16 << 20);
+    assert_eq!((n, e), (16 << 20, 0));
+    drop((src, dst));
+    std::fs::remove_file(m.path("a")).unwrap();
+    // Shipped in any order of groups, evicted again: the replica must still hold them.
+    sync(&m.store);
+    std::thread::sleep(Duration::from_secs(2));
+    sync(&m.store);
+    wait_resident_under(&m.store, 4 * MIB, 30);
+    drop_caches();
+    read_back(&m, "b", 9, 16 << 20);
+    m.unmount();
+    audit_clean(&m.store);
+    let out = ok(&[
+        OsStr::new("audit"),
+        m.store.as_os_str(),
+        OsStr::new("--fetch"),
+    ]);
+    assert!(out.contains("evicted block(s) fetched"), "{out}");
+    drop(server);
+    audit_clean(&replica);
+}
