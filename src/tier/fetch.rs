@@ -58,6 +58,10 @@ const CANDIDATES_FOR: Duration = Duration::from_secs(1);
 /// One block on its way.
 struct Flight {
     len: u32,
+    /// Store the block here once fetched: a reader waits for it, or readahead while the cache
+    /// has room. Readahead of a stream the full cache cannot hold only passes through the
+    /// reader's cache (stored, it would be evicted again before any reuse).
+    store: AtomicBool,
     done: Mutex<Option<Result<Arc<Vec<u8>>, String>>>,
     landed: Condvar,
 }
@@ -204,9 +208,12 @@ impl Fetcher {
 
     /// The flight of `h`, started if none is under way. `None` when no replica can be asked
     /// now (the reason given).
-    fn launch(&self, h: &Hash, len: u32) -> Result<(Arc<Flight>, bool), String> {
+    fn launch(&self, h: &Hash, len: u32, store: bool) -> Result<(Arc<Flight>, bool), String> {
         let mut f = lock(&self.shared.flights);
         if let Some(x) = f.get(h) {
+            if store {
+                x.store.store(true, Ordering::Relaxed);
+            }
             return Ok((x.clone(), false));
         }
         if let Some(why) = self.shared.all_down() {
@@ -214,6 +221,7 @@ impl Fetcher {
         }
         let x = Arc::new(Flight {
             len,
+            store: AtomicBool::new(store),
             done: Mutex::new(None),
             landed: Condvar::new(),
         });
@@ -232,7 +240,7 @@ impl Fetcher {
 impl Tiering for Fetcher {
     fn fetch(&self, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
         let unavailable = |reason: String| BlockError::Unavailable { hash: *h, reason };
-        let (flight, _) = self.launch(h, len).map_err(unavailable)?;
+        let (flight, _) = self.launch(h, len, true).map_err(unavailable)?;
         let deadline = Instant::now() + self.shared.timeout;
         let mut done = lock(&flight.done);
         while done.is_none() {
@@ -260,7 +268,7 @@ impl Tiering for Fetcher {
     }
 
     fn prefetch(&self, h: &Hash, len: u32) {
-        let _ = self.launch(h, len);
+        let _ = self.launch(h, len, !self.shared.tier.gate.full());
     }
 
     fn used(&self, h: &Hash) {
@@ -518,10 +526,15 @@ impl Shared {
             }
             match self.ask(slot, &name, &url, fp.as_deref(), &want) {
                 Ok(got) => {
-                    let values: Values = got
-                        .iter()
-                        .map(|(h, value, _)| (*h, value.clone()))
-                        .collect();
+                    let values: Values = {
+                        let f = lock(&self.flights);
+                        got.iter()
+                            .filter(|(h, _, _)| {
+                                f.get(h).is_none_or(|x| x.store.load(Ordering::Relaxed))
+                            })
+                            .map(|(h, value, _)| (*h, value.clone()))
+                            .collect()
+                    };
                     if let Some(tx) = lock(&self.keeper).as_ref().filter(|_| self.keep) {
                         let _ = tx.send(values);
                     }

@@ -212,6 +212,12 @@ impl Gate {
         lock(&self.state).closed()
     }
 
+    /// Whether the cache is at its size (whatever eviction can do about it).
+    pub fn full(&self) -> bool {
+        let g = lock(&self.state);
+        g.limit > 0 && g.base + g.added >= g.limit
+    }
+
     /// Wait while over the limit, at most `max`.
     pub fn wait_room(&self, max: Duration) {
         let t0 = Instant::now();
