@@ -26,7 +26,7 @@ use crate::blocks::reader::Tiering;
 use crate::blocks::{resident, BlockError};
 use crate::keyspace::records::FormatRecord;
 use crate::keyspace::{self as ks, Hash};
-use crate::kv::{Cf, KvError, KvStore};
+use crate::kv::{KvError, KvStore};
 use crate::replica::transport::{self, Canceller, Conn};
 use crate::replica::wire::{self, Msg, MAX_FETCH, PROTO_FETCH, PROTO_MAX, PROTO_MIN};
 use crate::replica::{replicas, ReplicaError};
@@ -105,11 +105,11 @@ struct Shared {
     keeper: Mutex<Option<Sender<Values>>>,
     stop: AtomicBool,
     stats: FetchStats,
-    tier: Arc<Tier>,
+    /// The mount's tiering state (uses, the cache's fill); `None` for a fetcher that only
+    /// checks, which stores nothing and keeps no uses.
+    tier: Option<Arc<Tier>>,
     /// The block reader's cache: fetched content lands there too.
     sink: std::sync::OnceLock<Arc<BlockCache>>,
-    /// Store what is fetched here again (not for `audit --fetch`, which only checks).
-    keep: bool,
 }
 
 /// The mount's fetcher: the [`Tiering`] hook of its block reader.
@@ -128,7 +128,7 @@ impl Fetcher {
         timeout: Duration,
         tier: Arc<Tier>,
     ) -> Fetcher {
-        Fetcher::with(store, format, dir, timeout, tier, true)
+        Fetcher::with(store, format, dir, timeout, Some(tier))
     }
 
     /// A fetcher that only checks: nothing fetched is stored (`audit --fetch`, which may run
@@ -139,15 +139,7 @@ impl Fetcher {
         dir: PathBuf,
         timeout: Duration,
     ) -> Fetcher {
-        let tier = Arc::new(Tier::new(
-            super::config::TierSettings {
-                cache_size: None,
-                min_copies: 1,
-                fetch_timeout: timeout,
-            },
-            Vec::new(),
-        ));
-        Fetcher::with(store, format, dir, timeout, tier, false)
+        Fetcher::with(store, format, dir, timeout, None)
     }
 
     fn with(
@@ -155,8 +147,7 @@ impl Fetcher {
         format: &FormatRecord,
         dir: PathBuf,
         timeout: Duration,
-        tier: Arc<Tier>,
-        keep: bool,
+        tier: Option<Arc<Tier>>,
     ) -> Fetcher {
         let shared = Arc::new(Shared {
             store,
@@ -173,18 +164,17 @@ impl Fetcher {
             stats: FetchStats::default(),
             tier,
             sink: std::sync::OnceLock::new(),
-            keep,
         });
         let (tx, rx) = crossbeam_channel::unbounded::<Hash>();
-        let (ktx, krx) = crossbeam_channel::bounded::<Values>(WORKERS * 2);
-        *lock(&shared.keeper) = Some(ktx);
-        let keeper_thread = {
+        // A checking fetcher stores nothing: no keeper.
+        let keeper_thread = shared.tier.is_some().then(|| {
+            let (ktx, krx) = crossbeam_channel::bounded::<Values>(WORKERS * 2);
+            *lock(&shared.keeper) = Some(ktx);
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("kvfs-keep".into())
                 .spawn(move || keeper(&shared, &krx))
-                .ok()
-        };
+        });
         let workers = (0..WORKERS)
             .filter_map(|i| {
                 let (shared, rx) = (shared.clone(), rx.clone());
@@ -198,7 +188,7 @@ impl Fetcher {
             shared,
             tx: Some(tx),
             workers,
-            keeper: keeper_thread,
+            keeper: keeper_thread.and_then(Result::ok),
         }
     }
 
@@ -206,15 +196,15 @@ impl Fetcher {
         &self.shared.stats
     }
 
-    /// The flight of `h`, started if none is under way. `None` when no replica can be asked
-    /// now (the reason given).
-    fn launch(&self, h: &Hash, len: u32, store: bool) -> Result<(Arc<Flight>, bool), String> {
+    /// The flight of `h`, started if none is under way; the reason when no replica can be
+    /// asked now.
+    fn launch(&self, h: &Hash, len: u32, store: bool) -> Result<Arc<Flight>, String> {
         let mut f = lock(&self.shared.flights);
         if let Some(x) = f.get(h) {
             if store {
                 x.store.store(true, Ordering::Relaxed);
             }
-            return Ok((x.clone(), false));
+            return Ok(x.clone());
         }
         if let Some(why) = self.shared.all_down() {
             return Err(why);
@@ -228,7 +218,7 @@ impl Fetcher {
         f.insert(*h, x.clone());
         drop(f);
         match &self.tx {
-            Some(tx) if tx.send(*h).is_ok() => Ok((x, true)),
+            Some(tx) if tx.send(*h).is_ok() => Ok(x),
             _ => {
                 lock(&self.shared.flights).remove(h);
                 Err("the fetcher is stopping".into())
@@ -240,7 +230,7 @@ impl Fetcher {
 impl Tiering for Fetcher {
     fn fetch(&self, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
         let unavailable = |reason: String| BlockError::Unavailable { hash: *h, reason };
-        let (flight, _) = self.launch(h, len, true).map_err(unavailable)?;
+        let flight = self.launch(h, len, true).map_err(unavailable)?;
         let deadline = Instant::now() + self.shared.timeout;
         let mut done = lock(&flight.done);
         while done.is_none() {
@@ -268,11 +258,14 @@ impl Tiering for Fetcher {
     }
 
     fn prefetch(&self, h: &Hash, len: u32) {
-        let _ = self.launch(h, len, !self.shared.tier.gate.full());
+        let full = self.shared.tier.as_ref().is_some_and(|t| t.gate.full());
+        let _ = self.launch(h, len, !full);
     }
 
     fn used(&self, h: &Hash) {
-        self.shared.tier.touches.note(h);
+        if let Some(t) = &self.shared.tier {
+            t.touches.note(h);
+        }
     }
 
     fn deliver_to(&self, sink: Arc<BlockCache>) {
@@ -491,18 +484,15 @@ impl Shared {
                 .collect()
         };
         // Fetched meanwhile by another flight that ended (a reader came back after it).
-        want.retain(|(h, len)| {
-            if !matches!(self.store.get(Cf::Blocks, &ks::block_key(h)), Ok(Some(_))) {
-                return true;
-            }
-            match crate::blocks::read_stored(&self.store, h, *len) {
+        want.retain(
+            |(h, len)| match crate::blocks::read_stored(&self.store, h, *len) {
                 Ok(d) => {
                     self.land(h, Ok(Arc::new(d)));
                     false
                 }
                 Err(_) => true,
-            }
-        });
+            },
+        );
         let mut errors: Vec<String> = Vec::new();
         let candidates = match self.candidates() {
             Ok(c) => c,
@@ -526,16 +516,16 @@ impl Shared {
             }
             match self.ask(slot, &name, &url, fp.as_deref(), &want) {
                 Ok(got) => {
-                    let values: Values = {
+                    if let Some(tx) = lock(&self.keeper).as_ref() {
                         let f = lock(&self.flights);
-                        got.iter()
+                        let values: Values = got
+                            .iter()
                             .filter(|(h, _, _)| {
                                 f.get(h).is_none_or(|x| x.store.load(Ordering::Relaxed))
                             })
                             .map(|(h, value, _)| (*h, value.clone()))
-                            .collect()
-                    };
-                    if let Some(tx) = lock(&self.keeper).as_ref().filter(|_| self.keep) {
+                            .collect();
+                        drop(f);
                         let _ = tx.send(values);
                     }
                     for (h, value, content) in got {
