@@ -518,7 +518,7 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
-/// Reclaim the disk space of freed blocks once this much, or a tenth of the blob files, has
+/// Reclaim the disk space of freed and evicted blocks once this much, or a tenth of the blob files, has
 /// been freed. Reclaiming compacts the blocks family with blob collection on, which also
 /// moves the live blocks of the oldest quarter of blob files: on a large store that costs
 /// more than a fixed amount of freed space is worth, so the bar grows with the store.
@@ -534,7 +534,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
     let (mut beat, mut swept) = (Instant::now(), Instant::now());
     let mut tick = 0u64;
-    // Blocks freed since their space was last reclaimed.
+    // Bytes of blocks freed or evicted since their space was last reclaimed.
     let mut freed = 0u64;
     let mut last_flush_err: Option<String> = None;
     // Whether the store was checkpointed since the mount last changed it.
@@ -588,16 +588,21 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
             swept = Instant::now();
             let o = SweepOptions::by_mount(fs.mount_id(), false);
             match gc::sweep(fs.store(), &o) {
-                Ok(r) => freed += r.blocks_freed,
+                Ok(r) => freed += r.blocks_freed * fs.block_size(),
                 Err(e) => tracing::error!(error = %e, "background sweep failed"),
             }
-            // Freed blocks give their space back only through compaction: at once when the
-            // disk is short of space, otherwise once a good amount has been freed.
+            freed += fs.tier().map_or(0, |t| t.take_evicted_bytes());
+            // Freed and evicted blocks give their space back only through compaction: at
+            // once when the disk is short of space, otherwise once a good amount was freed.
             if freed > 0 {
                 let low = fs.space_low();
                 let bar = RECLAIM_AFTER.max(fs.store().block_storage_bytes() / 10);
-                if low || freed * fs.block_size() >= bar {
-                    tracing::info!(blocks = freed, low, "reclaiming the space of freed blocks");
+                if low || freed >= bar {
+                    tracing::info!(
+                        bytes = freed,
+                        low,
+                        "reclaiming the space of freed and evicted blocks"
+                    );
                     match fs.store().reclaim_freed_space() {
                         Ok(()) => freed = 0,
                         Err(e) => tracing::error!(error = %e, "compaction failed"),

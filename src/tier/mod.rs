@@ -207,6 +207,11 @@ impl Gate {
         lock(&self.state).added += bytes;
     }
 
+    /// Whether the last round found eviction stalled (writers then do not wait).
+    pub fn stalled(&self) -> bool {
+        lock(&self.state).stalled
+    }
+
     /// Whether writers are held now.
     pub fn closed(&self) -> bool {
         lock(&self.state).closed()
@@ -243,10 +248,9 @@ pub struct Tier {
     pub mount_settings: Vec<(String, String)>,
     pub touches: Touches,
     pub gate: Gate,
-    /// Set when the last passes found nothing to evict while over the limit.
-    pub stalled: AtomicBool,
-    /// Stored bytes evicted since their space was last given back by a compaction.
-    unreclaimed: AtomicU64,
+    /// Stored bytes evicted since the mount's maintenance last took them (it gives their
+    /// space back with that of freed blocks).
+    evicted_bytes: AtomicU64,
 }
 
 /// Persisted counters of fetching (`status` reads them; the mount adds what it did).
@@ -262,9 +266,13 @@ impl Tier {
             mount_settings,
             touches: Touches::default(),
             gate: Gate::default(),
-            stalled: AtomicBool::new(false),
-            unreclaimed: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Stored bytes evicted since the last call.
+    pub fn take_evicted_bytes(&self) -> u64 {
+        self.evicted_bytes.swap(0, Ordering::Relaxed)
     }
 
     /// One round of the mount's tiering thread: write the uses seen, and evict when over the
@@ -280,13 +288,12 @@ impl Tier {
         let resident = resident::totals(store)?.resident;
         if resident <= cache_size {
             *progress = Instant::now();
-            self.stalled.store(false, Ordering::Relaxed);
             self.gate.update(Some(cache_size), resident, false);
             return Ok(0);
         }
         let target = cache_size - cache_size / HEADROOM;
         let e = evict(store, settings.min_copies, resident - target)?;
-        self.unreclaimed.fetch_add(e.bytes, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(e.bytes, Ordering::Relaxed);
         let now = resident::totals(store)?.resident;
         if e.bytes > 0 {
             *progress = Instant::now();
@@ -301,15 +308,12 @@ impl Tier {
         // Ten seconds without anything to evict: the replicas are not taking the data;
         // writers stop waiting for them.
         let stalled = progress.elapsed() >= STALL_AFTER;
-        if stalled && !self.stalled.swap(true, Ordering::Relaxed) {
+        if stalled && !self.gate.stalled() {
             tracing::warn!(
                 resident = now,
                 cache_size,
                 "over the cache size and nothing can be evicted: no replica holds the newest data yet; the store grows until they do"
             );
-        }
-        if !stalled {
-            self.stalled.store(false, Ordering::Relaxed);
         }
         self.gate.update(Some(cache_size), now, stalled);
         Ok(e.bytes)
@@ -334,12 +338,9 @@ pub fn configure(
 /// Writers stop waiting for room after this long without any eviction.
 const STALL_AFTER: Duration = Duration::from_secs(10);
 
-/// Space of evicted blocks is given back by a compaction once this much was evicted (or a
-/// tenth of the blocks' files), as for freed blocks.
-const RECLAIM_AFTER: u64 = 256 << 20;
-
 /// The mount's tiering thread: every second, a [`Tier::round`] and the fetch counters into
-/// the store; at the end, the last uses.
+/// the store; at the end, the last uses. (The space of evicted blocks is given back by the
+/// mount's maintenance, with that of freed blocks: [`Tier::take_evicted_bytes`].)
 pub fn run(store: &KvStore, tier: &Tier, fetcher: &fetch::Fetcher, stop: &AtomicBool) {
     let mut progress = Instant::now();
     let mut last_err: Option<String> = None;
@@ -382,12 +383,6 @@ pub fn run(store: &KvStore, tier: &Tier, fetcher: &fetch::Fetcher, stop: &Atomic
                     Ok::<_, KvError>(())
                 })?;
                 reported = now;
-            }
-            let freed = tier.unreclaimed.load(Ordering::Relaxed);
-            if freed >= RECLAIM_AFTER.max(store.block_storage_bytes() / 10) {
-                tier.unreclaimed.store(0, Ordering::Relaxed);
-                tracing::info!(bytes = freed, "reclaiming the space of evicted blocks");
-                store.reclaim_freed_space()?;
             }
             Ok(())
         });
