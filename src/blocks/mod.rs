@@ -284,13 +284,11 @@ pub fn collect_garbage(store: &KvStore, max: usize) -> Result<u64, KvError> {
             for s in 0..REF_SHARDS {
                 t.delete(Cf::Bidx, &ks::refcount_key(&h, s))?;
             }
-            if let Some(raw) = t.get(Cf::Bidx, &ks::block_info_key(&h))? {
-                resident::freed(t, &h, &BlockInfo::decode(&raw)?)?;
-            }
-            t.delete(Cf::Bidx, &ks::block_info_key(&h))?;
-            t.delete(Cf::Blocks, &ks::block_key(&h))?;
-            // Whoever deletes a value deletes its `W` key too (see `write_ahead`).
-            t.delete(Cf::Blocks, &ks::written_ahead_key(&h))?;
+            let info = match t.get(Cf::Bidx, &ks::block_info_key(&h))? {
+                Some(raw) => Some(BlockInfo::decode(&raw)?),
+                None => None,
+            };
+            resident::freed(t, &h, info.as_ref())?;
             Ok::<_, KvError>(true)
         })?;
         freed += gone as u64;

@@ -30,6 +30,13 @@ pub trait Tiering: Send + Sync {
     fn deliver_to(&self, _sink: Arc<BlockCache>) {}
 }
 
+/// Where a block not in the cache is: its content read here, or evicted (with the hook that
+/// fetches it).
+enum Here<'a> {
+    Content(Vec<u8>),
+    Evicted(&'a dyn Tiering),
+}
+
 pub struct BlockReader {
     store: Arc<KvStore>,
     tiering: std::sync::OnceLock<Arc<dyn Tiering>>,
@@ -143,16 +150,25 @@ impl BlockReader {
 
     fn load(&self, h: &Hash, len: u32) -> Result<Arc<Vec<u8>>, BlockError> {
         self.loads.fetch_add(1, Ordering::Relaxed);
-        let d = match super::read_stored(&self.store, h, len) {
-            Err(BlockError::Missing { hash }) => match self.tiering.get() {
-                Some(t) if self.evicted(h)? => t.fetch(h, len)?,
-                _ => return Err(BlockError::Missing { hash }),
-            },
-            r => r?,
+        let d = match self.stored(h, len)? {
+            Here::Content(d) => d,
+            Here::Evicted(t) => t.fetch(h, len)?,
         };
         let d = Arc::new(d);
         self.cache.insert(*h, d.clone());
         Ok(d)
+    }
+
+    /// Block `h`'s stored content, or the hook that brings it back when it is evicted here;
+    /// `Missing` when it is neither (freed meanwhile, or lost).
+    fn stored(&self, h: &Hash, len: u32) -> Result<Here<'_>, BlockError> {
+        match super::read_stored(&self.store, h, len) {
+            Err(BlockError::Missing { hash }) => match self.tiering.get() {
+                Some(t) if self.evicted(h)? => Ok(Here::Evicted(&**t)),
+                _ => Err(BlockError::Missing { hash }),
+            },
+            r => r.map(Here::Content),
+        }
     }
 
     /// Whether block `h` is evicted here (its record says so).
@@ -176,20 +192,11 @@ impl BlockReader {
         if self.cache.contains(h) {
             return Ok(());
         }
-        match super::read_stored(&self.store, h, len) {
-            Ok(d) => {
-                self.cache.insert(*h, Arc::new(d));
-                Ok(())
-            }
-            Err(BlockError::Missing { hash }) => match self.tiering.get() {
-                Some(t) if self.evicted(h)? => {
-                    t.prefetch(h, len);
-                    Ok(())
-                }
-                _ => Err(BlockError::Missing { hash }),
-            },
-            Err(e) => Err(e),
+        match self.stored(h, len)? {
+            Here::Content(d) => self.cache.insert(*h, Arc::new(d)),
+            Here::Evicted(t) => t.prefetch(h, len),
         }
+        Ok(())
     }
 }
 

@@ -4,8 +4,8 @@
 //! Every block with content here has one `A used hash` key: the last-use index, ordered by
 //! time, from which eviction takes the coldest blocks without scanning the others. Its `b`
 //! record says `used` (so the key can be found again) and `evicted`. Two merge counters sum
-//! the stored bytes of resident and of evicted blocks, so `status` and the evictor read the
-//! totals in one get. Every transaction that stores, frees, evicts or fetches a block keeps
+//! the stored bytes of resident and of evicted blocks (each kept in shards, summed by a short
+//! scan), so `status` and the evictor need not add up the blocks. Every transaction that stores, frees, evicts or fetches a block keeps
 //! the three in step; `audit` checks them against each other.
 
 use super::encode;
@@ -35,23 +35,33 @@ pub fn stored(t: &mut dyn Txn, h: &Hash, info: &mut BlockInfo) -> Result<(), KvE
     count(t, COUNTER_RESIDENT, info.stored as i64)
 }
 
-/// A block's `b` record and value are being deleted (freed): its index key and its bytes go.
-pub fn freed(t: &mut dyn Txn, h: &Hash, info: &BlockInfo) -> Result<(), KvError> {
-    if info.evicted {
-        count(t, COUNTER_EVICTED, -(info.stored as i64))
-    } else {
-        if info.pins == 0 {
-            t.delete(Cf::Bidx, &ks::last_use_key(info.used, h))?;
+/// Delete block `h`'s value here. Whoever deletes a value deletes its `W` key too (see
+/// `write_ahead`).
+fn drop_value(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
+    t.delete(Cf::Blocks, &ks::block_key(h))?;
+    t.delete(Cf::Blocks, &ks::written_ahead_key(h))
+}
+
+/// Free block `h` (nothing references it): its value, `b` record (`info`, if it has one)
+/// and index key go, and its bytes leave the counters.
+pub fn freed(t: &mut dyn Txn, h: &Hash, info: Option<&BlockInfo>) -> Result<(), KvError> {
+    drop_value(t, h)?;
+    t.delete(Cf::Bidx, &ks::block_info_key(h))?;
+    match info {
+        None => Ok(()),
+        Some(i) if i.evicted => count(t, COUNTER_EVICTED, -(i.stored as i64)),
+        Some(i) => {
+            if i.pins == 0 {
+                t.delete(Cf::Bidx, &ks::last_use_key(i.used, h))?;
+            }
+            count(t, COUNTER_RESIDENT, -(i.stored as i64))
         }
-        count(t, COUNTER_RESIDENT, -(info.stored as i64))
     }
 }
 
 /// Drop block `h`'s content here: the caller decided replicas hold it. The `b` record stays.
 pub fn evict(t: &mut dyn Txn, h: &Hash, info: &mut BlockInfo) -> Result<(), KvError> {
-    t.delete(Cf::Blocks, &ks::block_key(h))?;
-    // Whoever deletes a value deletes its `W` key too (see `write_ahead`).
-    t.delete(Cf::Blocks, &ks::written_ahead_key(h))?;
+    drop_value(t, h)?;
     t.delete(Cf::Bidx, &ks::last_use_key(info.used, h))?;
     info.evicted = true;
     t.put(Cf::Bidx, &ks::block_info_key(h), &info.encode()?)?;
@@ -169,7 +179,6 @@ pub fn index_existing(store: &KvStore) -> Result<u64, KvError> {
     let (start, end) = ks::Prefix::BlockInfo.range();
     let mut from = start;
     let mut n = 0;
-    let now = now_secs();
     loop {
         let page = store.read(|s| s.scan(Cf::Bidx, &from, &end, 4096))?;
         let Some((last, _)) = page.last() else {
@@ -178,19 +187,16 @@ pub fn index_existing(store: &KvStore) -> Result<u64, KvError> {
         from = last.clone();
         from.push(0);
         store.transact(|t| {
-            let mut bytes = 0i64;
             for (k, v) in &page {
                 let Some(h) = ks::key_hash(k) else { continue };
                 let mut info = BlockInfo::decode(v)?;
                 if t.get(Cf::Bidx, &ks::last_use_key(info.used, &h))?.is_some() || info.evicted {
                     continue;
                 }
-                info.used = now;
-                t.put(Cf::Bidx, &ks::last_use_key(now, &h), &[])?;
+                stored(t, &h, &mut info)?;
                 t.put(Cf::Bidx, k, &info.encode()?)?;
-                bytes += info.stored as i64;
             }
-            count(t, COUNTER_RESIDENT, bytes)
+            Ok::<_, KvError>(())
         })?;
         n += page.len() as u64;
     }
