@@ -5,7 +5,7 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +43,15 @@ fn wait_resident_under(store: &Path, limit: u64, secs: u64) -> serde_json::Value
     }
 }
 
+/// A mount with `opts` and a replica "home" served by a `kvfs serve` child over loopback TLS.
+fn with_replica(opts: &str) -> Option<(Mounted, PathBuf, TcpServer)> {
+    let m = common::mount_with("64K", opts)?;
+    let replica = replica_dir(&m);
+    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
+    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
+    Some((m, replica, server))
+}
+
 fn read_back(m: &Mounted, name: &str, seed: u64, len: usize) {
     let got = std::fs::read(m.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(got == pattern(seed, len), "{name} differs after fetching");
@@ -50,12 +59,9 @@ fn read_back(m: &Mounted, name: &str, seed: u64, len: usize) {
 
 #[test]
 fn a_cache_size_is_kept_and_everything_reads_back_through_fetches() {
-    let Some(mut m) = common::mount_with("64K", "cache_size=64M") else {
+    let Some((mut m, replica, server)) = with_replica("cache_size=64M") else {
         return;
     };
-    let replica = replica_dir(&m);
-    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
-    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
     sync(&m.store);
 
     // Sample the resident bytes while 256 MiB are written (8 files of 32 MiB).
@@ -173,13 +179,10 @@ fn unreplicated_data_is_never_evicted() {
 
 #[test]
 fn a_dead_replica_gives_eio_in_time_and_reads_work_again_when_it_returns() {
-    let Some(mut m) = common::mount_with("64K", "cache_size=16M,fetch_timeout=3") else {
+    let Some((mut m, replica, mut server)) = with_replica("cache_size=16M,fetch_timeout=3") else {
         return;
     };
-    let replica = replica_dir(&m);
-    let mut server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
     let addr = server.addr.clone();
-    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
     std::fs::write(m.path("cold"), pattern(1, 48 << 20)).unwrap();
     sync(&m.store);
     wait_resident_under(&m.store, 16 * MIB, 30);
@@ -221,12 +224,9 @@ fn a_dead_replica_gives_eio_in_time_and_reads_work_again_when_it_returns() {
 
 #[test]
 fn a_pinned_subtree_stays_resident_and_unpinning_lets_it_go() {
-    let Some(mut m) = common::mount_with("64K", "cache_size=8M") else {
+    let Some((mut m, _replica, server)) = with_replica("cache_size=8M") else {
         return;
     };
-    let replica = replica_dir(&m);
-    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
-    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
     std::fs::create_dir(m.path("thesis")).unwrap();
     std::fs::write(m.path("thesis/draft"), pattern(5, 6 << 20)).unwrap();
     std::fs::write(m.path("other"), pattern(6, 24 << 20)).unwrap();
@@ -272,12 +272,9 @@ fn a_pinned_subtree_stays_resident_and_unpinning_lets_it_go() {
 
 #[test]
 fn a_copy_that_shares_evicted_blocks_outlives_its_source() {
-    let Some(mut m) = common::mount_with("64K", "cache_size=4M") else {
+    let Some((mut m, replica, server)) = with_replica("cache_size=4M") else {
         return;
     };
-    let replica = replica_dir(&m);
-    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
-    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
     std::fs::write(m.path("a"), pattern(9, 16 << 20)).unwrap();
     sync(&m.store);
     let t = wait_resident_under(&m.store, 4 * MIB, 30);
