@@ -88,6 +88,20 @@ fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T
     Ok(v)
 }
 
+/// A record written at tag 2 whose tag-1 form `V1` is still read, converted by `up`.
+fn decode_v2_or_v1<T: DeserializeOwned, V1: DeserializeOwned>(
+    what: &'static str,
+    b: &[u8],
+    up: impl FnOnce(V1) -> T,
+) -> Result<T, DecodeError> {
+    match b.split_first() {
+        None => Err(err(what, "empty value")),
+        Some((1, body)) => decode_body(what, body).map(up),
+        Some((2, body)) => decode_body(what, body),
+        Some((t, _)) => Err(err(what, format!("unknown version tag {t}"))),
+    }
+}
+
 pub(crate) fn decode_v1<T: DeserializeOwned>(
     what: &'static str,
     b: &[u8],
@@ -140,27 +154,18 @@ impl FormatRecord {
         encode_tagged(2, self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        const WHAT: &str = "format record";
-        match b.split_first() {
-            None => Err(err(WHAT, "empty value")),
-            Some((1, body)) => {
-                let v: FormatRecordV1 = decode_body(WHAT, body)?;
-                Ok(FormatRecord {
-                    major: v.major,
-                    minor: v.minor,
-                    patch: v.patch,
-                    block_size: v.block_size,
-                    hash: v.hash,
-                    created: v.created,
-                    fs_id: v.fs_id,
-                    compression: COMP_NONE,
-                    level: 0,
-                    parity: false,
-                })
-            }
-            Some((2, body)) => decode_body(WHAT, body),
-            Some((t, _)) => Err(err(WHAT, format!("unknown version tag {t}"))),
-        }
+        decode_v2_or_v1("format record", b, |v: FormatRecordV1| FormatRecord {
+            major: v.major,
+            minor: v.minor,
+            patch: v.patch,
+            block_size: v.block_size,
+            hash: v.hash,
+            created: v.created,
+            fs_id: v.fs_id,
+            compression: COMP_NONE,
+            level: 0,
+            parity: false,
+        })
     }
     pub fn version(&self) -> String {
         format!("{}.{}.{}", self.major, self.minor, self.patch)
@@ -344,21 +349,12 @@ impl BlockInfo {
         encode_tagged(2, self)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        const WHAT: &str = "block info";
-        match b.split_first() {
-            Some((2, body)) => decode_body(WHAT, body),
-            Some((1, body)) => {
-                let v: BlockInfoV1 = decode_body(WHAT, body)?;
-                Ok(BlockInfo {
-                    len: v.len,
-                    stored: v.stored,
-                    encoding: v.encoding,
-                    ..Default::default()
-                })
-            }
-            None => Err(err(WHAT, "empty value")),
-            Some((t, _)) => Err(err(WHAT, format!("unknown version tag {t}"))),
-        }
+        decode_v2_or_v1("block info", b, |v: BlockInfoV1| BlockInfo {
+            len: v.len,
+            stored: v.stored,
+            encoding: v.encoding,
+            ..Default::default()
+        })
     }
 }
 
