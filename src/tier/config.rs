@@ -38,11 +38,19 @@ pub fn check(key: &str, value: &str) -> Result<(), String> {
             Ok(1..=3600) => Ok(()),
             _ => Err(format!("fetch_timeout {value:?}: seconds, 1 to 3600")),
         },
-        _ => Err(format!(
-            "unknown setting {key:?}; there are: {}",
-            KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
-        )),
+        _ => known(key),
     }
+}
+
+/// Whether `key` is a setting there is; the error lists them.
+fn known(key: &str) -> Result<(), String> {
+    if KEYS.iter().any(|(k, _)| *k == key) {
+        return Ok(());
+    }
+    Err(format!(
+        "unknown setting {key:?}; there are: {}",
+        KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+    ))
 }
 
 pub type Settings = BTreeMap<String, String>;
@@ -52,36 +60,26 @@ pub fn render(s: &Settings) -> String {
     s.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
 }
 
-pub fn read(store: &KvStore) -> Result<Settings, KvError> {
-    let Some(v) = store.get(Cf::Meta, ks::META_CONFIG)? else {
+fn decode(v: Option<Vec<u8>>) -> Result<Settings, KvError> {
+    let Some(v) = v else {
         return Ok(Settings::new());
     };
     let pairs: Vec<(String, String)> = decode_v1("settings", &v)?;
     Ok(pairs.into_iter().collect())
 }
 
+pub fn read(store: &KvStore) -> Result<Settings, KvError> {
+    decode(store.get(Cf::Meta, ks::META_CONFIG)?)
+}
+
 /// Apply `changes` (`key=value`; `key=` removes the setting) in one transaction.
 pub fn write(store: &KvStore, changes: &[(String, String)]) -> Result<Settings, KvError> {
     for (k, v) in changes {
-        if !v.is_empty() {
-            check(k, v).map_err(KvError::Other)?;
-        } else {
-            check(k, "1").or_else(|e| {
-                if e.starts_with("unknown") {
-                    Err(KvError::Other(e))
-                } else {
-                    Ok(())
-                }
-            })?;
-        }
+        let ok = if v.is_empty() { known(k) } else { check(k, v) };
+        ok.map_err(KvError::Other)?;
     }
     let out = store.transact(|t| {
-        let mut s: Settings = match t.get(Cf::Meta, ks::META_CONFIG)? {
-            Some(v) => decode_v1::<Vec<(String, String)>>("settings", &v)?
-                .into_iter()
-                .collect(),
-            None => Settings::new(),
-        };
+        let mut s = decode(t.get(Cf::Meta, ks::META_CONFIG)?)?;
         for (k, v) in changes {
             if v.is_empty() {
                 s.remove(k);
