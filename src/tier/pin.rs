@@ -44,7 +44,11 @@ impl std::fmt::Display for PinReport {
 
 /// The pinned roots.
 pub fn roots(store: &KvStore) -> Result<Vec<Ino>, KvError> {
-    Ok(match store.get(Cf::Meta, ks::META_PINS)? {
+    decode_roots(store.get(Cf::Meta, ks::META_PINS)?)
+}
+
+fn decode_roots(v: Option<Vec<u8>>) -> Result<Vec<Ino>, KvError> {
+    Ok(match v {
         Some(v) => decode_v1("pins", &v)?,
         None => Vec::new(),
     })
@@ -147,10 +151,7 @@ pub fn pin(store: &KvStore, hook: &dyn Tiering, root: Ino, up: bool) -> Result<P
         }
     }
     store.transact(|t| {
-        let mut list: Vec<Ino> = match t.get(Cf::Meta, ks::META_PINS)? {
-            Some(v) => decode_v1("pins", &v)?,
-            None => Vec::new(),
-        };
+        let mut list = decode_roots(t.get(Cf::Meta, ks::META_PINS)?)?;
         list.retain(|&i| i != root);
         if up {
             list.push(root);
