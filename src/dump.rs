@@ -11,7 +11,7 @@ use crate::keyspace::records::{
 };
 use crate::keyspace::{self as ks, Ino, InodeKey, Prefix};
 use crate::kv::{decode_i64, KvError, KvStore};
-use crate::replica::{ChangeMarker, LogHead, LogPart, ReplicaRecord, ReplicaState};
+use crate::replica::{ChangeMarker, LogHead, LogPart, ReplicaRecord, ReplicaState, Upstream};
 
 /// Longest raw value shown in full (hex); longer ones are cut.
 const SHOW_BYTES: usize = 48;
@@ -47,6 +47,7 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
             ks::META_NEXT_INO => decode_counter(v).map(|n| n.to_string()).map_err(e),
             ks::META_LOG_HEAD => LogHead::decode(v).map(|h| format!("{h:?}")).map_err(e),
             ks::META_REPLICA => ReplicaState::decode(v).map(|r| format!("{r:?}")).map_err(e),
+            ks::META_UPSTREAM => Upstream::decode(v).map(|u| format!("{u:?}")).map_err(e),
             ks::META_CONFIG => decode_v1::<Vec<(String, String)>>("settings", v)
                 .map(|s| format!("{s:?}"))
                 .map_err(e),

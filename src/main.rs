@@ -101,6 +101,11 @@ enum Cmd {
     Pin(tier_cmd::PinArgs),
     /// Undo `kvfs pin` of PATH: its blocks may be evicted again.
     Unpin(tier_cmd::PinArgs),
+    /// Make STORE a satellite of the primary at URL (mounted there with -o listen=ADDR): a
+    /// read-only follower that pulls its metadata and fetches blocks when they are read.
+    Clone(replica_cmd::CloneArgs),
+    /// Catch an unmounted satellite up with its upstream (a mounted one pulls by itself).
+    Pull { store: PathBuf },
     /// Turn a replica into the primary of its filesystem (when the old primary is lost).
     Promote { store: PathBuf },
     /// Print STORE's certificate fingerprint (what `kvfs serve --allow` takes), creating its
@@ -133,7 +138,7 @@ enum Cmd {
         mountpoint: PathBuf,
         /// Comma-separated options: ro, noatime, strictatime, nodiratime, noexec, dev, suid,
         /// allow_other, allow_root, threads=N, max_dirty=SIZE, cache_size=SIZE, min_copies=N,
-        /// fetch_timeout=SECS.
+        /// fetch_timeout=SECS, listen=ADDR (serve satellites).
         #[arg(short = 'o', default_value = "")]
         options: String,
         /// Stay attached to the terminal and log to stderr.
@@ -216,6 +221,8 @@ fn main() -> ExitCode {
         Cmd::Config(a) => tier_cmd::config_cmd(a),
         Cmd::Pin(a) => tier_cmd::pin_cmd(a, true),
         Cmd::Unpin(a) => tier_cmd::pin_cmd(a, false),
+        Cmd::Clone(a) => replica_cmd::clone(a),
+        Cmd::Pull { store } => replica_cmd::pull(&store),
         Cmd::Promote { store } => replica_cmd::promote(&store),
         Cmd::Fingerprint { store } => replica_cmd::fingerprint(&store),
         Cmd::BenchMeta { dir, files, dirs } => kvfs::bench::meta(&dir, files, dirs)

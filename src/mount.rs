@@ -40,6 +40,8 @@ pub struct MountOpts {
     /// `cache_size=`, `min_copies=`, `fetch_timeout=`: tiering settings for this mount,
     /// over the store's own (`kvfs config`).
     pub tier: Vec<(String, String)>,
+    /// `listen=ADDR`: serve this store's satellites (mutual TLS) on ADDR.
+    pub listen: Option<String>,
 }
 
 /// The kernel lets a FUSE mount hold only 1% of the dirty-page budget (about 47 MiB on this
@@ -114,6 +116,7 @@ impl MountOpts {
                         crate::tier::config::check(k, v)?;
                         o.tier.push((k.to_string(), v.to_string()));
                     }
+                    Some(("listen", a)) if !a.is_empty() => o.listen = Some(a.to_string()),
                     Some(("threads", n)) => {
                         o.threads = Some(
                             n.parse()
@@ -232,8 +235,24 @@ pub fn run(
     let (kv, format, role) = open_store(&store_dir)?;
     let read_only = opts.read_only || role != Role::Primary;
     if read_only && !opts.read_only {
-        tracing::info!("{} is a replica: mounted read-only", store_dir.display());
+        let kind = if role == Role::Satellite {
+            "satellite"
+        } else {
+            "replica"
+        };
+        tracing::info!("{} is a {kind}: mounted read-only", store_dir.display());
     }
+    let satellite = role == Role::Satellite;
+    // Bound now: a taken port is an error of the mount command, not a line in its log.
+    let listener = match &opts.listen {
+        Some(_) if role != Role::Primary || read_only => {
+            return Err(MountError::Settings(
+                "listen=: only a read-write primary serves satellites".into(),
+            ))
+        }
+        Some(addr) => Some(listen_on(addr, &store_dir)?),
+        None => None,
+    };
     if !read_only {
         // Before the first operation: every commit from now on records what it changed.
         crate::replica::track_if_replicated(&kv)?;
@@ -245,7 +264,8 @@ pub fn run(
         kv,
         format.clone(),
         FsOptions {
-            follow: role == Role::Follower,
+            // A satellite's pull changes its store under the mount as a replica's server does.
+            follow: role != Role::Primary,
             read_only: opts.read_only,
             atime: opts.atime,
             space_path: Some(store_dir.clone()),
@@ -305,14 +325,14 @@ pub fn run(
         let (fs, stop) = (fs.clone(), stop.clone());
         workers.push(spawn(
             "kvfs-maint",
-            Box::new(move || maintenance(&fs, &stop, started)),
+            Box::new(move || maintenance(&fs, &stop, started, satellite)),
         )?);
     }
     let mut fetcher = None;
     // KVFS_NO_TIERING=1: no last-use tracking, no fetching (tools/bench-tier measures what
     // tracking costs resident reads against this).
     let tiering = std::env::var_os("KVFS_NO_TIERING").is_none();
-    if !opts.read_only && tiering {
+    if (!opts.read_only || satellite) && tiering {
         let settings = crate::tier::config::TierSettings::resolve(
             &crate::tier::config::read(fs.store())?,
             &opts.tier.iter().cloned().collect(),
@@ -369,8 +389,22 @@ pub fn run(
         let (fs, stop) = (fs.clone(), stop.clone());
         workers.push(spawn("kvfs-follow", Box::new(move || follow(&fs, &stop)))?);
     }
+    if satellite {
+        let (fs, stop, dir, format) = (fs.clone(), stop.clone(), store_dir.clone(), format.clone());
+        workers.push(spawn(
+            "kvfs-pull",
+            Box::new(move || crate::replica::satellite::run(fs.store_arc(), &format, &dir, &stop)),
+        )?);
+    }
+    if let Some(l) = listener {
+        let (fs, stop, dir, format) = (fs.clone(), stop.clone(), store_dir.clone(), format.clone());
+        workers.push(spawn(
+            "kvfs-listen",
+            Box::new(move || crate::replica::listen::run(fs.store(), &format, &dir, l, &stop)),
+        )?);
+    }
     let sock = store::control_socket(&store_dir);
-    if !opts.read_only {
+    if !opts.read_only || satellite {
         match control::bind(&sock) {
             Ok(listener) => {
                 let (fs, stop, mnt) = (fs.clone(), stop.clone(), mnt.clone());
@@ -395,6 +429,11 @@ pub fn run(
     }
     drop(fetcher);
     fs.sync_all()?;
+    if satellite {
+        let _ = std::fs::remove_file(&sock);
+        fs.store().sync()?;
+        fs.store().checkpoint()?;
+    }
     if !opts.read_only {
         let _ = std::fs::remove_file(&sock);
         fs.release_all()?;
@@ -418,6 +457,25 @@ enum Role {
     Primary,
     /// A replica: followed read-only (`kvfs serve` may apply to it meanwhile).
     Follower,
+    /// A satellite: held by the mount, which pulls from its upstream and fetches blocks into
+    /// it; read-only to its users.
+    Satellite,
+}
+
+/// Bind the satellites' listener on `addr` and say where and with which certificate.
+fn listen_on(addr: &str, store_dir: &Path) -> Result<std::net::TcpListener, MountError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| MountError::Path {
+        path: PathBuf::from(addr),
+        source,
+    })?;
+    let id = crate::replica::tls::identity(store_dir)
+        .map_err(|e| MountError::Settings(format!("listen=: {e}")))?;
+    let at = l
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| addr.into());
+    tracing::info!(listening = %at, fingerprint = %id.fingerprint(), "serving satellites");
+    Ok(l)
 }
 
 fn open_store(dir: &Path) -> Result<(crate::kv::KvStore, FormatRecord, Role), MountError> {
@@ -425,10 +483,16 @@ fn open_store(dir: &Path) -> Result<(crate::kv::KvStore, FormatRecord, Role), Mo
         crate::replica::apply::is_follower_store(kv)
             .map_err(|e| crate::kv::KvError::Other(e.to_string()))
     };
+    let has_upstream = |kv: &crate::kv::KvStore| {
+        crate::replica::upstream(kv)
+            .map(|u| u.is_some())
+            .map_err(|e| crate::kv::KvError::Other(e.to_string()))
+    };
     // A replica is always followed, never held: `kvfs serve` must be able to open it to apply
     // what arrives while it is mounted. A primary (the usual case) is opened once.
     match store::open(dir) {
         Ok((kv, f)) if !is_replica(&kv)? => return Ok((kv, f, Role::Primary)),
+        Ok((kv, f)) if has_upstream(&kv)? => return Ok((kv, f, Role::Satellite)),
         Ok(_) => {}
         Err(store::StoreError::InUse(p)) => {
             let (peek, _) = store::open_read_only(dir)?;
@@ -531,7 +595,10 @@ const IDLE_CHECKPOINT: Duration = Duration::from_secs(10);
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// The timer of the write-back buffer, the heartbeat and the background sweeper.
-fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
+/// A satellite's mount (read-only to its users, its store written by its pull and fetches)
+/// has no process entry to beat and nothing of its own to sweep, but checkpoints and reclaims
+/// the space of evicted blocks.
+fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp, satellite: bool) {
     let (mut beat, mut swept) = (Instant::now(), Instant::now());
     let mut tick = 0u64;
     // Bytes of blocks freed or evicted since their space was last reclaimed.
@@ -558,7 +625,7 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
                 }
             }
         }
-        if fs.read_only() {
+        if fs.read_only() && !satellite {
             continue;
         }
         // An idle store needs no WAL: once nothing changed for a while, memtables go to table
@@ -571,7 +638,7 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
                 Err(e) => tracing::error!(error = %e, "idle checkpoint failed"),
             }
         }
-        if beat.elapsed() >= gc::HEARTBEAT {
+        if !satellite && beat.elapsed() >= gc::HEARTBEAT {
             beat = Instant::now();
             match gc::heartbeat(fs.store(), fs.mount_id(), started) {
                 Ok(true) => {}
@@ -586,10 +653,12 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp) {
         }
         if swept.elapsed() >= SWEEP_EVERY {
             swept = Instant::now();
-            let o = SweepOptions::by_mount(fs.mount_id(), false);
-            match gc::sweep(fs.store(), &o) {
-                Ok(r) => freed += r.blocks_freed * fs.block_size(),
-                Err(e) => tracing::error!(error = %e, "background sweep failed"),
+            if !satellite {
+                let o = SweepOptions::by_mount(fs.mount_id(), false);
+                match gc::sweep(fs.store(), &o) {
+                    Ok(r) => freed += r.blocks_freed * fs.block_size(),
+                    Err(e) => tracing::error!(error = %e, "background sweep failed"),
+                }
             }
             freed += fs.tier().map_or(0, |t| t.take_evicted_bytes());
             // Freed and evicted blocks give their space back only through compaction: at

@@ -303,9 +303,90 @@ pub fn promote(dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn fingerprint(dir: &Path) -> anyhow::Result<()> {
-    if !store::db_path(dir).join("CURRENT").exists() {
-        anyhow::bail!("{}: not a kvfs store", dir.display());
+    // A directory that is to become a satellite (`kvfs clone`) gets its key pair first, so
+    // that its upstream can register it before the clone.
+    let fresh = match std::fs::read_dir(dir) {
+        Ok(mut rd) => rd.all(|e| e.is_ok_and(|e| e.file_name() == "tls")),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    };
+    if !store::db_path(dir).join("CURRENT").exists() && !fresh {
+        anyhow::bail!(
+            "{}: not a kvfs store (nor an empty directory)",
+            dir.display()
+        );
     }
+    std::fs::create_dir_all(dir)?;
     println!("{}", tls::identity(dir)?.fingerprint());
+    Ok(())
+}
+
+/// `kvfs clone` options.
+#[derive(clap::Args)]
+pub struct CloneArgs {
+    /// The upstream: tcp://HOST:PORT of a primary mounted with -o listen=ADDR.
+    pub url: String,
+    /// The satellite store to create.
+    pub store: PathBuf,
+    /// The upstream's certificate fingerprint (`SHA256:...`, in its mount's log and from
+    /// `kvfs fingerprint UPSTREAM-STORE`).
+    #[arg(long)]
+    pub fingerprint: String,
+    /// Resident block bytes this satellite keeps (kept in the store as cache_size).
+    #[arg(long)]
+    pub cache_size: Option<String>,
+    /// Compression of the blocks fetched into it: none, lz4, zstd or zstd:LEVEL. Fetched
+    /// blocks keep the upstream's encoding; this is for what the store writes itself.
+    #[arg(long, default_value = "lz4")]
+    pub compression: String,
+}
+
+pub fn clone(a: CloneArgs) -> anyhow::Result<()> {
+    tool_logging("warn");
+    if let Some(v) = &a.cache_size {
+        kvfs::tier::config::check("cache_size", v).map_err(anyhow::Error::msg)?;
+    }
+    let (compression, level) =
+        FormatOptions::parse_compression(&a.compression).map_err(anyhow::Error::msg)?;
+    let create = FormatOptions {
+        compression,
+        level,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&a.store)?;
+    let me = tls::identity(&a.store)?.fingerprint();
+    if let Err(e) = replica::satellite::clone(&a.url, Some(a.fingerprint.clone()), &a.store, create)
+    {
+        anyhow::bail!(
+            "{e}\n(this satellite's certificate is {me}; the upstream accepts it once told: \
+             kvfs replica add UPSTREAM-STORE NAME satellite: --fingerprint {me})"
+        );
+    }
+    let (kv, _) = store::open(&a.store)?;
+    if let Some(v) = a.cache_size {
+        kvfs::tier::config::write(&kv, &[("cache_size".into(), v)])?;
+    }
+    let st = replica::apply::state(&kv)?.map_or(0, |s| s.applied);
+    println!(
+        "cloned {} into {} (group {st}); `kvfs mount {}` it to follow (read-only, blocks fetched when read)",
+        a.url,
+        a.store.display(),
+        a.store.display()
+    );
+    Ok(())
+}
+
+/// `kvfs pull STORE`: catch an unmounted satellite up with its upstream once.
+pub fn pull(dir: &Path) -> anyhow::Result<()> {
+    tool_logging("warn");
+    let (kv, format) = store::open(dir).map_err(|e| match e {
+        store::StoreError::InUse(p) => {
+            anyhow::anyhow!("{}: mounted (its mount pulls continuously)", p.display())
+        }
+        e => e.into(),
+    })?;
+    let kv = Arc::new(kv);
+    replica::satellite::pull_once(kv.clone(), format, dir)?;
+    let st = replica::apply::state(&kv)?.map_or(0, |s| s.applied);
+    println!("{} is at its upstream's group {st}", dir.display());
     Ok(())
 }

@@ -234,6 +234,9 @@ pub fn status(
         .into_iter()
         .map(|(_, r)| r)
         .collect();
+    let upstream = crate::replica::upstream(store)
+        .map_err(|e| crate::kv::KvError::Other(e.to_string()))?
+        .is_some();
     let settings = crate::tier::config::TierSettings::resolve(
         &crate::tier::config::read(store)?,
         &Default::default(),
@@ -252,7 +255,7 @@ pub fn status(
                 t.evicted_block_bytes += i.stored as u64;
             } else if i.pins > 0 {
                 t.pinned_bytes += i.stored as u64;
-            } else if crate::tier::copies(&i, &replicas) >= min_copies
+            } else if crate::tier::copies(&i, &replicas, upstream) >= min_copies
                 && !crate::keyspace::key_hash(k).is_some_and(|h| unlogged.contains(&h))
             {
                 t.evictable_bytes += i.stored as u64;

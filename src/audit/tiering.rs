@@ -51,11 +51,14 @@ pub(super) fn check(
         .into_iter()
         .map(|(_, r)| r)
         .collect();
+    let upstream = crate::replica::upstream(store)
+        .map_err(|e| crate::kv::KvError::Other(e.to_string()))?
+        .is_some();
     let mut unheld = 0u64;
     for (h, i) in infos {
         if i.evicted {
             evicted += i.stored as i64;
-            if crate::tier::copies(i, &replicas) == 0 {
+            if crate::tier::copies(i, &replicas, upstream) == 0 {
                 unheld += 1;
                 cx.problem(
                     ks::describe_key(&ks::block_info_key(h)),
@@ -101,14 +104,16 @@ pub(super) fn check(
             }
         }
         cx.report.notes.push(format!(
-            "{fetched} of {} evicted block(s) fetched from the replicas and verified",
-            evicted.len()
+            "{fetched} of {} evicted block(s) fetched from the {} and verified",
+            evicted.len(),
+            if upstream { "upstream" } else { "replicas" }
         ));
     }
     let n = infos.values().filter(|i| i.evicted).count();
     if n > 0 {
         cx.report.notes.push(format!(
-            "{n} evicted block(s) ({evicted} bytes) held by replicas{}",
+            "{n} evicted block(s) ({evicted} bytes) held by {}{}",
+            if upstream { "the upstream" } else { "replicas" },
             if unheld > 0 {
                 format!(", {unheld} by none")
             } else {

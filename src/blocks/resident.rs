@@ -69,6 +69,20 @@ pub fn evict(t: &mut dyn Txn, h: &Hash, info: &mut BlockInfo) -> Result<(), KvEr
     count(t, COUNTER_EVICTED, info.stored as i64)
 }
 
+/// A block known only by name (a satellite's group names it; its upstream holds it): its
+/// record, evicted from the start. Its stored size is not known until it is fetched: the
+/// content length stands for it.
+pub fn remote(t: &mut dyn Txn, h: &Hash, len: u32) -> Result<(), KvError> {
+    let info = BlockInfo {
+        len,
+        stored: len,
+        evicted: true,
+        ..Default::default()
+    };
+    t.put(Cf::Bidx, &ks::block_info_key(h), &info.encode()?)?;
+    count(t, COUNTER_EVICTED, len as i64)
+}
+
 /// Put an evicted block's content back (`value` a verified `B` value of it). Returns whether
 /// it was stored (false: the block was freed or is back already).
 pub fn restore(t: &mut dyn Txn, h: &Hash, value: &[u8]) -> Result<bool, KvError> {

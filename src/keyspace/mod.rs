@@ -192,6 +192,8 @@ pub const META_REPLICA: &[u8] = b"Mreplica";
 pub const META_CONFIG: &[u8] = b"Mconfig";
 /// The roots of pinned subtrees (`kvfs pin`).
 pub const META_PINS: &[u8] = b"Mpins";
+/// On a satellite store (format 4.1): the upstream it pulls from (`kvfs clone`).
+pub const META_UPSTREAM: &[u8] = b"Mupstream";
 
 fn with_ino(p: Prefix, ino: Ino, extra: usize) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + extra);

@@ -11,7 +11,7 @@
 use super::wire::{chunk_sums, BlockSums, ByteBuf, CHUNK};
 use super::{cf_from_u8, hold_key, scan_pages, shippable, Change, ReplicaError, ReplicaState};
 use crate::blocks::ahead::{self, Ahead};
-use crate::blocks::{self, encode::Codec, Prepared};
+use crate::blocks::{self, encode::Codec, resident, Prepared};
 use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, GarbageRecord, Inode};
 use crate::keyspace::{self as ks, Hash, Prefix};
 use crate::kv::{Cf, KvError, KvStore, Txn};
@@ -206,10 +206,26 @@ fn put_key(
     key: &[u8],
     value: &[u8],
     named: &mut Vec<Hash>,
+    satellite: bool,
 ) -> Result<(), ReplicaError> {
     if cf == Cf::Fmap {
-        let new = fmap_hash(value)?;
-        if t.get(Cf::Bidx, &ks::block_info_key(&new))?.is_none() {
+        let entry = FmapEntry::decode(value)?;
+        let new = entry.hash;
+        let known = t.get(Cf::Bidx, &ks::block_info_key(&new))?.is_some();
+        if !known && satellite {
+            // Fetched from the upstream when first read.
+            if entry.len == 0 || entry.len > blocks::encode::MAX_CONTENT {
+                return Err(ReplicaError::Refused {
+                    peer: "upstream".into(),
+                    reason: format!(
+                        "{} names a block of {} bytes",
+                        ks::describe_key(key),
+                        entry.len
+                    ),
+                });
+            }
+            resident::remote(t, &new, entry.len)?;
+        } else if !known {
             return Err(ReplicaError::Refused {
                 peer: "primary".into(),
                 reason: format!(
@@ -242,7 +258,12 @@ fn put_key(
     Ok(())
 }
 
-fn apply_change(t: &mut dyn Txn, ch: &Change, named: &mut Vec<Hash>) -> Result<(), ReplicaError> {
+fn apply_change(
+    t: &mut dyn Txn,
+    ch: &Change,
+    named: &mut Vec<Hash>,
+    satellite: bool,
+) -> Result<(), ReplicaError> {
     let bad = |cf: u8| ReplicaError::Refused {
         peer: "primary".into(),
         reason: format!("change names unknown column family {cf}"),
@@ -253,7 +274,7 @@ fn apply_change(t: &mut dyn Txn, ch: &Change, named: &mut Vec<Hash>) -> Result<(
             if !shippable(c, key) {
                 return Err(refused_key(key));
             }
-            put_key(t, c, key, value, named)
+            put_key(t, c, key, value, named, satellite)
         }
         Change::Delete { cf, key } => {
             let c = cf_from_u8(*cf).ok_or_else(|| bad(*cf))?;
@@ -285,13 +306,15 @@ fn refused_key(key: &[u8]) -> ReplicaError {
 
 /// Apply group `seq` (all its parts' changes, in order) in one transaction and sync it.
 /// `prev` must be what this replica applied last, unless it is fresh and this is the group
-/// that gives it the whole filesystem.
+/// that gives it the whole filesystem. A `satellite` takes map entries naming blocks it does
+/// not hold as evicted blocks (its upstream holds them); a replica refuses them.
 pub fn apply_group(
     store: &KvStore,
     seq: u64,
     prev: &Hash,
     chain: &Hash,
     changes: &[Change],
+    satellite: bool,
 ) -> Result<ReplicaState, ReplicaError> {
     let refuse = |reason: String| ReplicaError::Refused {
         peer: "primary".into(),
@@ -313,7 +336,7 @@ pub fn apply_group(
         let mut named = Vec::new();
         let mut max_ino = 0;
         for ch in changes {
-            apply_change(t, ch, &mut named)?;
+            apply_change(t, ch, &mut named, satellite)?;
             if let Change::Put { key, .. } = ch {
                 if key.len() == 9 && key[0] == Prefix::Inode.byte() {
                     max_ino = max_ino.max(ks::key_ino(key).unwrap_or(0));
@@ -375,6 +398,12 @@ pub fn promote(store: &KvStore) -> Result<ReplicaState, ReplicaError> {
             return Err(ReplicaError::Refused {
                 peer: "promote".into(),
                 reason: "this store was promoted already".into(),
+            });
+        }
+        if t.get(Cf::Meta, ks::META_UPSTREAM)?.is_some() {
+            return Err(ReplicaError::Refused {
+                peer: "promote".into(),
+                reason: "a satellite holds only what it fetched: it cannot become a primary (clone from a replica or promote one)".into(),
             });
         }
         st.promoted = Some(Timestamp::now());

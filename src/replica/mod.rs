@@ -21,7 +21,9 @@
 //! markers, garbage marks, refcounts (each store counts its own references).
 
 pub mod apply;
+pub mod listen;
 pub mod log;
+pub mod satellite;
 pub mod serve;
 pub mod ship;
 pub mod status;
@@ -160,6 +162,43 @@ impl ReplicaState {
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         decode_v1("replica state", b)
+    }
+}
+
+/// `M upstream` value on a satellite store: where it pulls from. A satellite is a replica
+/// store (it has `M replica`) whose groups come from this upstream, without blocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub url: String,
+    /// `SHA256:...` of the upstream's certificate (tcp:// only).
+    pub fingerprint: Option<String>,
+    pub added: Timestamp,
+}
+
+impl Upstream {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("upstream", b)
+    }
+}
+
+/// A replica record with this URL is a satellite: it connects to the primary's listener
+/// (`mount -o listen=ADDR`) and is shipped groups without blocks. It never counts as a copy.
+pub const SATELLITE_URL: &str = "satellite:";
+
+impl ReplicaRecord {
+    pub fn is_satellite(&self) -> bool {
+        self.url == SATELLITE_URL
+    }
+}
+
+/// The store's upstream, if it is a satellite.
+pub fn upstream(store: &KvStore) -> Result<Option<Upstream>, ReplicaError> {
+    match store.get(Cf::Meta, ks::META_UPSTREAM)? {
+        Some(v) => Ok(Some(Upstream::decode(&v)?)),
+        None => Ok(None),
     }
 }
 
@@ -372,7 +411,24 @@ pub fn add(
     if name.is_empty() || name.len() > 64 || name.contains(['/', '\n', ' ']) {
         return Err(ReplicaError::BadName(name.into()));
     }
-    transport::Url::parse(url)?;
+    if url == SATELLITE_URL {
+        if fingerprint.is_none() {
+            return Err(ReplicaError::BadUrl {
+                url: url.into(),
+                reason: "a satellite is known by its certificate: give --fingerprint".into(),
+            });
+        }
+    } else {
+        transport::Url::parse(url)?;
+    }
+    if apply::is_follower_store(store)? {
+        return Err(ReplicaError::Refused {
+            peer: name.into(),
+            reason:
+                "this store follows another (a replica or satellite): only a primary has replicas"
+                    .into(),
+        });
+    }
     let key = replica_key(name);
     let rec = ReplicaRecord {
         url: url.into(),

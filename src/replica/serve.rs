@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use super::apply;
 use super::transport::Duplex;
-use super::wire::{self, Msg, WireError, MAX_FETCH, MAX_HAVE, PROTO_FETCH, PROTO_MAX, PROTO_MIN};
-use super::{chain, Change, ReplicaError};
+use super::wire::{
+    self, Msg, WireError, MAX_FETCH, MAX_HAVE, PROTO_FETCH, PROTO_FOLLOW, PROTO_MAX, PROTO_MIN,
+};
+use super::{chain, Change, ReplicaError, Upstream};
 use crate::blocks::{self, encode::Codec, Prepared};
 use crate::keyspace::records::FormatRecord;
 use crate::keyspace::{self as ks, Hash};
@@ -29,10 +31,13 @@ pub struct Server {
     /// Compression and parity for a store created here.
     create: FormatOptions,
     open: Mutex<Option<Arc<Opened>>>,
+    /// A satellite's end: the store follows an upstream (recorded when it is created here) and
+    /// takes groups without their blocks.
+    satellite: Option<Upstream>,
 }
 
 pub struct Opened {
-    pub kv: KvStore,
+    pub kv: Arc<KvStore>,
     pub format: FormatRecord,
     codec: Codec,
 }
@@ -43,17 +48,27 @@ impl Server {
             path: path.to_path_buf(),
             create,
             open: Mutex::new(None),
+            satellite: None,
+        }
+    }
+
+    /// The end of satellite `path`, which follows `upstream` (created at its first `Hello`).
+    pub fn satellite(path: &Path, create: FormatOptions, upstream: Upstream) -> Server {
+        Server {
+            satellite: Some(upstream),
+            ..Server::new(path, create)
         }
     }
 
     /// A server of a replica store opened already (any engine: the simulation's in-memory
-    /// replica).
-    pub fn for_store(kv: KvStore, format: FormatRecord) -> Server {
+    /// replica), or of a satellite store (`upstream`: a mount pulling into its own store).
+    pub fn for_store(kv: Arc<KvStore>, format: FormatRecord, upstream: Option<Upstream>) -> Server {
         let codec = Codec::from_format(&format);
         Server {
             path: PathBuf::new(),
             create: FormatOptions::default(),
             open: Mutex::new(Some(Arc::new(Opened { kv, format, codec }))),
+            satellite: upstream,
         }
     }
 
@@ -68,10 +83,30 @@ impl Server {
                     self.path.display()
                 )));
             }
+            match (super::upstream(&kv)?, &self.satellite) {
+                (Some(u), None) => {
+                    return Err(refuse(format!(
+                        "{} is a satellite of {}: it takes no shipments",
+                        self.path.display(),
+                        u.url
+                    )))
+                }
+                (None, Some(_)) => {
+                    return Err(refuse(format!(
+                        "{} is a replica store, not a satellite",
+                        self.path.display()
+                    )))
+                }
+                _ => {}
+            }
             // Blocks a killed server had written ahead of the transaction naming them.
             crate::blocks::ahead::recover_written_ahead(&kv, false)?;
             let codec = Codec::from_format(&format);
-            *g = Some(Arc::new(Opened { kv, format, codec }));
+            *g = Some(Arc::new(Opened {
+                kv: Arc::new(kv),
+                format,
+                codec,
+            }));
         }
         Ok(g.clone())
     }
@@ -102,6 +137,9 @@ impl Server {
         store::format_with(&aside, &o).map_err(store_err)?;
         {
             let (kv, _) = store::open(&aside).map_err(store_err)?;
+            if let Some(u) = &self.satellite {
+                kv.transact(|t| t.put(Cf::Meta, ks::META_UPSTREAM, &u.encode()?))?;
+            }
             apply::init_state(&kv)?;
         }
         std::fs::rename(store::db_path(&aside), store::db_path(&self.path))
@@ -111,9 +149,18 @@ impl Server {
             .map_err(io("cannot sync the directory of"))?;
         let _ = std::fs::remove_dir_all(&aside);
         let (kv, format) = store::open(&self.path).map_err(store_err)?;
-        tracing::info!(store = %self.path.display(), fs_id = %ks::hex(&fs_id), "created a replica store");
+        let kind = if self.satellite.is_some() {
+            "satellite"
+        } else {
+            "replica"
+        };
+        tracing::info!(store = %self.path.display(), fs_id = %ks::hex(&fs_id), "created a {kind} store");
         let codec = Codec::from_format(&format);
-        let opened = Arc::new(Opened { kv, format, codec });
+        let opened = Arc::new(Opened {
+            kv: Arc::new(kv),
+            format,
+            codec,
+        });
         *g = Some(opened.clone());
         Ok(opened)
     }
@@ -121,7 +168,30 @@ impl Server {
     /// Serve one primary on `io` until it says `Bye` or the connection ends. Errors are also
     /// sent to the primary (best effort) and logged with the peer's name.
     pub fn session(&self, io: &mut dyn Duplex, peer: &str) -> Result<(), ReplicaError> {
-        let res = self.run(io);
+        self.session_until(io, peer, false)
+    }
+
+    /// A satellite's pull on `io`, a connection it made to its upstream: ask to follow, then
+    /// apply what comes, until the upstream says it is caught up (`once`) or the connection
+    /// ends.
+    pub fn follow(&self, io: &mut dyn Duplex, peer: &str, once: bool) -> Result<(), ReplicaError> {
+        wire::send(
+            io,
+            &Msg::Follow {
+                proto_min: PROTO_FOLLOW,
+                proto_max: PROTO_MAX,
+            },
+        )?;
+        self.session_until(io, peer, once)
+    }
+
+    fn session_until(
+        &self,
+        io: &mut dyn Duplex,
+        peer: &str,
+        once: bool,
+    ) -> Result<(), ReplicaError> {
+        let res = self.run(io, once);
         match &res {
             Ok(()) | Err(ReplicaError::Wire(WireError::Closed)) => {}
             Err(ReplicaError::Wire(WireError::Refused(_))) => {}
@@ -141,7 +211,7 @@ impl Server {
         }
     }
 
-    fn run(&self, io: &mut dyn Duplex) -> Result<(), ReplicaError> {
+    fn run(&self, io: &mut dyn Duplex, once: bool) -> Result<(), ReplicaError> {
         let (fs_id, block_size, proto) = match wire::recv(io)? {
             Msg::Hello {
                 proto_min,
@@ -257,7 +327,8 @@ impl Server {
                         }
                         storer.store_all()?;
                         let all: Vec<Change> = whole.into_iter().flatten().collect();
-                        apply::apply_group(&st.kv, seq, &prev, &claimed, &all)?;
+                        let satellite = self.satellite.is_some();
+                        apply::apply_group(&st.kv, seq, &prev, &claimed, &all, satellite)?;
                         if let Err(e) = blocks::collect_garbage(&st.kv, 4096) {
                             tracing::warn!(error = %e, "freeing unreferenced blocks failed");
                         }
@@ -270,16 +341,11 @@ impl Server {
                         )?;
                     }
                 }
-                Msg::Fetch { hashes } if proto >= PROTO_FETCH => {
-                    if hashes.len() > MAX_FETCH {
-                        return Err(refuse(format!("{} hashes in one fetch", hashes.len())));
-                    }
-                    for hash in hashes {
-                        let m = match st.kv.get(Cf::Blocks, &ks::block_key(&hash))? {
-                            Some(value) => Msg::Content { hash, value },
-                            None => Msg::NotHeld { hash },
-                        };
-                        wire::send(io, &m)?;
+                Msg::Fetch { hashes } if proto >= PROTO_FETCH => answer_fetch(&st.kv, io, hashes)?,
+                Msg::CaughtUp { .. } if self.satellite.is_some() => {
+                    if once {
+                        let _ = wire::send(io, &Msg::Bye);
+                        return Ok(());
                     }
                 }
                 Msg::Bye => return Ok(()),
@@ -287,6 +353,25 @@ impl Server {
             }
         }
     }
+}
+
+/// Answer one `Fetch` from `store`: each block's stored value, or that it is not held here.
+pub fn answer_fetch(
+    store: &KvStore,
+    io: &mut dyn Duplex,
+    hashes: Vec<Hash>,
+) -> Result<(), ReplicaError> {
+    if hashes.len() > MAX_FETCH {
+        return Err(refuse(format!("{} hashes in one fetch", hashes.len())));
+    }
+    for hash in hashes {
+        let m = match store.get(Cf::Blocks, &ks::block_key(&hash))? {
+            Some(value) => Msg::Content { hash, value },
+            None => Msg::NotHeld { hash },
+        };
+        wire::send(io, &m)?;
+    }
+    Ok(())
 }
 
 /// Gathers received blocks and stores them on a thread of its own, so that the next ones are

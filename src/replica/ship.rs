@@ -63,6 +63,8 @@ fn delta(data: &[u8], base: &BlockSums) -> Option<Vec<Option<ByteBuf>>> {
 pub struct Session {
     conn: Conn,
     name: String,
+    /// A satellite: shipped groups without blocks (it fetches what it reads).
+    follower: bool,
     pub shipped: Shipped,
     watch: Arc<Watch>,
     /// Dropped with the session: the watchdog then ends at once.
@@ -172,7 +174,7 @@ impl Session {
     }
 
     /// Between shipments the session waits on nothing; the watchdog rests.
-    fn idle(&self, idle: bool) {
+    pub(super) fn idle(&self, idle: bool) {
         self.progress();
         self.watch.busy.store(!idle, Ordering::Relaxed);
     }
@@ -262,6 +264,7 @@ impl Session {
         let mut s = Session {
             conn,
             name: name.into(),
+            follower: rec.is_satellite(),
             shipped: Shipped::default(),
             watch,
             watchdog_stop: Some(watchdog_stop),
@@ -371,6 +374,9 @@ impl Session {
                     }
                 }
             }
+        }
+        if self.follower {
+            wanted.clear();
         }
         let wanted: Vec<(Hash, (u32, Vec<u8>))> = wanted.into_iter().collect();
         let mut missing = Vec::new();
@@ -502,6 +508,11 @@ impl Session {
         }
     }
 
+    /// Tell a satellite that every group up to `head` is shipped (also its keepalive).
+    pub(super) fn caught_up(&mut self, head: u64) -> Result<(), ReplicaError> {
+        self.send(&Msg::CaughtUp { head })
+    }
+
     /// Say goodbye (best effort) and close.
     pub fn close(mut self) {
         let _ = self.send(&Msg::Bye);
@@ -552,7 +563,10 @@ pub fn sync(
 ) -> Result<Vec<SyncOutcome>, ReplicaError> {
     log::round(store)?;
     let mut out = Vec::new();
-    for (name, _) in super::replicas(store)? {
+    for (name, rec) in super::replicas(store)? {
+        if rec.is_satellite() {
+            continue;
+        }
         let r = ship_once(store, format, store_dir, &name);
         if let Err(e) = &r {
             note_error(store, &name, e);
@@ -589,8 +603,9 @@ pub fn run(store: &KvStore, format: &FormatRecord, store_dir: &Path, stop: &Atom
                     tracing::error!(error = %e, "trimming the replication log failed");
                 }
                 running.retain(|_, h| !h.is_finished());
-                for (name, _) in super::replicas(store).unwrap_or_default() {
-                    if running.contains_key(&name) {
+                for (name, r) in super::replicas(store).unwrap_or_default() {
+                    // Satellites connect to the mount's listener and pull.
+                    if running.contains_key(&name) || r.is_satellite() {
                         continue;
                     }
                     let n = name.clone();
@@ -626,6 +641,7 @@ fn shipper(
     };
     while !stop.load(Ordering::Relaxed) {
         match record(store, name) {
+            Ok(Some(r)) if r.is_satellite() => return,
             Ok(Some(r)) if r.base.is_some() => {}
             Ok(Some(_)) => {
                 sleep(Duration::from_millis(100));
@@ -681,9 +697,9 @@ fn shipper(
 }
 
 /// Whether every replica has acknowledged group `seq` (replicas waiting for their first group
-/// have not).
+/// have not). Satellites do not count: they pull when they can.
 pub fn all_acked(store: &KvStore, seq: u64) -> Result<bool, ReplicaError> {
     Ok(super::replicas(store)?
         .iter()
-        .all(|(_, r)| r.base.is_some() && r.acked >= seq))
+        .all(|(_, r)| r.is_satellite() || (r.base.is_some() && r.acked >= seq)))
 }

@@ -44,8 +44,10 @@ pub struct ReplicaOf {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Replication {
-    /// `primary` or `replica`.
+    /// `primary`, `replica` or `satellite`.
     pub role: String,
+    /// A satellite's upstream URL.
+    pub upstream: Option<String>,
     /// Last group logged, groups and bytes in the log, changes not yet logged.
     pub log_head: u64,
     pub log_groups: u64,
@@ -67,7 +69,7 @@ pub fn replication(store: &KvStore) -> Result<Replication, ReplicaError> {
             for p in log::read_group(store, *seq)?.unwrap_or_default() {
                 for ch in p.changes {
                     if let Change::Put { cf, value, .. } = ch {
-                        if cf_from_u8(cf) == Some(Cf::Fmap) {
+                        if cf_from_u8(cf) == Some(Cf::Fmap) && !r.is_satellite() {
                             block_bytes += FmapEntry::decode(&value).map_or(0, |e| e.len as u64);
                         }
                     }
@@ -101,12 +103,15 @@ pub fn replication(store: &KvStore) -> Result<Replication, ReplicaError> {
         applied_at: s.applied_at.map(|t| t.secs),
         promoted_at: s.promoted.map(|t| t.secs),
     });
+    let upstream = super::upstream(store)?.map(|u| u.url);
     let role = match &replica_of {
+        Some(r) if r.promoted_at.is_none() && upstream.is_some() => "satellite",
         Some(r) if r.promoted_at.is_none() => "replica",
         _ => "primary",
     };
     Ok(Replication {
         role: role.into(),
+        upstream,
         log_head: head.seq,
         log_groups: groups.len() as u64,
         log_bytes: groups.iter().map(|g| g.1).sum(),
@@ -122,7 +127,9 @@ impl fmt::Display for Replication {
         if let Some(r) = &self.replica_of {
             writeln!(
                 f,
-                "replica of its primary: applied group {}{}",
+                "{} of {}: applied group {}{}",
+                self.role,
+                self.upstream.as_deref().unwrap_or("its primary"),
                 r.applied,
                 r.applied_at
                     .map(|t| format!(" ({}s ago)", Timestamp::now().secs - t))

@@ -17,9 +17,11 @@ use crate::util::Timestamp;
 /// Protocol versions this build speaks. The replica, answering the primary's range, picks the
 /// highest both speak or refuses.
 pub const PROTO_MIN: u32 = 1;
-pub const PROTO_MAX: u32 = 2;
+pub const PROTO_MAX: u32 = 3;
 /// The first version with `Fetch` (fetching evicted blocks back).
 pub const PROTO_FETCH: u32 = 2;
+/// The first version with `Follow` and `CaughtUp` (satellites pulling from an upstream).
+pub const PROTO_FOLLOW: u32 = 3;
 
 /// Largest frame body: a block of the largest block size (4 MiB) with room to spare; a
 /// group's stored parts are cut at 1 MiB.
@@ -100,6 +102,14 @@ pub enum Msg {
     },
     /// One answer per hash of a `Fetch`: this store does not hold it.
     NotHeld { hash: Hash },
+    /// Satellite (version 3), first on a connection it made to an upstream: ship me your
+    /// groups. The roles then turn: the upstream sends `Hello` and ships as a primary does,
+    /// without blocks (a satellite fetches those on demand), and the satellite answers as a
+    /// replica. It is known by its certificate, which the upstream has as a satellite.
+    Follow { proto_min: u32, proto_max: u32 },
+    /// Upstream (version 3): every group up to `head` is shipped; sent after each catch-up and
+    /// every few seconds while there is nothing to ship (a keepalive).
+    CaughtUp { head: u64 },
 }
 
 /// Hashes per `Fetch` request.
@@ -236,6 +246,8 @@ pub fn name(m: &Msg) -> &'static str {
         Msg::Fetch { .. } => "Fetch",
         Msg::Content { .. } => "Content",
         Msg::NotHeld { .. } => "NotHeld",
+        Msg::Follow { .. } => "Follow",
+        Msg::CaughtUp { .. } => "CaughtUp",
     }
 }
 

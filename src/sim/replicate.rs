@@ -105,7 +105,7 @@ impl Sim {
             return Ok(false);
         };
         let (mine, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-        let server = Server::for_store(r.store(), self.format.clone());
+        let server = Server::for_store(Arc::new(r.store()), self.format.clone(), None);
         let serving = std::thread::spawn(move || {
             let mut io = theirs;
             server.session(&mut io, "simulated primary")

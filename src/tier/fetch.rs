@@ -304,8 +304,12 @@ impl Shared {
     }
 
     fn read_candidates(&self) -> Candidates {
+        // A satellite fetches from its upstream (which serves `Fetch` on its listener).
+        if let Some(up) = crate::replica::upstream(&self.store).map_err(|e| e.to_string())? {
+            return Ok(vec![("upstream".into(), up.url, up.fingerprint)]);
+        }
         let mut reps = replicas(&self.store).map_err(|e| e.to_string())?;
-        reps.retain(|(_, r)| r.base.is_some());
+        reps.retain(|(_, r)| r.base.is_some() && !r.is_satellite());
         if reps.is_empty() {
             return Err("the store has no replica".into());
         }

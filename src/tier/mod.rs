@@ -25,11 +25,15 @@ const HEADROOM: u64 = 20;
 
 /// How many replicas hold block `info` by what they acknowledged: those whose first (base)
 /// group and the latest group that named the block after a new reference are both applied.
-/// A `U` mark (a reference no group carries yet) means none can be counted on.
-pub fn copies(info: &BlockInfo, replicas: &[ReplicaRecord]) -> u32 {
+/// A `U` mark (a reference no group carries yet) means none can be counted on. On a
+/// satellite (`upstream`), every block it names is its upstream's to hold: no count is short.
+pub fn copies(info: &BlockInfo, replicas: &[ReplicaRecord], upstream: bool) -> u32 {
+    if upstream {
+        return u32::MAX;
+    }
     replicas
         .iter()
-        .filter(|r| r.base.is_some_and(|b| r.acked >= b.max(info.logged)))
+        .filter(|r| !r.is_satellite() && r.base.is_some_and(|b| r.acked >= b.max(info.logged)))
         .count() as u32
 }
 
@@ -40,6 +44,7 @@ pub fn evictable(
     h: &Hash,
     info: &BlockInfo,
     replicas: &[ReplicaRecord],
+    upstream: bool,
     min_copies: u32,
 ) -> Result<bool, KvError> {
     if info.evicted || info.pins > 0 {
@@ -48,7 +53,7 @@ pub fn evictable(
     if t.get(Cf::Bidx, &ks::unlogged_key(h))?.is_some() {
         return Ok(false);
     }
-    Ok(copies(info, replicas) >= min_copies.max(1))
+    Ok(copies(info, replicas, upstream) >= min_copies.max(1))
 }
 
 /// The replica records, each read with tracking (a replica that starts over drops what it
@@ -87,6 +92,7 @@ pub fn evict(store: &KvStore, min_copies: u32, want: u64) -> Result<Evicted, KvE
         from.push(0);
         let step = store.transact(|t| {
             let reps = replica_records(t)?;
+            let upstream = t.get(Cf::Meta, ks::META_UPSTREAM)?.is_some();
             let mut step = Evicted::default();
             for (k, _) in &page {
                 if done.bytes + step.bytes >= want {
@@ -100,7 +106,7 @@ pub fn evict(store: &KvStore, min_copies: u32, want: u64) -> Result<Evicted, KvE
                     continue;
                 };
                 let mut info = BlockInfo::decode(&raw)?;
-                if info.used != secs || !evictable(t, &h, &info, &reps, min_copies)? {
+                if info.used != secs || !evictable(t, &h, &info, &reps, upstream, min_copies)? {
                     step.kept += 1;
                     continue;
                 }

@@ -14,5 +14,6 @@ mod posix;
 mod ranges;
 mod replica;
 mod replica_faults;
+mod satellite;
 mod tier;
 mod tools;
