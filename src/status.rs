@@ -44,6 +44,9 @@ pub struct TierStatus {
     /// `cache_size` kept in the store (a mount may override it).
     pub cache_size: Option<u64>,
     pub min_copies: u32,
+    /// A satellite's: its upstream holds every block (`replication.role` says so in JSON).
+    #[serde(skip)]
+    pub satellite: bool,
     /// Stored bytes of the blocks whose content is here.
     pub resident_block_bytes: u64,
     /// Stored bytes of every block, here or evicted.
@@ -140,10 +143,14 @@ impl fmt::Display for Status {
             t.cache_size
                 .map_or("unlimited".to_string(), |c| c.to_string())
         )?;
+        let holders = match t.satellite {
+            true => "by the upstream".to_string(),
+            false => format!("by {} replica(s) or more", t.min_copies),
+        };
         writeln!(
             f,
-            "pinned bytes: {}; evictable now: {} (held by {} replica(s) or more)",
-            t.pinned_bytes, t.evictable_bytes, t.min_copies
+            "pinned bytes: {}; evictable now: {} (held {holders})",
+            t.pinned_bytes, t.evictable_bytes
         )?;
         write!(
             f,
@@ -245,6 +252,7 @@ pub fn status(
     s.tier.cache_size = settings.and_then(|t| t.cache_size);
     let min_copies = settings.map_or(1, |t| t.min_copies);
     s.tier.min_copies = min_copies;
+    s.tier.satellite = upstream;
     let (a, b) = Prefix::BlockInfo.range();
     store.for_each(Cf::Bidx, &a, &b, |k, v| {
         if let Ok(i) = BlockInfo::decode(v) {

@@ -256,7 +256,10 @@ fn follow(
             s.idle(true);
             told = Some(Instant::now());
         } else if told.is_none_or(|t| t.elapsed() >= KEEPALIVE) {
-            s.caught_up(acked)?;
+            if s.caught_up(acked).is_err() && told.is_some() {
+                // Caught up and gone: `kvfs clone` and `kvfs pull` hang up once they are.
+                return Err(WireError::Closed.into());
+            }
             told = Some(Instant::now());
         } else {
             std::thread::sleep(Duration::from_millis(50));

@@ -47,7 +47,22 @@ pub fn clone(
         added: Timestamp::now(),
     };
     let server = Server::satellite(dir, create, up.clone());
-    pull_with(&server, &up, dir, None)
+    retrying(|| pull_with(&server, &up, dir, None))
+}
+
+/// A catch-up, tried again when the upstream hung up before it was done: it does so when the
+/// satellite must start over from a new base group (made at its next logger round).
+fn retrying(mut pull: impl FnMut() -> Result<(), ReplicaError>) -> Result<(), ReplicaError> {
+    let mut tries = 0;
+    loop {
+        match pull() {
+            Err(ReplicaError::Wire(super::wire::WireError::Closed)) if tries < 3 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// The satellite store's upstream, or why it is not one.
@@ -72,7 +87,7 @@ pub fn pull_once(
 ) -> Result<(), ReplicaError> {
     let up = upstream_of(&store)?;
     let server = Server::for_store(store, format, Some(up.clone()));
-    pull_with(&server, &up, dir, None)
+    retrying(|| pull_with(&server, &up, dir, None))
 }
 
 /// Connect to the upstream and pull, until caught up (`stop` None) or until the connection

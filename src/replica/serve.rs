@@ -206,7 +206,8 @@ impl Server {
             }
         }
         match res {
-            Err(ReplicaError::Wire(WireError::Closed)) => Ok(()),
+            // A pull that must catch up was cut short: the caller says so (and may retry).
+            Err(ReplicaError::Wire(WireError::Closed)) if !once => Ok(()),
             other => other,
         }
     }
