@@ -171,14 +171,19 @@ pub enum WireError {
 
 /// Encode `m` as one frame.
 pub fn frame(m: &Msg) -> Result<Vec<u8>, WireError> {
-    let body = postcard::to_allocvec(m).map_err(|e| WireError::Decode(e.to_string()))?;
-    if body.len() > MAX_FRAME {
-        return Err(WireError::TooBig(body.len()));
+    let bad = |e: postcard::Error| WireError::Decode(e.to_string());
+    // Sized first and encoded once into place: a block's bytes are copied once, not at every
+    // doubling of a growing buffer and again behind the header.
+    let len = postcard::experimental::serialized_size(m).map_err(bad)?;
+    if len > MAX_FRAME {
+        return Err(WireError::TooBig(len));
     }
-    let mut out = Vec::with_capacity(12 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::with_capacity(12 + len);
+    out.extend_from_slice(&[0; 12]);
+    let mut out = postcard::to_extend(m, out).map_err(bad)?;
+    let sum = xxhash_rust::xxh3::xxh3_64(&out[12..]);
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    out[4..12].copy_from_slice(&sum.to_le_bytes());
     Ok(out)
 }
 

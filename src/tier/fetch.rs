@@ -197,15 +197,20 @@ impl Fetcher {
     }
 
     /// The flight of `h`, started if none is under way; the reason when no replica can be
-    /// asked now.
-    fn launch(&self, h: &Hash, len: u32, store: bool) -> Result<Arc<Flight>, String> {
+    /// asked now. What it brings is stored here unless the cache is full and it is (or joins)
+    /// a readahead: a reader catching up with the blocks fetched ahead of it streams a file,
+    /// and a stream larger than the cache would store each block only to evict it unread. A
+    /// reader's own miss outside any stream is stored (it is the most recent use).
+    fn launch(&self, h: &Hash, len: u32, ahead: bool) -> Result<Arc<Flight>, String> {
+        let full = self.shared.tier.as_ref().is_some_and(|t| t.gate.full());
         let mut f = lock(&self.shared.flights);
         if let Some(x) = f.get(h) {
-            if store {
+            if !ahead && !full {
                 x.store.store(true, Ordering::Relaxed);
             }
             return Ok(x.clone());
         }
+        let store = !ahead || !full;
         if let Some(why) = self.shared.all_down() {
             return Err(why);
         }
@@ -230,7 +235,7 @@ impl Fetcher {
 impl Tiering for Fetcher {
     fn fetch(&self, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
         let unavailable = |reason: String| BlockError::Unavailable { hash: *h, reason };
-        let flight = self.launch(h, len, true).map_err(unavailable)?;
+        let flight = self.launch(h, len, false).map_err(unavailable)?;
         let deadline = Instant::now() + self.shared.timeout;
         let mut done = lock(&flight.done);
         while done.is_none() {
@@ -258,8 +263,7 @@ impl Tiering for Fetcher {
     }
 
     fn prefetch(&self, h: &Hash, len: u32) {
-        let full = self.shared.tier.as_ref().is_some_and(|t| t.gate.full());
-        let _ = self.launch(h, len, !full);
+        let _ = self.launch(h, len, true);
     }
 
     fn used(&self, h: &Hash) {
@@ -570,12 +574,21 @@ impl Shared {
     /// Store fetched values here again (one transaction; not synced: a crash loses only
     /// copies the replicas still hold).
     fn keep(&self, got: &[(Hash, Vec<u8>)]) -> Result<(), KvError> {
-        self.store.transact(|t| {
+        let stored = self.store.transact(|t| {
+            let mut stored = 0u64;
             for (h, value) in got {
-                resident::restore(t, h, value)?;
+                if resident::restore(t, h, value)? {
+                    stored += value.len() as u64;
+                }
             }
-            Ok(())
-        })
+            Ok::<_, KvError>(stored)
+        })?;
+        // Counted at once, as a writer's flush is: the cache is full again as soon as these
+        // fill the room the last eviction made, not only at the next round.
+        if let Some(t) = &self.tier {
+            t.gate.added(stored);
+        }
+        Ok(())
     }
 
     fn land(&self, h: &Hash, r: Result<Arc<Vec<u8>>, String>) {
