@@ -44,7 +44,8 @@ const MAX_CONNECTIONS: usize = 8;
 /// `kvfs serve` options.
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// The replica store (created at the first primary's contact).
+    /// The replica store (created at the first primary's contact); a satellite store is not
+    /// served but kept following its upstream until stopped.
     pub store: PathBuf,
     /// Speak the protocol on stdin/stdout (what ssh:// and exec: run).
     #[arg(long, conflicts_with = "listen")]
@@ -89,6 +90,19 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     std::fs::create_dir_all(&a.store)?;
+    let satellite = store::db_path(&a.store).join("CURRENT").exists() && {
+        let (peek, _) = store::open_read_only(&a.store)?;
+        replica::upstream(&peek)?.is_some()
+    };
+    if satellite {
+        // A satellite is not served: `kvfs serve` keeps it following its upstream, as its
+        // mount would, until stopped.
+        let (kv, format) = store::open(&a.store)?;
+        tracing::info!(store = %a.store.display(), "a satellite: pulling from its upstream until stopped");
+        let never = std::sync::atomic::AtomicBool::new(false);
+        replica::satellite::run(Arc::new(kv), &format, &a.store, &never);
+        return Ok(());
+    }
     let server = Arc::new(Server::new(&a.store, create));
     if a.stdio {
         // Errors opening the store go to the primary too, as the session's refusal.

@@ -389,6 +389,13 @@ impl Fs {
         }
         res?;
         if let Some(t) = self.tier() {
+            if t.writing.tracks(ino) {
+                let named: Vec<_> = current
+                    .iter()
+                    .filter_map(|(_, p)| p.as_ref().map(|p| (p.hash, p.len)))
+                    .collect();
+                t.writing.wrote(ino, &named);
+            }
             // At most this much is new here (less where blocks were stored already).
             let bytes = current
                 .iter()

@@ -130,7 +130,7 @@ impl Fs {
         who: Caller,
     ) -> Result<(Attr, u64)> {
         let (ino, inode) = self.make_node(parent, name, node, who, true)?;
-        let fh = self.attach(ino, inode.size);
+        let fh = self.attach(ino, inode.size, true);
         Ok((Attr::new(ino, &inode, self.bs), fh))
     }
 

@@ -47,7 +47,7 @@ impl Fs {
             self.count_open(t, ino)?;
             Ok(inode)
         })?;
-        Ok(self.attach(ino, inode.size))
+        Ok(self.attach(ino, inode.size, write))
     }
 
     /// One more handle of this mount on `ino` in the keyspace (not on read-only mounts).
@@ -66,8 +66,25 @@ impl Fs {
         Ok(t.put(Cf::Meta, &key, &encode_counter(n + 1))?)
     }
 
-    /// A new handle on `ino` (of committed size `size`), sharing the inode's buffer.
-    pub(crate) fn attach(&self, ino: Ino, size: u64) -> u64 {
+    /// A new handle on `ino` (of committed size `size`), sharing the inode's buffer. With a
+    /// cache size, the blocks of a file open for writing are kept resident (see
+    /// [`crate::tier::Writing`]).
+    pub(crate) fn attach(&self, ino: Ino, size: u64, write: bool) -> u64 {
+        let tiered = self
+            .tier()
+            .filter(|t| write && lock(&t.settings).cache_size.is_some());
+        if let Some(t) = tiered {
+            t.writing.opened(ino, || {
+                let (a, b) = ks::fmap_range(ino, 0, u64::MAX);
+                let mut blocks = Vec::new();
+                // Best effort: a map that cannot be read leaves the file's blocks evictable.
+                let _ = self.store.for_each(Cf::Fmap, &a, &b, |_, v| {
+                    blocks.extend(FmapEntry::decode(v).ok().map(|e| (e.hash, e.len)));
+                    true
+                });
+                blocks
+            });
+        }
         let state = {
             let mut files = lock(&self.files);
             let st = files
@@ -81,6 +98,9 @@ impl Fs {
         let fh = h.next;
         h.next += 1;
         h.files.insert(fh, state);
+        if tiered.is_some() {
+            h.writers.insert(fh);
+        }
         fh
     }
 
@@ -234,8 +254,12 @@ impl Fs {
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
-        let Some(st) = lock(&self.handles).files.remove(&fh) else {
-            return errno(libc::EBADF);
+        let (st, writer) = {
+            let mut h = lock(&self.handles);
+            let Some(st) = h.files.remove(&fh) else {
+                return errno(libc::EBADF);
+            };
+            (st, h.writers.remove(&fh))
         };
         let ino = st.ino;
         let unlocked = self.unlock_handle(ino, fh);
@@ -253,6 +277,10 @@ impl Fs {
         };
         if last {
             files.remove(&ino);
+        }
+        drop(files);
+        if let Some(t) = self.tier().filter(|_| writer) {
+            t.writing.closed(ino);
         }
         flushed.and(uncounted).and(unlocked)
     }

@@ -228,6 +228,8 @@ type Listing = Arc<Vec<DirEntry>>;
 struct Handles {
     next: u64,
     files: HashMap<u64, Arc<FileState>>,
+    /// The handles open for writing.
+    writers: std::collections::HashSet<u64>,
     /// Open directories: the inode and, once read, its listing.
     dirs: HashMap<u64, (Ino, Option<Listing>)>,
 }

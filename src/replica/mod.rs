@@ -411,6 +411,15 @@ pub fn add(
     if name.is_empty() || name.len() > 64 || name.contains(['/', '\n', ' ']) {
         return Err(ReplicaError::BadName(name.into()));
     }
+    if let Some(fp) = &fingerprint {
+        let hex = fp.strip_prefix("SHA256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ReplicaError::BadUrl {
+                url: url.into(),
+                reason: format!("fingerprint {fp:?} is not SHA256: and 64 hex digits (what `kvfs fingerprint` prints)"),
+            });
+        }
+    }
     if url == SATELLITE_URL {
         if fingerprint.is_none() {
             return Err(ReplicaError::BadUrl {

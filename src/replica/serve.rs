@@ -228,6 +228,11 @@ impl Server {
                 }
                 (fs_id, block_size, proto)
             }
+            Msg::Follow { .. } => {
+                return Err(refuse(
+                    "this is a replica's server (kvfs serve): a satellite follows a primary mounted with -o listen=ADDR".into(),
+                ))
+            }
             m => return Err(unexpected(&m)),
         };
         let st = self.open_for(fs_id, block_size)?;

@@ -145,7 +145,7 @@ impl Sim {
     /// The eviction step: evict everything the rule allows (faults off), then check.
     pub(super) fn evict_all(&mut self) {
         self.faults_off();
-        let e = crate::tier::evict(self.fs().store(), 1, u64::MAX)
+        let e = crate::tier::evict(self.fs().store(), 1, u64::MAX, &|_| false)
             .unwrap_or_else(|e| self.fail(format!("evict: {e}")));
         self.stats.evicted += e.blocks;
         self.history

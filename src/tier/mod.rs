@@ -80,8 +80,14 @@ pub struct Evicted {
 }
 
 /// Evict the coldest evictable blocks until `want` stored bytes are gone or the index is
-/// exhausted: pages of the last-use index in key order, each page one transaction.
-pub fn evict(store: &KvStore, min_copies: u32, want: u64) -> Result<Evicted, KvError> {
+/// exhausted: pages of the last-use index in key order, each page one transaction. Blocks
+/// `keep` names stay (those of files open for writing).
+pub fn evict(
+    store: &KvStore,
+    min_copies: u32,
+    want: u64,
+    keep: &dyn Fn(&Hash) -> bool,
+) -> Result<Evicted, KvError> {
     let (start, end) = Prefix::LastUse.range();
     let mut from = start;
     let mut done = Evicted::default();
@@ -106,7 +112,10 @@ pub fn evict(store: &KvStore, min_copies: u32, want: u64) -> Result<Evicted, KvE
                     continue;
                 };
                 let mut info = BlockInfo::decode(&raw)?;
-                if info.used != secs || !evictable(t, &h, &info, &reps, upstream, min_copies)? {
+                if info.used != secs
+                    || keep(&h)
+                    || !evictable(t, &h, &info, &reps, upstream, min_copies)?
+                {
                     step.kept += 1;
                     continue;
                 }
@@ -257,6 +266,105 @@ pub struct Tier {
     /// Stored bytes evicted since the mount's maintenance last took them (it gives their
     /// space back with that of freed blocks).
     evicted_bytes: AtomicU64,
+    /// The blocks of the files open for writing, kept resident.
+    pub writing: Writing,
+}
+
+/// The blocks of the files this mount has open for writing (while a cache size is set):
+/// eviction leaves them alone, so that a file being rewritten in place does not wait on its
+/// replicas for the blocks it changes. Taken when a file's first writer opens it (one scan of
+/// its block map) and as its flushes name new blocks, dropped with its last writer; at most
+/// half the cache size in all (a file written larger than the cache, a big copy, must not
+/// fill the cache with what cannot be evicted: past the budget its blocks age as any other).
+#[derive(Default)]
+pub struct Writing {
+    inner: Mutex<WritingInner>,
+}
+
+#[derive(Default)]
+struct WritingInner {
+    /// Writers and the blocks taken, by file.
+    files: HashMap<u64, (u32, Vec<(Hash, u32)>)>,
+    /// How many of those lists name each block.
+    blocks: HashMap<Hash, u32>,
+    /// Content bytes taken (each block counted per list naming it), and the most there may be.
+    bytes: u64,
+    budget: u64,
+}
+
+impl WritingInner {
+    fn take(&mut self, ino: u64, blocks: &[(Hash, u32)]) {
+        let Some((_, list)) = self.files.get_mut(&ino) else {
+            return;
+        };
+        for (h, len) in blocks {
+            if self.bytes + *len as u64 > self.budget {
+                return;
+            }
+            self.bytes += *len as u64;
+            list.push((*h, *len));
+            *self.blocks.entry(*h).or_default() += 1;
+        }
+    }
+}
+
+impl Writing {
+    /// The budget, from the cache size in force.
+    pub fn set_cache_size(&self, cache_size: Option<u64>) {
+        lock(&self.inner).budget = cache_size.unwrap_or(0) / 2;
+    }
+
+    /// A writer opened `ino`; `blocks` lists its blocks and their lengths (called for its
+    /// first writer only).
+    pub fn opened(&self, ino: u64, blocks: impl FnOnce() -> Vec<(Hash, u32)>) {
+        let mut w = lock(&self.inner);
+        if let Some((n, _)) = w.files.get_mut(&ino) {
+            *n += 1;
+            return;
+        }
+        drop(w);
+        let hashes = blocks();
+        let mut w = lock(&self.inner);
+        // Another writer may have come meanwhile: then its list stands and gains these.
+        w.files.entry(ino).or_insert((0, Vec::new())).0 += 1;
+        w.take(ino, &hashes);
+    }
+
+    /// `ino`'s flush named these blocks.
+    pub fn wrote(&self, ino: u64, blocks: &[(Hash, u32)]) {
+        lock(&self.inner).take(ino, blocks);
+    }
+
+    /// A writer of `ino` closed it.
+    pub fn closed(&self, ino: u64) {
+        let mut w = lock(&self.inner);
+        let Some((n, _)) = w.files.get_mut(&ino) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        let (_, list) = w.files.remove(&ino).expect("present");
+        for (h, len) in list {
+            w.bytes -= len as u64;
+            if let Some(c) = w.blocks.get_mut(&h) {
+                *c -= 1;
+                if *c == 0 {
+                    w.blocks.remove(&h);
+                }
+            }
+        }
+    }
+
+    pub fn holds(&self, h: &Hash) -> bool {
+        lock(&self.inner).blocks.contains_key(h)
+    }
+
+    /// Whether `ino` is tracked (a flush need not list its blocks otherwise).
+    pub fn tracks(&self, ino: u64) -> bool {
+        lock(&self.inner).files.contains_key(&ino)
+    }
 }
 
 /// Persisted counters of fetching (`status` reads them; the mount adds what it did).
@@ -273,6 +381,11 @@ impl Tier {
             touches: Touches::default(),
             gate: Gate::default(),
             evicted_bytes: AtomicU64::new(0),
+            writing: {
+                let w = Writing::default();
+                w.set_cache_size(settings.cache_size);
+                w
+            },
         }
     }
 
@@ -287,6 +400,7 @@ impl Tier {
     pub fn round(&self, store: &KvStore, progress: &mut Instant) -> Result<u64, KvError> {
         self.touches.flush(store)?;
         let settings = *lock(&self.settings);
+        self.writing.set_cache_size(settings.cache_size);
         let Some(cache_size) = settings.cache_size else {
             self.gate.update(None, 0, false);
             return Ok(0);
@@ -298,7 +412,9 @@ impl Tier {
             return Ok(0);
         }
         let target = cache_size - cache_size / HEADROOM;
-        let e = evict(store, settings.min_copies, resident - target)?;
+        let e = evict(store, settings.min_copies, resident - target, &|h| {
+            self.writing.holds(h)
+        })?;
         self.evicted_bytes.fetch_add(e.bytes, Ordering::Relaxed);
         let now = resident::totals(store)?.resident;
         if e.bytes > 0 {
@@ -403,5 +519,34 @@ pub fn run(store: &KvStore, tier: &Tier, fetcher: &fetch::Fetcher, stop: &Atomic
         if stopping {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Writing;
+
+    #[test]
+    fn the_writing_set_counts_writers_and_keeps_to_its_budget() {
+        let w = Writing::default();
+        w.set_cache_size(Some(600));
+        let (a, b, c) = ([1; 32], [2; 32], [3; 32]);
+        w.opened(7, || vec![(a, 100), (b, 100)]);
+        w.opened(7, || panic!("listed once, for the first writer"));
+        w.opened(8, || vec![(a, 100)]);
+        // Over the budget of 300: not taken, left to age as any block.
+        w.wrote(7, &[(c, 100)]);
+        assert!(w.holds(&a) && w.holds(&b) && !w.holds(&c));
+        // Not tracked: nothing taken.
+        w.wrote(9, &[(c, 1)]);
+        assert!(!w.tracks(9) && !w.holds(&c));
+        w.closed(7);
+        assert!(w.holds(&b), "one writer of 7 is left");
+        w.closed(7);
+        assert!(w.holds(&a) && !w.holds(&b), "8 still names a");
+        w.wrote(8, &[(c, 100)]);
+        assert!(w.holds(&c), "room again once 7 let go");
+        w.closed(8);
+        assert!(!w.holds(&a) && !w.holds(&c));
     }
 }

@@ -129,6 +129,25 @@ fn a_satellite_follows_its_upstream_and_fetches_what_it_reads() {
     ok(&[OsStr::new("pull"), sat.as_os_str()]);
     let after = applied(&status_json(&sat));
     assert!(after > before, "pulled nothing: {before} -> {after}");
+
+    // `kvfs serve` on a satellite keeps it following without a mount.
+    let mut follower = std::process::Command::new(common::KVFS)
+        .arg("serve")
+        .arg(&sat)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(m.path("later/e"), pattern(9, 20_000)).unwrap();
+    let t0 = Instant::now();
+    while applied(&status_json(&sat)) <= after {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "kvfs serve did not pull"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    follower.kill().unwrap();
+    follower.wait().unwrap();
     let mut s = Mounted::existing(&sat, "").unwrap();
     wait_equal(&m.mnt, &s.mnt, 20);
     s.unmount();

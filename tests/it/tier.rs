@@ -304,3 +304,70 @@ fn a_copy_that_shares_evicted_blocks_outlives_its_source() {
     drop(server);
     audit_clean(&replica);
 }
+
+/// How many of the blocks file `name` names are evicted (from the store's own records: the
+/// mount's memory cache of block content would hide an eviction from a reader).
+fn evicted_blocks_of(m: &Mounted, name: &str) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(m.path(name)).unwrap().ino().to_string();
+    let map = ok(&[
+        OsStr::new("dump"),
+        m.store.as_os_str(),
+        OsStr::new("--inode"),
+        OsStr::new(&ino),
+    ]);
+    let hashes: std::collections::HashSet<&str> = map
+        .lines()
+        .filter_map(|l| l.split("=>  block ").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .collect();
+    assert!(!hashes.is_empty(), "no block map for {name}: {map}");
+    let infos = ok(&[
+        OsStr::new("dump"),
+        m.store.as_os_str(),
+        OsStr::new("--prefix"),
+        OsStr::new("b"),
+    ]);
+    infos
+        .lines()
+        .filter(|l| l.contains(" evicted"))
+        .filter_map(|l| l.strip_prefix("b ")?.split_whitespace().next())
+        .filter(|h| hashes.contains(h))
+        .count()
+}
+
+#[test]
+fn the_blocks_of_a_file_open_for_writing_stay_resident() {
+    let Some((mut m, _replica, _server)) = with_replica("cache_size=8M") else {
+        return;
+    };
+    let pressure = |m: &Mounted, from: u64| {
+        for i in from..from + 3 {
+            std::fs::write(m.path(&format!("o{i}")), pattern(50 + i, 8 << 20)).unwrap();
+        }
+        sync(&m.store);
+        wait_resident_under(&m.store, 8 * MIB, 30);
+    };
+    let mut held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(m.path("held"))
+        .unwrap();
+    std::io::Write::write_all(&mut held, &pattern(40, 4 << 20)).unwrap();
+    held.sync_all().unwrap();
+    // 24 MiB more, replicated, and the cache brought under 8 MiB: the open file stays.
+    pressure(&m, 0);
+    assert_eq!(evicted_blocks_of(&m, "held"), 0);
+    // Closed, the same pressure evicts (most of) it: its blocks are the coldest.
+    drop(held);
+    pressure(&m, 3);
+    assert!(
+        evicted_blocks_of(&m, "held") > 0,
+        "the closed file's blocks were never evicted"
+    );
+    drop_caches();
+    read_back(&m, "held", 40, 4 << 20);
+    m.unmount();
+    audit_clean(&m.store);
+}
