@@ -64,6 +64,30 @@ impl Prefetcher {
     /// Fetch block `h` (content length `len`) into the cache soon, unless it is there or on
     /// its way already.
     pub fn want(&self, h: Hash, len: u32) {
+        self.handle().want(h, len)
+    }
+
+    /// A handle to ask for blocks from another thread.
+    pub fn handle(&self) -> PrefetchHandle {
+        PrefetchHandle {
+            tx: self.tx.clone(),
+            reader: self.reader.clone(),
+            pending: self.pending.clone(),
+        }
+    }
+}
+
+/// [`Prefetcher::want`] for other threads (the prefetcher's own end closes with it: a handle
+/// kept longer only finds a closed queue).
+#[derive(Clone)]
+pub struct PrefetchHandle {
+    tx: Option<Sender<(Hash, u32)>>,
+    reader: Arc<BlockReader>,
+    pending: Arc<Mutex<HashSet<Hash>>>,
+}
+
+impl PrefetchHandle {
+    pub fn want(&self, h: Hash, len: u32) {
         let Some(tx) = &self.tx else { return };
         if self.reader.cached(&h) || !lock(&self.pending).insert(h) {
             return;

@@ -106,6 +106,9 @@ impl Fs {
                 r => r.map(|i| (ino, i)),
             }
         })?;
+        if inode.kind == Kind::File {
+            self.dir_ahead.looked_up(ino, parent, name);
+        }
         Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
     }
 

@@ -47,6 +47,10 @@ impl Fs {
             self.count_open(t, ino)?;
             Ok(inode)
         })?;
+        if !write && inode.kind == Kind::File {
+            self.dir_ahead
+                .opened(ino, &self.store, || self.prefetch.handle(), self.bs);
+        }
         Ok(self.attach(ino, inode.size, write))
     }
 

@@ -18,6 +18,7 @@ mod dir;
 mod file;
 mod lock;
 mod ranges;
+mod scan;
 mod space;
 
 use std::collections::HashMap;
@@ -210,6 +211,8 @@ pub struct Fs {
     /// The one way to block content: cache of verified blocks, single-flight reads.
     blocks: Arc<blocks::reader::BlockReader>,
     prefetch: blocks::prefetch::Prefetcher,
+    /// Readahead across the files of a directory read in order.
+    dir_ahead: scan::DirAhead,
     /// Tiering, when the mount keeps a cache size: writers wait at its gate.
     tier: std::sync::OnceLock<Arc<crate::tier::Tier>>,
     handles: Mutex<Handles>,
@@ -259,6 +262,7 @@ impl Fs {
             files: Mutex::new(HashMap::new()),
             blocks: reader,
             prefetch,
+            dir_ahead: scan::DirAhead::default(),
             tier: std::sync::OnceLock::new(),
             handles: Mutex::new(Handles {
                 next: 1,
