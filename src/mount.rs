@@ -360,9 +360,10 @@ pub fn run(
             "kvfs-tier",
             Box::new(move || crate::tier::run(fs.store(), &tier, &f, &stop)),
         )?);
-    } else if role == Role::Primary && tiering {
+    } else if tiering {
         // A read-only mount of a store with evicted blocks fetches them too, without storing
-        // them (the store is open read-only).
+        // them (the store is open read-only): a primary mounted `ro`, or a satellite followed
+        // while `kvfs serve` keeps it pulling.
         let timeout = crate::tier::config::TierSettings::resolve(
             &crate::tier::config::read(fs.store())?,
             &opts.tier.iter().cloned().collect(),

@@ -146,6 +146,10 @@ fn a_satellite_follows_its_upstream_and_fetches_what_it_reads() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A mount meanwhile follows what the server applies and fetches what it reads.
+    let mut f = Mounted::existing(&sat, "").unwrap();
+    assert!(std::fs::read(f.path("unread")).unwrap() == pattern(7, 100_000));
+    f.unmount();
     follower.kill().unwrap();
     follower.wait().unwrap();
     let mut s = Mounted::existing(&sat, "").unwrap();
