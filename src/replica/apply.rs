@@ -431,3 +431,76 @@ pub fn promote(store: &KvStore) -> Result<ReplicaState, ReplicaError> {
 pub fn is_follower_store(store: &KvStore) -> Result<bool, ReplicaError> {
     Ok(state(store)?.is_some_and(|s| s.promoted.is_none()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::OpenOptions;
+
+    fn replica_store() -> (tempfile::TempDir, KvStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = KvStore::open(
+            d.path(),
+            &OpenOptions {
+                create: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        init_state(&s).unwrap();
+        (d, s)
+    }
+
+    fn put_map(ino: u64, h: Hash, len: u32) -> Change {
+        Change::Put {
+            cf: Cf::Fmap.index() as u8,
+            key: ks::fmap_key(ino, 0),
+            value: FmapEntry { hash: h, len }.encode().unwrap(),
+        }
+    }
+
+    fn base(changes: Vec<Change>) -> Vec<Change> {
+        let (start, end) = Prefix::Fmap.range();
+        let mut all = vec![Change::Clear {
+            cf: Cf::Fmap.index() as u8,
+            start,
+            end,
+        }];
+        all.extend(changes);
+        all
+    }
+
+    #[test]
+    fn a_satellite_takes_blocks_it_lacks_as_evicted_and_a_replica_refuses_them() {
+        let h = [9u8; 32];
+        let group = base(vec![put_map(5, h, 1000)]);
+        let (_d, replica) = replica_store();
+        let e = apply_group(&replica, 1, &[0; 32], &[1; 32], &group, false).unwrap_err();
+        assert!(e.to_string().contains("never sent"), "{e}");
+
+        let (_d, sat) = replica_store();
+        apply_group(&sat, 1, &[0; 32], &[1; 32], &group, true).unwrap();
+        let info = sat.get(Cf::Bidx, &ks::block_info_key(&h)).unwrap().unwrap();
+        let info = crate::keyspace::records::BlockInfo::decode(&info).unwrap();
+        assert!(info.evicted && info.len == 1000 && info.stored == 1000);
+        assert_eq!(sat.transact(|t| blocks::refcount(t, &h)).unwrap(), 1);
+        let evicted = || resident::counter_sum(&sat, ks::COUNTER_EVICTED).unwrap();
+        assert_eq!(evicted(), 1000);
+        // A map entry of an impossible size is refused, not recorded.
+        let bad = vec![put_map(6, [8; 32], 0)];
+        assert!(apply_group(&sat, 2, &[1; 32], &[2; 32], &bad, true).is_err());
+
+        // The upstream drops the file: the block goes, its bytes leave the counter.
+        let del = vec![Change::Delete {
+            cf: Cf::Fmap.index() as u8,
+            key: ks::fmap_key(5, 0),
+        }];
+        apply_group(&sat, 2, &[1; 32], &[2; 32], &del, true).unwrap();
+        blocks::collect_all_garbage(&sat).unwrap();
+        assert!(sat
+            .get(Cf::Bidx, &ks::block_info_key(&h))
+            .unwrap()
+            .is_none());
+        assert_eq!(evicted(), 0);
+    }
+}
