@@ -55,6 +55,8 @@ pub struct Stats {
     pub crashes: u64,
     /// Shipments to the replica that went through whole (and were compared).
     pub shipments: u64,
+    /// The same for the satellite.
+    pub satellite_shipments: u64,
     /// Blocks evicted from the primary (their content then read from the replica).
     pub evicted: u64,
     /// Evicted blocks read back through the simulated remote.
@@ -85,6 +87,8 @@ struct Sim {
     touched: std::collections::HashSet<Ino>,
     /// The in-memory replica the primary ships to.
     replica: Option<replicate::SimReplica>,
+    /// An in-memory satellite, shipped groups without blocks now and then (it lags).
+    satellite: Option<replicate::SimReplica>,
     /// The "mount's" logger (one per mount: its scan positions follow its change tracker).
     logger: crate::replica::log::Logger,
     /// Where evicted blocks come back from (the replica's engine), once there is one.
@@ -129,6 +133,7 @@ impl Sim {
             args: String::new(),
             touched: Default::default(),
             replica: None,
+            satellite: None,
             logger: Default::default(),
             remote: None,
         };
@@ -503,6 +508,7 @@ pub fn run(first: u64, seeds: u64, ops: u64, faults: (u32, u32)) -> Stats {
         total.failed_ops += sim.stats.failed_ops;
         total.crashes += sim.stats.crashes;
         total.shipments += sim.stats.shipments;
+        total.satellite_shipments += sim.stats.satellite_shipments;
         total.evicted += sim.stats.evicted;
         total.fetched += sim.fetched();
     }

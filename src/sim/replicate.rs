@@ -21,6 +21,10 @@ use crate::replica::{self, apply, log, shippable, ReplicaError};
 use crate::store::{self, FormatOptions};
 
 pub(super) const NAME: &str = "sim";
+/// The satellite's name on the primary, and a certificate fingerprint of the right shape.
+const SATELLITE: &str = "sat";
+const SATELLITE_FP: &str =
+    "SHA256:0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The replica side of a simulation.
 pub(super) struct SimReplica {
@@ -71,6 +75,36 @@ impl Sim {
         apply::init_state(&kv).expect("replica state");
         let primary = KvStore::with_engine(Arc::new(self.engine.clone()));
         replica::add(&primary, NAME, "exec:simulated", None).expect("replica add");
+        // The satellite: a replica store with an upstream, known to the primary by its
+        // certificate.
+        let sat = MemEngine::new();
+        sat.set_faults(Faults::seeded(seed ^ 0x5a7e));
+        let skv = KvStore::with_engine(Arc::new(sat.clone()));
+        store::init(
+            &skv,
+            &FormatOptions {
+                block_size: self.format.block_size,
+                fs_id: Some(self.format.fs_id),
+                ..Default::default()
+            },
+        )
+        .expect("satellite init");
+        let up = replica::Upstream {
+            url: "tcp://simulated:1".into(),
+            fingerprint: None,
+            added: crate::util::Timestamp::now(),
+        };
+        skv.transact(|t| t.put(Cf::Meta, crate::keyspace::META_UPSTREAM, &up.encode()?))
+            .expect("satellite upstream");
+        apply::init_state(&skv).expect("satellite state");
+        replica::add(
+            &primary,
+            SATELLITE,
+            replica::SATELLITE_URL,
+            Some(SATELLITE_FP.into()),
+        )
+        .expect("satellite add");
+        self.satellite = Some(SimReplica { engine: sat });
         self.remote = Some(Arc::new(super::tier::SimRemote::new(
             &self.engine,
             &engine,
@@ -80,17 +114,28 @@ impl Sim {
     }
 
     fn replica_faults(&self, on: bool) {
-        let Some(r) = &self.replica else { return };
-        let mut f = r.engine.faults();
-        f.commit_error = if on { self.faults.0 } else { 0 };
-        f.conflict = if on { self.faults.1 } else { 0 };
-        f.bulk_error = if on { self.faults.0 } else { 0 };
-        r.engine.set_faults(f);
+        for r in self.replica.iter().chain(self.satellite.iter()) {
+            let mut f = r.engine.faults();
+            f.commit_error = if on { self.faults.0 } else { 0 };
+            f.conflict = if on { self.faults.1 } else { 0 };
+            f.bulk_error = if on { self.faults.0 } else { 0 };
+            r.engine.set_faults(f);
+        }
     }
 
     /// One shipment through the real protocol; `Ok(false)` when an injected fault stopped it.
     fn ship(&mut self) -> Result<bool, ReplicaError> {
-        let r = self.replica.as_ref().expect("replica");
+        let store = self.replica.as_ref().expect("replica").store();
+        self.ship_to(NAME, store, None)
+    }
+
+    /// One shipment to `name` (its store `to`; a satellite with `upstream`).
+    fn ship_to(
+        &mut self,
+        name: &str,
+        to: KvStore,
+        upstream: Option<replica::Upstream>,
+    ) -> Result<bool, ReplicaError> {
         let mut logger = std::mem::take(&mut self.logger);
         let logged = logger.round(self.fs().store());
         self.logger = logger;
@@ -98,14 +143,14 @@ impl Sim {
             return if injected(&e) { Ok(false) } else { Err(e) };
         }
         let primary = self.fs().store();
-        let Some(rec) = ship::record(primary, NAME)? else {
-            return Err(ReplicaError::Unknown(NAME.into()));
+        let Some(rec) = ship::record(primary, name)? else {
+            return Err(ReplicaError::Unknown(name.into()));
         };
         let Some(base) = rec.base else {
             return Ok(false);
         };
         let (mine, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-        let server = Server::for_store(Arc::new(r.store()), self.format.clone(), None);
+        let server = Server::for_store(Arc::new(to), self.format.clone(), upstream);
         let serving = std::thread::spawn(move || {
             let mut io = theirs;
             server.session(&mut io, "simulated primary")
@@ -113,7 +158,7 @@ impl Sim {
         let cancel = Canceller::new(|| {});
         let conn = Conn::duplex(Box::new(mine), "simulated replica".into(), cancel);
         let never = AtomicBool::new(false);
-        let res = match Session::handshake(conn, primary, &self.format, NAME, &rec, base) {
+        let res = match Session::handshake(conn, primary, &self.format, name, &rec, base) {
             Ok(Some(mut s)) => {
                 let r = s.ship_pending(primary, &never);
                 s.close();
@@ -197,11 +242,82 @@ impl Sim {
             self.fail(format!("replica audit after replicate:\n{report}"));
         }
         self.check_evicted_held("after a shipment");
+        if self.rng.pct(50) {
+            self.op_satellite();
+        }
         self.replica_faults(true);
         self.faults_on();
         self.stats.shipments += compared as u64;
         if self.rng.pct(50) {
             self.evict_all();
         }
+    }
+}
+
+impl Sim {
+    /// Ship to the satellite (groups without blocks) and check it as the replica is checked:
+    /// what it applied is a state the primary had, nothing acknowledged is lost to its crash,
+    /// and its audit is clean with every block evicted (held by its upstream).
+    fn op_satellite(&mut self) {
+        let Some(sat) = &self.satellite else { return };
+        let to = sat.store();
+        let up = replica::upstream(&to).expect("upstream");
+        self.replica_faults(true);
+        let shipped = self
+            .ship_to(SATELLITE, to, up)
+            .unwrap_or_else(|e| self.fail(format!("shipping to the satellite: {e}")));
+        self.replica_faults(false);
+        self.faults_off();
+        let head = log::head(self.fs().store()).expect("head").seq;
+        let rec = ship::record(self.fs().store(), SATELLITE)
+            .expect("record")
+            .expect("registered");
+        let applied = apply::state(&self.satellite.as_ref().expect("satellite").store())
+            .expect("state")
+            .expect("satellite")
+            .applied;
+        self.history.push_back(format!(
+            "  satellite: shipped whole {shipped}, acked {} of {head}, applied {applied}",
+            rec.acked
+        ));
+        let primary = self.fs().store();
+        let sat = self.satellite.as_ref().expect("satellite");
+        if applied < rec.acked {
+            self.fail(format!(
+                "the satellite applied {applied} but the primary recorded {} as acknowledged",
+                rec.acked
+            ));
+        }
+        let compared = shipped && rec.acked == head;
+        if compared {
+            let (p, q) = (shippable_state(primary), shippable_state(&sat.store()));
+            if p != q {
+                self.fail(format!(
+                    "the satellite differs from the primary after group {head}"
+                ));
+            }
+        }
+        if self.rng.pct(20) {
+            let extra = self.rng.below(sat.engine.unsynced() as u64 + 1) as usize;
+            self.history
+                .push_back(format!("satellite crash keeping {extra} unsynced commits"));
+            sat.engine.crash(extra);
+            let after = apply::state(&sat.store())
+                .expect("state")
+                .expect("satellite")
+                .applied;
+            if after < rec.acked {
+                self.fail(format!(
+                    "a satellite crash lost acknowledged group {} (it holds {after})",
+                    rec.acked
+                ));
+            }
+        }
+        let report = audit(&sat.store(), &AuditOptions::default())
+            .unwrap_or_else(|e| self.fail(format!("satellite audit: {e}")));
+        if !report.problems.is_empty() {
+            self.fail(format!("satellite audit:\n{report}"));
+        }
+        self.stats.satellite_shipments += compared as u64;
     }
 }

@@ -67,7 +67,12 @@ fn random_operations_survive_faults_and_crashes() {
     let s = run(1, 40, 150, (20, 30));
     eprintln!("simulation: {s:?} in {:.1?}", t0.elapsed());
     assert!(
-        s.crashes >= 40 && s.faults > 0 && s.shipments >= 10 && s.evicted > 0 && s.fetched > 0,
+        s.crashes >= 40
+            && s.faults > 0
+            && s.shipments >= 10
+            && s.satellite_shipments >= 5
+            && s.evicted > 0
+            && s.fetched > 0,
         "{s:?}"
     );
 }
@@ -103,6 +108,7 @@ fn long() {
                     t.failed_ops += s.failed_ops;
                     t.crashes += s.crashes;
                     t.shipments += s.shipments;
+                    t.satellite_shipments += s.satellite_shipments;
                     t.evicted += s.evicted;
                     t.fetched += s.fetched;
                 }
@@ -113,7 +119,7 @@ fn long() {
     let seed = next.load(std::sync::atomic::Ordering::Relaxed);
     let mins = t0.elapsed().as_secs_f64() / 60.0;
     println!(
-        "seeds {first}..{seed}: {} seeds ({:.0}/min on {workers} cores), {} operations, {} faults injected ({} operations failed on one), {} crashes survived, {} shipments compared, {} blocks evicted, {} fetched back",
+        "seeds {first}..{seed}: {} seeds ({:.0}/min on {workers} cores), {} operations, {} faults injected ({} operations failed on one), {} crashes survived, {} shipments compared ({} to the satellite), {} blocks evicted, {} fetched back",
         total.seeds,
         total.seeds as f64 / mins,
         total.ops,
@@ -121,6 +127,7 @@ fn long() {
         total.failed_ops,
         total.crashes,
         total.shipments,
+        total.satellite_shipments,
         total.evicted,
         total.fetched
     );
