@@ -368,12 +368,16 @@ pub fn clone(a: CloneArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&a.store)?;
     let me = tls::identity(&a.store)?.fingerprint();
-    if let Err(e) = replica::satellite::clone(&a.url, Some(a.fingerprint.clone()), &a.store, create)
-    {
-        anyhow::bail!(
+    match replica::satellite::clone(&a.url, Some(a.fingerprint.clone()), &a.store, create) {
+        Ok(()) => {}
+        // The upstream answered with its reason: that is the whole story.
+        Err(e @ replica::ReplicaError::Wire(replica::wire::WireError::Refused(_))) => {
+            anyhow::bail!("{e}")
+        }
+        Err(e) => anyhow::bail!(
             "{e}\n(this satellite's certificate is {me}; the upstream accepts it once told: \
              kvfs replica add UPSTREAM-STORE NAME satellite: --fingerprint {me})"
-        );
+        ),
     }
     let (kv, _) = store::open(&a.store)?;
     if let Some(v) = a.cache_size {

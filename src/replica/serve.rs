@@ -233,6 +233,7 @@ impl Server {
                     "this is a replica's server (kvfs serve): a satellite follows a primary mounted with -o listen=ADDR".into(),
                 ))
             }
+            Msg::Refused { reason } => return Err(WireError::Refused(reason).into()),
             m => return Err(unexpected(&m)),
         };
         let st = self.open_for(fs_id, block_size)?;
@@ -355,6 +356,7 @@ impl Server {
                     }
                 }
                 Msg::Bye => return Ok(()),
+                Msg::Refused { reason } => return Err(WireError::Refused(reason).into()),
                 m => return Err(unexpected(&m)),
             }
         }
