@@ -420,17 +420,26 @@ impl Shared {
         want: &[(Hash, u32)],
     ) -> Result<Vec<Got>, ReplicaError> {
         let idle = lock(&self.peers).get_mut(name).and_then(|p| p.idle.pop());
+        let reused = idle.is_some();
         let mut conn = match idle {
             Some(c) => c,
             None => self.connect(url, fingerprint)?,
         };
-        lock(&self.busy)[slot] = Some(Busy {
-            deadline: Instant::now() + self.timeout,
-            cancel: conn.canceller(),
-            peer: name.to_string(),
-        });
-        let r = self.exchange(&mut conn, name, want);
-        lock(&self.busy)[slot] = None;
+        let mut r = self.exchange_in(slot, &mut conn, name, want);
+        let cut = || {
+            lock(&self.peers)
+                .get(name)
+                .is_some_and(|p| p.down_until.is_some_and(|t| t > Instant::now()))
+        };
+        // Not after a cut for its deadline (the replica stopped answering: that is EIO within
+        // the timeout, not a second wait).
+        if r.is_err() && reused && !cut() && !self.stop.load(Ordering::Relaxed) {
+            // A connection that waited in the pool may have been closed by the other end
+            // meanwhile (a server restarted, an idle timeout): one more try on a fresh one
+            // before the replica counts as down.
+            conn = self.connect(url, fingerprint)?;
+            r = self.exchange_in(slot, &mut conn, name, want);
+        }
         let got = r?;
         lock(&self.peers)
             .entry(name.to_string())
@@ -438,6 +447,24 @@ impl Shared {
             .idle
             .push(conn);
         Ok(got)
+    }
+
+    /// [`Shared::exchange`] with its deadline watched (see [`Shared::cut_overdue`]).
+    fn exchange_in(
+        &self,
+        slot: usize,
+        conn: &mut Conn,
+        name: &str,
+        want: &[(Hash, u32)],
+    ) -> Result<Vec<Got>, ReplicaError> {
+        lock(&self.busy)[slot] = Some(Busy {
+            deadline: Instant::now() + self.timeout,
+            cancel: conn.canceller(),
+            peer: name.to_string(),
+        });
+        let r = self.exchange(conn, name, want);
+        lock(&self.busy)[slot] = None;
+        r
     }
 
     fn exchange(

@@ -371,3 +371,24 @@ fn the_blocks_of_a_file_open_for_writing_stay_resident() {
     m.unmount();
     audit_clean(&m.store);
 }
+
+#[test]
+fn a_replica_restarted_between_reads_costs_no_error() {
+    let Some((mut m, replica, mut server)) = with_replica("cache_size=16M") else {
+        return;
+    };
+    let addr = server.addr.clone();
+    std::fs::write(m.path("cold"), pattern(3, 48 << 20)).unwrap();
+    sync(&m.store);
+    wait_resident_under(&m.store, 16 * MIB, 30);
+    drop_caches();
+    read_back(&m, "cold", 3, 48 << 20);
+    // The fetcher's pooled connections now lead to a server that is gone; a new one listens
+    // at the same address.
+    server.kill();
+    let _server = TcpServer::start(&replica, &m.store, &addr);
+    drop_caches();
+    read_back(&m, "cold", 3, 48 << 20);
+    assert!(!m.log().contains("could not be fetched"), "{}", m.log());
+    m.unmount();
+}
