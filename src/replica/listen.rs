@@ -248,7 +248,13 @@ fn follow(
     let mut told = None::<Instant>;
     while !stop.load(Ordering::Relaxed) {
         let head = log::head(store)?.seq;
-        let acked = ship::record(store, name)?.map_or(0, |r| r.acked);
+        let Some(rec) = ship::record(store, name)? else {
+            // Removed while connected (`kvfs replica remove`).
+            let reason = "no longer a satellite of this store".to_string();
+            s.refuse_now(reason.clone());
+            return Err(refused(name, reason));
+        };
+        let acked = rec.acked;
         if acked < head {
             s.idle(false);
             let acked = s.ship_pending(store, stop)?;

@@ -196,7 +196,10 @@ impl Server {
             Ok(()) | Err(ReplicaError::Wire(WireError::Closed)) => {}
             Err(ReplicaError::Wire(WireError::Refused(_))) => {}
             Err(e) => {
-                tracing::error!(peer, error = %e, "shipment refused");
+                // A satellite's pull logs its own failures (and retries).
+                if self.satellite.is_none() {
+                    tracing::error!(peer, error = %e, "shipment refused");
+                }
                 let _ = wire::send(
                     io,
                     &Msg::Refused {

@@ -508,6 +508,11 @@ impl Session {
         }
     }
 
+    /// Tell the other end why the session ends (best effort), and close.
+    pub(super) fn refuse_now(mut self, reason: String) {
+        let _ = self.refuse(reason);
+    }
+
     /// Tell a satellite that every group up to `head` is shipped (also its keepalive).
     pub(super) fn caught_up(&mut self, head: u64) -> Result<(), ReplicaError> {
         self.send(&Msg::CaughtUp { head })
