@@ -297,11 +297,12 @@ pub fn collect_garbage(store: &KvStore, max: usize) -> Result<u64, KvError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kv::OpenOptions;
 
-    fn store() -> (tempfile::TempDir, KvStore) {
+    /// A RocksDB store in a temporary directory.
+    pub(crate) fn store() -> (tempfile::TempDir, KvStore) {
         let d = tempfile::tempdir().unwrap();
         let s = KvStore::open(
             d.path(),

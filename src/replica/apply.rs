@@ -435,18 +435,9 @@ pub fn is_follower_store(store: &KvStore) -> Result<bool, ReplicaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::OpenOptions;
 
     fn replica_store() -> (tempfile::TempDir, KvStore) {
-        let d = tempfile::tempdir().unwrap();
-        let s = KvStore::open(
-            d.path(),
-            &OpenOptions {
-                create: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (d, s) = crate::blocks::tests::store();
         init_state(&s).unwrap();
         (d, s)
     }

@@ -58,10 +58,10 @@ fn injected(e: &ReplicaError) -> bool {
 }
 
 impl Sim {
-    /// Make the replica store and register it with the primary (before the first mount).
-    pub(super) fn init_replica(&mut self, seed: u64) {
+    /// A fresh in-memory replica store of this filesystem, with seeded faults.
+    fn follower_engine(&self, seed: u64, upstream: Option<&replica::Upstream>) -> Arc<MemEngine> {
         let engine = MemEngine::new();
-        engine.set_faults(Faults::seeded(seed ^ 0x5eed));
+        engine.set_faults(Faults::seeded(seed));
         let kv = KvStore::with_engine(Arc::new(engine.clone()));
         store::init(
             &kv,
@@ -71,32 +71,28 @@ impl Sim {
                 ..Default::default()
             },
         )
-        .expect("replica init");
-        apply::init_state(&kv).expect("replica state");
+        .expect("follower init");
+        if let Some(up) = upstream {
+            kv.transact(|t| t.put(Cf::Meta, crate::keyspace::META_UPSTREAM, &up.encode()?))
+                .expect("satellite upstream");
+        }
+        apply::init_state(&kv).expect("follower state");
+        engine
+    }
+
+    /// Make the replica store and register it with the primary (before the first mount).
+    pub(super) fn init_replica(&mut self, seed: u64) {
+        let engine = self.follower_engine(seed ^ 0x5eed, None);
         let primary = KvStore::with_engine(Arc::new(self.engine.clone()));
         replica::add(&primary, NAME, "exec:simulated", None).expect("replica add");
         // The satellite: a replica store with an upstream, known to the primary by its
         // certificate.
-        let sat = MemEngine::new();
-        sat.set_faults(Faults::seeded(seed ^ 0x5a7e));
-        let skv = KvStore::with_engine(Arc::new(sat.clone()));
-        store::init(
-            &skv,
-            &FormatOptions {
-                block_size: self.format.block_size,
-                fs_id: Some(self.format.fs_id),
-                ..Default::default()
-            },
-        )
-        .expect("satellite init");
         let up = replica::Upstream {
             url: "tcp://simulated:1".into(),
             fingerprint: None,
             added: crate::util::Timestamp::now(),
         };
-        skv.transact(|t| t.put(Cf::Meta, crate::keyspace::META_UPSTREAM, &up.encode()?))
-            .expect("satellite upstream");
-        apply::init_state(&skv).expect("satellite state");
+        let sat = self.follower_engine(seed ^ 0x5a7e, Some(&up));
         replica::add(
             &primary,
             SATELLITE,
@@ -187,60 +183,8 @@ impl Sim {
             .push_back(format!("replicate -> shipped whole: {shipped}"));
         self.faults_off();
         self.replica_faults(false);
-        let primary = self.fs().store();
-        let head = log::head(primary).expect("head").seq;
-        let rec = ship::record(primary, NAME)
-            .expect("record")
-            .expect("registered");
-        let applied = apply::state(&self.replica.as_ref().expect("replica").store())
-            .expect("state")
-            .expect("replica")
-            .applied;
-        let line = format!(
-            "  log head {head}, acked {} (base {:?}), replica applied {applied}",
-            rec.acked, rec.base
-        );
-        self.history.push_back(line);
-        let r = self.replica.as_ref().expect("replica");
-        let primary = self.fs().store();
-        if applied < rec.acked {
-            self.fail(format!(
-                "the replica applied {applied} but the primary recorded {} as acknowledged",
-                rec.acked
-            ));
-        }
-        let compared = shipped && rec.acked == head;
-        if compared {
-            let (p, q) = (shippable_state(primary), shippable_state(&r.store()));
-            if p != q {
-                let only_p: Vec<_> = p.iter().filter(|x| !q.contains(x)).take(5).collect();
-                let only_q: Vec<_> = q.iter().filter(|x| !p.contains(x)).take(5).collect();
-                self.fail(format!(
-                    "replica differs from the primary after shipping group {head}: primary has {only_p:?}, replica has {only_q:?}"
-                ));
-            }
-        }
-        if self.rng.pct(20) {
-            let extra = self.rng.below(r.engine.unsynced() as u64 + 1) as usize;
-            self.history
-                .push_back(format!("replica crash keeping {extra} unsynced commits"));
-            r.engine.crash(extra);
-            let after = apply::state(&r.store())
-                .expect("state")
-                .expect("replica")
-                .applied;
-            if after < rec.acked {
-                self.fail(format!(
-                    "a replica crash lost acknowledged group {} (it holds {after})",
-                    rec.acked
-                ));
-            }
-        }
-        let report = audit(&r.store(), &AuditOptions::default())
-            .unwrap_or_else(|e| self.fail(format!("replica audit: {e}")));
-        if !report.problems.is_empty() {
-            self.fail(format!("replica audit after replicate:\n{report}"));
-        }
+        let engine = self.replica.as_ref().expect("replica").engine.clone();
+        let compared = self.check_follower("replica", NAME, &engine, shipped);
         self.check_evicted_held("after a shipment");
         if self.rng.pct(50) {
             self.op_satellite();
@@ -255,12 +199,11 @@ impl Sim {
 }
 
 impl Sim {
-    /// Ship to the satellite (groups without blocks) and check it as the replica is checked:
-    /// what it applied is a state the primary had, nothing acknowledged is lost to its crash,
-    /// and its audit is clean with every block evicted (held by its upstream).
+    /// Ship to the satellite (groups without blocks) and check it as the replica is checked;
+    /// its audit is clean with every block evicted (held by its upstream).
     fn op_satellite(&mut self) {
         let Some(sat) = &self.satellite else { return };
-        let to = sat.store();
+        let (to, engine) = (sat.store(), sat.engine.clone());
         let up = replica::upstream(&to).expect("upstream");
         self.replica_faults(true);
         let shipped = self
@@ -268,56 +211,71 @@ impl Sim {
             .unwrap_or_else(|e| self.fail(format!("shipping to the satellite: {e}")));
         self.replica_faults(false);
         self.faults_off();
+        let compared = self.check_follower("satellite", SATELLITE, &engine, shipped);
+        self.stats.satellite_shipments += compared as u64;
+    }
+
+    /// After a shipment to `who` (`name` on the primary, its store on `engine`): what it
+    /// applied covers what the primary recorded as acknowledged, it equals the primary when
+    /// the shipment went through to the head (the simulation is quiescent between steps, so
+    /// "the state at the last group" is "now"), a crash of it (sometimes) loses nothing
+    /// acknowledged, and its audit is clean. Returns whether it was compared.
+    fn check_follower(
+        &mut self,
+        who: &str,
+        name: &str,
+        engine: &Arc<MemEngine>,
+        shipped: bool,
+    ) -> bool {
+        let follower = || KvStore::with_engine(Arc::new(engine.clone()));
         let head = log::head(self.fs().store()).expect("head").seq;
-        let rec = ship::record(self.fs().store(), SATELLITE)
+        let rec = ship::record(self.fs().store(), name)
             .expect("record")
             .expect("registered");
-        let applied = apply::state(&self.satellite.as_ref().expect("satellite").store())
-            .expect("state")
-            .expect("satellite")
-            .applied;
+        let applied = |kv: &KvStore| apply::state(kv).expect("state").expect(who).applied;
+        let now = applied(&follower());
         self.history.push_back(format!(
-            "  satellite: shipped whole {shipped}, acked {} of {head}, applied {applied}",
-            rec.acked
+            "  {who}: log head {head}, acked {} (base {:?}), applied {now}",
+            rec.acked, rec.base
         ));
-        let primary = self.fs().store();
-        let sat = self.satellite.as_ref().expect("satellite");
-        if applied < rec.acked {
+        if now < rec.acked {
             self.fail(format!(
-                "the satellite applied {applied} but the primary recorded {} as acknowledged",
+                "the {who} applied {now} but the primary recorded {} as acknowledged",
                 rec.acked
             ));
         }
         let compared = shipped && rec.acked == head;
         if compared {
-            let (p, q) = (shippable_state(primary), shippable_state(&sat.store()));
+            let (p, q) = (
+                shippable_state(self.fs().store()),
+                shippable_state(&follower()),
+            );
             if p != q {
+                let only_p: Vec<_> = p.iter().filter(|x| !q.contains(x)).take(5).collect();
+                let only_q: Vec<_> = q.iter().filter(|x| !p.contains(x)).take(5).collect();
                 self.fail(format!(
-                    "the satellite differs from the primary after group {head}"
+                    "the {who} differs from the primary after group {head}: primary has {only_p:?}, {who} has {only_q:?}"
                 ));
             }
         }
         if self.rng.pct(20) {
-            let extra = self.rng.below(sat.engine.unsynced() as u64 + 1) as usize;
+            let extra = self.rng.below(engine.unsynced() as u64 + 1) as usize;
             self.history
-                .push_back(format!("satellite crash keeping {extra} unsynced commits"));
-            sat.engine.crash(extra);
-            let after = apply::state(&sat.store())
-                .expect("state")
-                .expect("satellite")
-                .applied;
+                .push_back(format!("{who} crash keeping {extra} unsynced commits"));
+            engine.crash(extra);
+            let after = applied(&follower());
             if after < rec.acked {
                 self.fail(format!(
-                    "a satellite crash lost acknowledged group {} (it holds {after})",
+                    "a {who} crash lost acknowledged group {} (it holds {after})",
                     rec.acked
                 ));
             }
         }
-        let report = audit(&sat.store(), &AuditOptions::default())
-            .unwrap_or_else(|e| self.fail(format!("satellite audit: {e}")));
+        let report = audit(&follower(), &AuditOptions::default())
+            .unwrap_or_else(|e| self.fail(format!("{who} audit: {e}")));
         if !report.problems.is_empty() {
-            self.fail(format!("satellite audit:\n{report}"));
+            self.fail(format!("{who} audit after a shipment:\n{report}"));
         }
-        self.stats.satellite_shipments += compared as u64;
+        compared
     }
 }

@@ -52,6 +52,14 @@ fn with_replica(opts: &str) -> Option<(Mounted, PathBuf, TcpServer)> {
     Some((m, replica, server))
 }
 
+/// 48 MiB written to `cold`, replicated, and the cache (16 MiB) brought under its size: most
+/// of the file is evicted.
+fn cold_file(m: &Mounted, seed: u64) {
+    std::fs::write(m.path("cold"), pattern(seed, 48 << 20)).unwrap();
+    sync(&m.store);
+    wait_resident_under(&m.store, 16 * MIB, 30);
+}
+
 fn read_back(m: &Mounted, name: &str, seed: u64, len: usize) {
     let got = std::fs::read(m.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(got == pattern(seed, len), "{name} differs after fetching");
@@ -183,9 +191,7 @@ fn a_dead_replica_gives_eio_in_time_and_reads_work_again_when_it_returns() {
         return;
     };
     let addr = server.addr.clone();
-    std::fs::write(m.path("cold"), pattern(1, 48 << 20)).unwrap();
-    sync(&m.store);
-    wait_resident_under(&m.store, 16 * MIB, 30);
+    cold_file(&m, 1);
     // Written now: resident (the newest data is not replicated yet, and is the hottest).
     std::fs::write(m.path("hot"), pattern(2, 1 << 20)).unwrap();
 
@@ -378,9 +384,7 @@ fn a_replica_restarted_between_reads_costs_no_error() {
         return;
     };
     let addr = server.addr.clone();
-    std::fs::write(m.path("cold"), pattern(3, 48 << 20)).unwrap();
-    sync(&m.store);
-    wait_resident_under(&m.store, 16 * MIB, 30);
+    cold_file(&m, 3);
     drop_caches();
     read_back(&m, "cold", 3, 48 << 20);
     // The fetcher's pooled connections now lead to a server that is gone; a new one listens
