@@ -103,6 +103,10 @@ impl Fs {
                         ks::describe_key(&key)
                     ),
                 }),
+                // "." of a node is how the kernel resolves a file handle: one whose last name
+                // is gone is stale (ESTALE), as on ext4, even while a close of it is still on
+                // its way here and keeps the inode for a moment.
+                Ok(i) if name == b"." && i.nlink == 0 => errno(libc::ENOENT),
                 r => r.map(|i| (ino, i)),
             }
         })?;
