@@ -503,6 +503,9 @@ impl Fs {
             return Ok(list);
         }
         let (list, due) = self.list_dir(ino)?;
+        let files = list.iter().filter(|e| e.kind == Kind::File);
+        self.dir_ahead
+            .listed(ino, files.map(|e| (e.ino, e.name.as_slice())));
         let list = Arc::new(list);
         if let Some(d) = lock(&self.handles).dirs.get_mut(&fh) {
             d.1 = Some(list.clone());

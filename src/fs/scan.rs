@@ -3,10 +3,12 @@
 //! gave (name order here), and read each small file whole: the sequential readahead of one
 //! file never starts, and every file waits for its first block (a disk read when cold, a round
 //! trip to a replica when evicted). Once two files of a directory have been opened in name
-//! order, the first blocks of the files after them are handed to the prefetcher, a window at
-//! a time, from a thread of their own. A lookup alone (`ls -l`, `stat`) starts nothing: only
-//! a lookup followed by an open of the same file counts, so listing a directory of evicted
-//! files fetches nothing.
+//! order (or its first file was, right after the directory was listed: the way `tar` and
+//! `cp -r` walk; a file opened after `ls` is seldom the first), the first
+//! blocks of the files after them are handed to the prefetcher, a window at a time, from a
+//! thread of their own. A lookup alone (`ls -l`, `stat`) starts nothing: only a lookup
+//! followed by an open of the same file counts, so listing a directory of evicted files
+//! fetches nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,9 @@ use crate::util::lock;
 
 /// Files looked up lately, remembered to learn where an opened file sits.
 const RECENT: usize = 64;
+/// Regular files of the directories listed lately (readdirplus gives the kernel their
+/// attributes, so no lookup tells where they sit); the table starts over past this.
+const LISTED_FILES: usize = 1 << 16;
 /// Directories followed at once (past that the table starts over).
 const DIRS: usize = 64;
 /// Entries looked at per window, and content bytes asked for per window.
@@ -31,6 +36,10 @@ const FILE_BYTES: u64 = 1 << 20;
 pub(super) struct DirAhead {
     /// Regular files looked up lately, newest last: file, directory, name.
     recent: Mutex<VecDeque<(Ino, Ino, Vec<u8>)>>,
+    /// Directories listed lately (readdir), newest last, with their first regular file.
+    listed: Mutex<VecDeque<(Ino, Vec<u8>)>>,
+    /// Where the regular files of those listings sit: directory and name.
+    listed_files: Mutex<HashMap<Ino, (Ino, Vec<u8>)>>,
     dirs: Arc<Mutex<HashMap<Ino, Scan>>>,
 }
 
@@ -58,6 +67,31 @@ impl DirAhead {
         r.push_back((ino, parent, name.to_vec()));
     }
 
+    /// Directory `ino` was listed: its regular files, in order.
+    pub(super) fn listed<'a>(&self, ino: Ino, mut files: impl Iterator<Item = (Ino, &'a [u8])>) {
+        let Some((f0, first)) = files.next() else {
+            return;
+        };
+        {
+            let mut m = lock(&self.listed_files);
+            if m.len() >= LISTED_FILES {
+                m.clear();
+            }
+            m.insert(f0, (ino, first.to_vec()));
+            for (f, name) in files {
+                m.insert(f, (ino, name.to_vec()));
+            }
+        }
+        let mut l = lock(&self.listed);
+        if l.back().is_some_and(|(i, _)| *i == ino) {
+            return;
+        }
+        if l.len() >= RECENT {
+            l.pop_front();
+        }
+        l.push_back((ino, first.to_vec()));
+    }
+
     /// File `ino` was opened for reading: when it continues a scan of its directory in name
     /// order and the window ahead runs short, ask for the next window's blocks.
     pub(super) fn opened(
@@ -67,14 +101,19 @@ impl DirAhead {
         prefetch: impl FnOnce() -> PrefetchHandle,
         bs: u64,
     ) {
-        let Some((parent, name)) = lock(&self.recent)
+        let looked_up = lock(&self.recent)
             .iter()
             .rev()
             .find(|(i, _, _)| *i == ino)
-            .map(|(_, p, n)| (*p, n.clone()))
+            .map(|(_, p, n)| (*p, n.clone()));
+        let Some((parent, name)) =
+            looked_up.or_else(|| lock(&self.listed_files).get(&ino).cloned())
         else {
             return;
         };
+        let first_of_listing = lock(&self.listed)
+            .iter()
+            .any(|(d, first)| *d == parent && *first == name);
         let from = {
             let mut dirs = lock(&self.dirs);
             if dirs.len() >= DIRS && !dirs.contains_key(&parent) {
@@ -88,7 +127,8 @@ impl DirAhead {
             }
             s.last = name.clone();
             let due = s.refill_at.as_ref().is_none_or(|r| name >= *r);
-            if s.run < 2 || s.busy || !due {
+            let needed = if first_of_listing { 1 } else { 2 };
+            if s.run < needed || s.busy || !due {
                 return;
             }
             let from = match &s.end {
@@ -156,6 +196,12 @@ fn window(
                 }
             }
         }
+        tracing::debug!(
+            dir = parent,
+            entries = entries.len(),
+            bytes,
+            "prefetching the files ahead of a scan"
+        );
         let last = match entries.len() {
             n if n < WINDOW_FILES => None,
             _ => entries.last().map(|(k, _)| ks::dirent_name(k).to_vec()),
