@@ -484,16 +484,11 @@ fn open_store(dir: &Path) -> Result<(crate::kv::KvStore, FormatRecord, Role), Mo
         crate::replica::apply::is_follower_store(kv)
             .map_err(|e| crate::kv::KvError::Other(e.to_string()))
     };
-    let has_upstream = |kv: &crate::kv::KvStore| {
-        crate::replica::upstream(kv)
-            .map(|u| u.is_some())
-            .map_err(|e| crate::kv::KvError::Other(e.to_string()))
-    };
     // A replica is always followed, never held: `kvfs serve` must be able to open it to apply
     // what arrives while it is mounted. A primary (the usual case) is opened once.
     match store::open(dir) {
         Ok((kv, f)) if !is_replica(&kv)? => return Ok((kv, f, Role::Primary)),
-        Ok((kv, f)) if has_upstream(&kv)? => return Ok((kv, f, Role::Satellite)),
+        Ok((kv, f)) if crate::replica::is_satellite(&kv)? => return Ok((kv, f, Role::Satellite)),
         Ok(_) => {}
         Err(store::StoreError::InUse(p)) => {
             let (peek, _) = store::open_read_only(dir)?;

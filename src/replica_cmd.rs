@@ -92,7 +92,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.store)?;
     let satellite = store::db_path(&a.store).join("CURRENT").exists() && {
         let (peek, _) = store::open_read_only(&a.store)?;
-        replica::upstream(&peek)?.is_some()
+        replica::is_satellite(&peek)?
     };
     if satellite {
         // A satellite is not served: `kvfs serve` keeps it following its upstream, as its

@@ -241,9 +241,7 @@ pub fn status(
         .into_iter()
         .map(|(_, r)| r)
         .collect();
-    let upstream = crate::replica::upstream(store)
-        .map_err(|e| crate::kv::KvError::Other(e.to_string()))?
-        .is_some();
+    let upstream = crate::replica::is_satellite(store)?;
     let settings = crate::tier::config::TierSettings::resolve(
         &crate::tier::config::read(store)?,
         &Default::default(),

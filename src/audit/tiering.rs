@@ -51,9 +51,7 @@ pub(super) fn check(
         .into_iter()
         .map(|(_, r)| r)
         .collect();
-    let upstream = crate::replica::upstream(store)
-        .map_err(|e| crate::kv::KvError::Other(e.to_string()))?
-        .is_some();
+    let upstream = crate::replica::is_satellite(store)?;
     let mut unheld = 0u64;
     for (h, i) in infos {
         if i.evicted {

@@ -202,6 +202,19 @@ pub fn upstream(store: &KvStore) -> Result<Option<Upstream>, ReplicaError> {
     }
 }
 
+/// Whether the store is a satellite ([`upstream`] for callers that speak [`KvError`]).
+pub fn is_satellite(store: &KvStore) -> Result<bool, KvError> {
+    upstream(store)
+        .map(|u| u.is_some())
+        .map_err(|e| KvError::Other(e.to_string()))
+}
+
+/// Make a store being created a satellite of `up`.
+pub fn set_upstream(store: &KvStore, up: &Upstream) -> Result<(), ReplicaError> {
+    store.transact(|t| t.put(Cf::Meta, ks::META_UPSTREAM, &up.encode()?))?;
+    Ok(())
+}
+
 /// `c seq`
 pub fn change_key(seq: u64) -> Vec<u8> {
     let mut k = vec![Prefix::Change.byte()];

@@ -138,7 +138,7 @@ impl Server {
         {
             let (kv, _) = store::open(&aside).map_err(store_err)?;
             if let Some(u) = &self.satellite {
-                kv.transact(|t| t.put(Cf::Meta, ks::META_UPSTREAM, &u.encode()?))?;
+                super::set_upstream(&kv, u)?;
             }
             apply::init_state(&kv)?;
         }

@@ -73,8 +73,7 @@ impl Sim {
         )
         .expect("follower init");
         if let Some(up) = upstream {
-            kv.transact(|t| t.put(Cf::Meta, crate::keyspace::META_UPSTREAM, &up.encode()?))
-                .expect("satellite upstream");
+            replica::set_upstream(&kv, up).expect("satellite upstream");
         }
         apply::init_state(&kv).expect("follower state");
         engine
