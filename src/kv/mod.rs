@@ -127,6 +127,10 @@ pub trait Txn {
     fn logs_changes(&self) -> bool {
         false
     }
+    /// Record this transaction's past (history) under the moment `at` (nanoseconds since the
+    /// epoch) instead of the commit's: a replica applying a group keeps it at the moment its
+    /// primary took it. A moment not above the last one recorded is raised to just above it.
+    fn record_at(&mut self, _at: u64) {}
     /// Add `delta` to the sharded counter `key` (in a family that sums): the transaction's
     /// deltas to one key are summed and written as one merge operand to `key` `/` a random
     /// shard below [`SUM_SHARDS`] at commit, so that concurrent transactions rarely write the
@@ -305,12 +309,62 @@ pub trait ChangeTracker: Send + Sync {
 
 type Tracker = Option<Arc<dyn ChangeTracker>>;
 
+/// What a key held before a transaction first wrote it (`None`: absent).
+pub type Before = (Cf, Vec<u8>, Option<Vec<u8>>);
+
+/// Keeps the past of some keys (history): for every transaction that writes one, the value
+/// each had before, written at commit under one moment. The kv layer knows neither which
+/// keys nor how the past is encoded: the recorder says. Installed with
+/// [`KvStore::record_history`].
+pub trait HistoryRecorder: Send + Sync {
+    /// Whether the past of `key` in `cf` is kept.
+    fn wants(&self, cf: Cf, key: &[u8]) -> bool;
+    /// Write into `t` what keeps `befores` (each key's value before `t`), as the state that
+    /// ended at `at` (nanoseconds since the epoch; unique and increasing per store).
+    fn record(&self, t: &mut dyn Txn, at: u64, befores: &[Before]) -> Result<(), KvError>;
+}
+
+type Recorder = Option<Arc<dyn HistoryRecorder>>;
+
+/// The moments of history commits: each gets one above the last, and commits in that order.
+struct Clock {
+    last: u64,
+}
+
 /// The store as the filesystem sees it: an engine plus the transaction loop.
 pub struct KvStore {
     engine: Arc<dyn Engine>,
     /// Held for reading across each commit, so that once [`KvStore::track_changes`] returns,
     /// every later commit carries its marker.
     tracker: std::sync::RwLock<Tracker>,
+    /// Same for the history recorder.
+    history: std::sync::RwLock<Recorder>,
+    /// Held across every commit that records history, so that moments follow commit order.
+    clock: std::sync::Mutex<Clock>,
+}
+
+fn same_recorder(a: &Recorder, b: &Recorder) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// What a commit needs for history: the recorder the transaction began with, the values
+/// it replaced, and the moment it asked for.
+struct Past<'a> {
+    began_with: &'a Recorder,
+    befores: &'a [Before],
+    at: Option<u64>,
+}
+
+/// Now, in nanoseconds since the epoch (the unit of history's moments).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn same_tracker(a: &Tracker, b: &Tracker) -> bool {
@@ -321,22 +375,39 @@ fn same_tracker(a: &Tracker, b: &Tracker) -> bool {
     }
 }
 
-/// A transaction that notes the keys its tracker wants.
+/// A transaction that notes the keys its tracker wants, and the past of those its history
+/// recorder wants.
 struct Tracked<'a> {
     inner: &'a mut dyn Txn,
     tracker: &'a Tracker,
     written: Vec<(Cf, Vec<u8>)>,
     /// [`Txn::add_sum`] deltas, written at commit.
     sums: Vec<(Cf, Vec<u8>, i64)>,
+    history: &'a Recorder,
+    /// The value each key the recorder wants had before this transaction first wrote it.
+    befores: Vec<Before>,
+    /// Keys of `befores`, for the first-write test.
+    seen: std::collections::HashSet<(Cf, Vec<u8>)>,
+    /// The moment to record under instead of now ([`Txn::record_at`]).
+    at: Option<u64>,
 }
 
 impl Tracked<'_> {
-    fn note(&mut self, cf: Cf, key: &[u8]) {
+    fn note(&mut self, cf: Cf, key: &[u8]) -> Result<(), KvError> {
         if let Some(t) = self.tracker {
             if t.wants(cf, key) {
                 self.written.push((cf, key.to_vec()));
             }
         }
+        if let Some(h) = self.history {
+            if h.wants(cf, key) && self.seen.insert((cf, key.to_vec())) {
+                // Tracked: a concurrent change of the key makes this commit retry, so the
+                // value kept is the one this transaction replaced.
+                let old = self.inner.get(cf, key)?;
+                self.befores.push((cf, key.to_vec(), old));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -348,15 +419,15 @@ impl Txn for Tracked<'_> {
         self.inner.get_untracked(cf, key)
     }
     fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        self.note(cf, key);
+        self.note(cf, key)?;
         self.inner.put(cf, key, value)
     }
     fn delete(&mut self, cf: Cf, key: &[u8]) -> Result<(), KvError> {
-        self.note(cf, key);
+        self.note(cf, key)?;
         self.inner.delete(cf, key)
     }
     fn merge(&mut self, cf: Cf, key: &[u8], operand: &[u8]) -> Result<(), KvError> {
-        self.note(cf, key);
+        self.note(cf, key)?;
         self.inner.merge(cf, key, operand)
     }
     fn scan(
@@ -370,6 +441,9 @@ impl Txn for Tracked<'_> {
     }
     fn logs_changes(&self) -> bool {
         self.tracker.is_some()
+    }
+    fn record_at(&mut self, at: u64) {
+        self.at = Some(at);
     }
     fn add_sum(&mut self, cf: Cf, key: &[u8], delta: i64) -> Result<(), KvError> {
         match self.sums.iter_mut().find(|(c, k, _)| *c == cf && k == key) {
@@ -413,7 +487,43 @@ impl KvStore {
         KvStore {
             engine,
             tracker: std::sync::RwLock::new(None),
+            history: std::sync::RwLock::new(None),
+            clock: std::sync::Mutex::new(Clock { last: 0 }),
         }
+    }
+
+    /// The engine under this store, for a view over it (a past moment, `history::view`).
+    pub fn engine(&self) -> Arc<dyn Engine> {
+        self.engine.clone()
+    }
+
+    /// Keep, from now on, the past of the keys `recorder` wants (`None`: stop). `last` is the
+    /// latest moment already recorded in the store: every new one is above it. When this
+    /// returns, every transaction committing later records its past.
+    pub fn record_history(&self, recorder: Option<Arc<dyn HistoryRecorder>>, last: u64) {
+        let mut c = crate::util::lock(&self.clock);
+        c.last = c.last.max(last);
+        *self.history.write().unwrap_or_else(|e| e.into_inner()) = recorder;
+    }
+
+    /// Whether a history recorder is installed.
+    pub fn records_history(&self) -> bool {
+        self.current_history().is_some()
+    }
+
+    fn current_history(&self) -> Recorder {
+        self.history
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A moment for something that is not a commit (a named snapshot): above every moment
+    /// recorded so far, so every commit before it is in its state and none after.
+    pub fn history_now(&self) -> u64 {
+        let mut c = crate::util::lock(&self.clock);
+        c.last = c.last.saturating_add(1).max(now_ns());
+        c.last
     }
 
     /// Record, from now on, the keys every transaction writes (`None`: stop). When this
@@ -454,11 +564,16 @@ impl KvStore {
         loop {
             let mut t = self.engine.begin().map_err(E::from)?;
             let tracker = self.current_tracker();
+            let history = self.current_history();
             let mut tracked = Tracked {
                 inner: t.as_txn(),
                 tracker: &tracker,
                 written: Vec::new(),
                 sums: Vec::new(),
+                history: &history,
+                befores: Vec::new(),
+                seen: Default::default(),
+                at: None,
             };
             // On error the transaction is dropped, which rolls it back.
             let res = f(&mut tracked).and_then(|v| {
@@ -475,8 +590,15 @@ impl KvStore {
                 Ok(v)
             });
             let written = std::mem::take(&mut tracked.written);
+            let befores = std::mem::take(&mut tracked.befores);
+            let at = tracked.at;
             let res = res.and_then(|v| {
-                self.commit_tracked(t, &tracker, &written)
+                let past = Past {
+                    began_with: &history,
+                    befores: &befores,
+                    at,
+                };
+                self.commit_tracked(t, &tracker, &written, past)
                     .map(|_| v)
                     .map_err(E::from)
             });
@@ -497,18 +619,38 @@ impl KvStore {
         mut t: Box<dyn EngineTxn + '_>,
         began_with: &Tracker,
         written: &[(Cf, Vec<u8>)],
+        past: Past<'_>,
     ) -> Result<(), KvError> {
         let now = self.tracker.read().unwrap_or_else(|e| e.into_inner());
         if !same_tracker(&now, began_with) {
             return Err(KvError::Conflict);
         }
-        if let (Some(tr), false) = (now.as_ref(), written.is_empty()) {
-            let (cf, key, value) = tr.marker(written)?;
-            let r = t.put(cf, &key, &value).and_then(|_| t.commit());
-            tr.settled(&key);
-            return r;
+        let recorder = self.history.read().unwrap_or_else(|e| e.into_inner());
+        if !same_recorder(&recorder, past.began_with) {
+            return Err(KvError::Conflict);
         }
-        t.commit()
+        // A moment for this commit, taken and committed under the clock's lock so that the
+        // moments of history follow the order of commits.
+        let mut clock = None;
+        if let (Some(rec), false) = (recorder.as_ref(), past.befores.is_empty()) {
+            let c = crate::util::lock(&self.clock);
+            let at = past.at.unwrap_or_else(now_ns).max(c.last.saturating_add(1));
+            rec.record(t.as_txn(), at, past.befores)?;
+            clock = Some((c, at));
+        }
+        let r = match (now.as_ref(), written.is_empty()) {
+            (Some(tr), false) => {
+                let (cf, key, value) = tr.marker(written)?;
+                let r = t.put(cf, &key, &value).and_then(|_| t.commit());
+                tr.settled(&key);
+                r
+            }
+            _ => t.commit(),
+        };
+        if let (Ok(()), Some((mut c, at))) = (&r, clock) {
+            c.last = at;
+        }
+        r
     }
 
     /// See [`ChangeTracker::low_water`]; `None` without a tracker.
