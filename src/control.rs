@@ -2,7 +2,8 @@
 //! that holds the store. One request line, one reply, close. Requests: `gc [dry-run]
 //! [timeout=S]` (the sweep, after flushing buffered writes, so it sees what the user sees),
 //! `remount OPTIONS` (what `mount -o remount` asks through the mount helper), `replica-add`,
-//! `replica-remove`, `replica-sync`, `config KEY=VALUE...`, `pin INODE`, `unpin INODE`.
+//! `replica-remove`, `replica-sync`, `config KEY=VALUE...`, `pin INODE`, `unpin INODE`,
+//! `snapshot NAME`, `snapshot-remove NAME`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -124,7 +125,11 @@ fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             match fs.tier() {
-                Some(t) => match crate::tier::configure(fs.store(), t, &changes) {
+                Some(t) => match crate::tier::configure(fs.store(), t, &changes).and_then(|s| {
+                    // A new history window starts (or stops) recording now.
+                    crate::history::install(fs.store())?;
+                    Ok(s)
+                }) {
                     Ok(s) => {
                         let mut out = format!("ok\n{}", crate::tier::config::render(&s));
                         for (k, v) in &t.mount_settings {
@@ -139,6 +144,24 @@ fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
                     Err(e) => format!("error: {e}\n"),
                 },
                 None => "error: this mount is read-only\n".to_string(),
+            }
+        }
+        Some("snapshot") => {
+            // Buffered writes first: the moment named is what the user sees now.
+            let name = words.next().unwrap_or("");
+            match fs
+                .flush_all()
+                .map_err(|e| crate::kv::KvError::Other(e.to_string()))
+                .and_then(|_| crate::history::snapshot(fs.store(), name))
+            {
+                Ok(at) => format!("ok\n{}\n", crate::history::when::show(at)),
+                Err(e) => format!("error: {e}\n"),
+            }
+        }
+        Some("snapshot-remove") => {
+            match crate::history::remove_snapshot(fs.store(), words.next().unwrap_or("")) {
+                Ok(at) => format!("ok\n{}\n", crate::history::when::show(at)),
+                Err(e) => format!("error: {e}\n"),
             }
         }
         Some(w @ ("pin" | "unpin")) => match words.next().and_then(|i| i.parse().ok()) {

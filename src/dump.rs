@@ -54,6 +54,9 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
             ks::META_PINS => decode_v1::<Vec<u64>>("pins", v)
                 .map(|p| format!("pinned roots {p:?}"))
                 .map_err(e),
+            ks::META_HISTORY => crate::history::HistoryState::decode(v)
+                .map(|h| format!("{h:?}"))
+                .map_err(e),
             _ => Err(format!("unknown metadata key, value {}", hex_cut(v))),
         },
         Some(Prefix::Inode) => match ks::parse_inode_key(key) {
@@ -143,6 +146,33 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
             )),
             Err(_) => Err(format!("token is {} bytes, expected 8", v.len())),
         },
+        Some(Prefix::Past) => match crate::keyspace::past::parse_past_key(key) {
+            Some((cf, k, at)) => crate::history::decode_past(v)
+                .map(|old| {
+                    let was = match old {
+                        None => "absent".to_string(),
+                        Some(o) => describe_value(&k, &o).unwrap_or_else(|w| format!("!! {w}")),
+                    };
+                    format!(
+                        "{} {} until {}: {was}",
+                        cf.name(),
+                        ks::describe_key(&k),
+                        crate::history::when::show(at)
+                    )
+                })
+                .map_err(e),
+            None => Err("malformed past-value key".into()),
+        },
+        Some(Prefix::Moment) if key.len() == 9 => crate::history::decode_moment(v)
+            .map(|keys| format!("{} key(s) changed", keys.len()))
+            .map_err(e),
+        Some(Prefix::PastHold) if key.len() == 33 => {
+            if v.len() == 8 {
+                Ok(format!("{} past reference(s)", decode_i64(v)))
+            } else {
+                Err(format!("counter is {} bytes, expected 8", v.len()))
+            }
+        }
         Some(Prefix::Change) if key.len() == 9 => ChangeMarker::decode(v)
             .map(|m| format!("{} key(s) changed", m.keys.len()))
             .map_err(e),

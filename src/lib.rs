@@ -15,6 +15,7 @@ pub mod dump;
 pub mod fs;
 pub mod fuse;
 pub mod gc;
+pub mod history;
 pub mod keyspace;
 pub mod kv;
 pub mod mount;

@@ -15,6 +15,7 @@ use kvfs::mount::{self, MountOpts};
 use kvfs::store::{self, FormatOptions};
 use kvfs::{audit, dump, gc, status};
 
+mod history_cmd;
 mod replica_cmd;
 mod tier_cmd;
 
@@ -45,7 +46,17 @@ enum Cmd {
         /// 512-byte sector per block is rebuilt on read and by `audit --repair`.
         #[arg(long)]
         parity: bool,
+        /// Keep every state of the filesystem for this long (7d, 12h; default 0: off), so
+        /// that `kvfs mount --at` can show any moment of it. `kvfs config` changes it later.
+        #[arg(long, value_name = "SPAN")]
+        history: Option<String>,
     },
+    /// When PATH (inside the filesystem: /dir/file) changed within the history window:
+    /// moment, what happened, size and a content id (equal ids, equal content).
+    Log(history_cmd::LogArgs),
+    /// Name the current moment (kept until removed, even past the history window); --list,
+    /// --remove NAME. `kvfs mount STORE DIR --at NAME` mounts it.
+    Snapshot(history_cmd::SnapshotArgs),
     /// Sweep: reap dead mounts (process entry, open counts, locks), free unlinked inodes no
     /// one has open and unreferenced blocks. On a mounted store, the mount does it.
     Gc {
@@ -147,6 +158,10 @@ enum Cmd {
         /// Where the background mount logs (default: STORE/kvfs.log).
         #[arg(long)]
         log: Option<PathBuf>,
+        /// Mount the filesystem as it was at this moment, read-only: '2026-11-28 14:00'
+        /// (local time), RFC 3339, '@UNIX_SECONDS', '-2h', or a snapshot's name.
+        #[arg(long, value_name = "MOMENT", allow_hyphen_values = true)]
+        at: Option<String>,
         /// Internal: run as the background child of `kvfs mount`.
         #[arg(long, hide = true)]
         daemon_child: bool,
@@ -199,7 +214,10 @@ fn main() -> ExitCode {
             block_size,
             compression,
             parity,
-        } => format_cmd(&store, block_size, &compression, parity),
+            history,
+        } => format_cmd(&store, block_size, &compression, parity, history.as_deref()),
+        Cmd::Log(a) => history_cmd::log_cmd(a),
+        Cmd::Snapshot(a) => history_cmd::snapshot_cmd(a),
         Cmd::Gc {
             store,
             dry_run,
@@ -253,8 +271,17 @@ fn main() -> ExitCode {
             options,
             foreground,
             log,
+            at,
             daemon_child,
-        } => mount_cmd(&store, &mountpoint, &options, foreground, log, daemon_child),
+        } => {
+            // `--at` rides in the options, so the background child and fstab see one form.
+            let options = match at {
+                Some(at) if options.is_empty() => format!("at={at}"),
+                Some(at) => format!("{options},at={at}"),
+                None => options,
+            };
+            mount_cmd(&store, &mountpoint, &options, foreground, log, daemon_child)
+        }
     };
     finish(r)
 }
@@ -269,9 +296,18 @@ fn finish(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn format_cmd(dir: &Path, block_size: u32, compression: &str, parity: bool) -> anyhow::Result<()> {
+fn format_cmd(
+    dir: &Path,
+    block_size: u32,
+    compression: &str,
+    parity: bool,
+    history: Option<&str>,
+) -> anyhow::Result<()> {
     let (compression, level) =
         FormatOptions::parse_compression(compression).map_err(anyhow::Error::msg)?;
+    if let Some(h) = history {
+        kvfs::history::when::parse_span(h).map_err(|e| anyhow::anyhow!("--history {e}"))?;
+    }
     let o = FormatOptions {
         block_size,
         compression,
@@ -280,6 +316,12 @@ fn format_cmd(dir: &Path, block_size: u32, compression: &str, parity: bool) -> a
         fs_id: None,
     };
     let rec = store::format_with(dir, &o)?;
+    if let Some(h) = history {
+        let (kv, _) = store::open(dir)?;
+        kvfs::tier::config::write(&kv, &[("history".to_string(), h.to_string())])?;
+        kvfs::history::install(&kv)?;
+        kv.sync()?;
+    }
     println!(
         "formatted {} (format {}, block size {}, encoding {})",
         dir.display(),
@@ -318,6 +360,10 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
                 own: None,
                 recover: true,
             };
+            if !dry_run {
+                // The past that left the history window goes first: the sweep frees its blocks.
+                kvfs::history::trim(&kv)?;
+            }
             let r = gc::collect(&kv, &o)?;
             if !dry_run {
                 kv.sync()?;

@@ -42,6 +42,8 @@ pub struct MountOpts {
     pub tier: Vec<(String, String)>,
     /// `listen=ADDR`: serve this store's satellites (mutual TLS) on ADDR.
     pub listen: Option<String>,
+    /// `--at MOMENT` (or `at=`): mount the state at that moment, read-only (history).
+    pub at: Option<String>,
 }
 
 /// The kernel lets a FUSE mount hold only 1% of the dirty-page budget (about 47 MiB on this
@@ -117,6 +119,7 @@ impl MountOpts {
                         o.tier.push((k.to_string(), v.to_string()));
                     }
                     Some(("listen", a)) if !a.is_empty() => o.listen = Some(a.to_string()),
+                    Some(("at", a)) if !a.is_empty() => o.at = Some(a.to_string()),
                     Some(("threads", n)) => {
                         o.threads = Some(
                             n.parse()
@@ -165,7 +168,7 @@ pub fn block_signals() {
     }
 }
 
-fn wait_for_signal() -> i32 {
+pub(crate) fn wait_for_signal() -> i32 {
     // SAFETY: as above; sigwait fills `sig`.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -232,6 +235,9 @@ pub fn run(
         path: mountpoint.to_path_buf(),
         source,
     })?;
+    if let Some(at) = &opts.at {
+        return crate::history::mount::run(&store_dir, &mnt, opts, at, ready);
+    }
     let (kv, format, role) = open_store(&store_dir)?;
     let read_only = opts.read_only || role != Role::Primary;
     if read_only && !opts.read_only {
@@ -254,8 +260,10 @@ pub fn run(
         None => None,
     };
     if !read_only {
-        // Before the first operation: every commit from now on records what it changed.
+        // Before the first operation: every commit from now on records what it changed,
+        // and its past if history is kept.
         crate::replica::track_if_replicated(&kv)?;
+        crate::history::install(&kv)?;
     }
     let mut opts = opts.clone();
     opts.read_only = read_only;
@@ -504,7 +512,7 @@ fn open_store(dir: &Path) -> Result<(crate::kv::KvStore, FormatRecord, Role), Mo
 
 /// Catch up with the replica's server twice a second, so that what it applied shows within
 /// a second (the kernel's attribute and entry caches expire after one more).
-fn follow(fs: &Fs, stop: &AtomicBool) {
+pub(crate) fn follow(fs: &Fs, stop: &AtomicBool) {
     let mut failing = false;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(500));
@@ -654,6 +662,10 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp, satellite: bool) 
                 match gc::sweep(fs.store(), &o) {
                     Ok(r) => freed += r.blocks_freed * fs.block_size(),
                     Err(e) => tracing::error!(error = %e, "background sweep failed"),
+                }
+                // The past that left the history window; its blocks go at the next sweep.
+                if let Err(e) = crate::history::trim(fs.store()) {
+                    tracing::error!(error = %e, "trimming history failed");
                 }
             }
             freed += fs.tier().map_or(0, |t| t.take_evicted_bytes());

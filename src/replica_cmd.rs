@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// Store parity with each block here (when the store is created).
     #[arg(long)]
     pub parity: bool,
+    /// Keep every state this replica applies for SPAN (90d, 12h; 0: off), for `kvfs mount
+    /// --at` on it: its own window, independent of the primary's. Kept in the store.
+    #[arg(long, value_name = "SPAN")]
+    pub history: Option<String>,
 }
 
 fn tool_logging(level: &str) {
@@ -103,7 +107,10 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         replica::satellite::run(Arc::new(kv), &format, &a.store, &never);
         return Ok(());
     }
-    let server = Arc::new(Server::new(&a.store, create));
+    if let Some(h) = &a.history {
+        kvfs::history::when::parse_span(h).map_err(|e| anyhow::anyhow!("--history {e}"))?;
+    }
+    let server = Arc::new(Server::new(&a.store, create).keeping_history(a.history.clone()));
     if a.stdio {
         // Errors opening the store go to the primary too, as the session's refusal.
         // The raw descriptors: the protocol is binary, and nothing else writes to stdout

@@ -36,6 +36,19 @@ pub struct Status {
     /// Bytes of the store's files on disk.
     pub disk_bytes: u64,
     pub tier: TierStatus,
+    pub history: HistoryStatus,
+}
+
+/// What history keeps and costs.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct HistoryStatus {
+    /// The `history` setting (`None`: not kept).
+    pub window: Option<String>,
+    /// The oldest moment whose state is kept whole (RFC 3339), snapshots aside.
+    pub oldest: Option<String>,
+    pub snapshots: usize,
+    #[serde(flatten)]
+    pub cost: crate::history::Cost,
 }
 
 /// Residency and fetching (tiering).
@@ -152,13 +165,25 @@ impl fmt::Display for Status {
             "pinned bytes: {}; evictable now: {} (held {holders})",
             t.pinned_bytes, t.evictable_bytes
         )?;
-        write!(
+        writeln!(
             f,
             "fetches: {} ({} bytes, {} failed); hit ratio {}",
             t.fetches,
             t.fetched_bytes,
             t.fetch_failures,
             t.hit_ratio.map_or("-".to_string(), |r| format!("{r:.4}"))
+        )?;
+        let h = &self.history;
+        write!(
+            f,
+            "history: window {}, oldest moment kept {}, {} snapshot(s); {} past values at {} moments; held only by the past: {} blocks, {} bytes",
+            h.window.as_deref().unwrap_or("off"),
+            h.oldest.as_deref().unwrap_or("-"),
+            h.snapshots,
+            h.cost.records,
+            h.cost.moments,
+            h.cost.past_only_blocks,
+            h.cost.past_only_bytes
         )
     }
 }
@@ -290,6 +315,16 @@ pub fn status(
     t.block_reads = counter(crate::tier::COUNTER_BLOCK_READS)?;
     t.hit_ratio =
         (t.block_reads > 0).then(|| 1.0 - (t.fetches as f64 / t.block_reads as f64).min(1.0));
+    let st = crate::history::state(store)?;
+    s.history = HistoryStatus {
+        window: crate::tier::config::read(store)?
+            .get("history")
+            .filter(|w| w.as_str() != "0")
+            .cloned(),
+        oldest: st.oldest().map(crate::history::when::show),
+        snapshots: st.snapshots.len(),
+        cost: crate::history::cost(store)?,
+    };
     Ok(s)
 }
 
@@ -332,6 +367,7 @@ pub fn json(s: &Status, r: &crate::replica::status::Replication) -> serde_json::
         "evictable_bytes": s.tier.evictable_bytes,
         "fetches": s.tier.fetches,
         "hit_ratio": s.tier.hit_ratio,
+        "history": s.history,
         "replication": r,
     })
 }

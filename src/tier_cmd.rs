@@ -11,7 +11,7 @@ use kvfs::tier::{self, config, fetch::Fetcher, pin};
 pub struct ConfigArgs {
     pub store: PathBuf,
     /// `key=value` to set, `key=` to remove; none: print the settings. Keys: cache_size
-    /// (10G), min_copies (1), fetch_timeout (seconds, 10).
+    /// (10G), min_copies (1), fetch_timeout (seconds, 10), history (7d; 0: off).
     pub changes: Vec<String>,
 }
 
@@ -36,7 +36,11 @@ pub fn config_cmd(a: ConfigArgs) -> anyhow::Result<()> {
             let s = if changes.is_empty() {
                 config::read(&kv)?
             } else {
-                config::write(&kv, &changes)?
+                let s = config::write(&kv, &changes)?;
+                // A history window starts recording (or stops) from here.
+                kvfs::history::install(&kv)?;
+                kv.sync()?;
+                s
             };
             config::render(&s)
         }

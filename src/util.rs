@@ -91,7 +91,7 @@ impl Timestamp {
         }
     }
 
-    fn nanos(self) -> i64 {
+    pub fn nanos(self) -> i64 {
         self.secs
             .saturating_mul(1_000_000_000)
             .saturating_add(self.nsecs as i64)

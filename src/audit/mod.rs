@@ -21,6 +21,7 @@ mod ahead;
 mod blockindex;
 mod blockmaps;
 mod content;
+mod history;
 mod namespace;
 mod process;
 mod records;
@@ -207,6 +208,7 @@ fn check(store: &KvStore, o: &AuditOptions) -> Result<Ctx> {
     process::check_owners(&mut cx, &r, &mounts);
     let mut refs = blockmaps::check(store, &mut cx, &r, format.block_size as u64)?;
     replication::check(store, &mut cx, &mut refs)?;
+    history::check(store, &mut cx, &mut refs)?;
     let infos = blockindex::check(store, &mut cx, &refs)?;
     tiering::check(store, &mut cx, &infos, o.fetch.as_ref())?;
     let ahead = ahead::check(store, &mut cx)?;

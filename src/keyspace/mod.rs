@@ -5,6 +5,7 @@
 //! in keys are big-endian so scans come back in numeric order. `0xff` never starts a key, so the
 //! range of a prefix `P` is `[P, P+1)`.
 
+pub mod past;
 pub mod records;
 
 use crate::kv::Cf;
@@ -41,10 +42,13 @@ pub enum Prefix {
     LastUse,
     Unlogged,
     Counter,
+    Past,
+    Moment,
+    PastHold,
 }
 
 impl Prefix {
-    pub const ALL: [Prefix; 18] = [
+    pub const ALL: [Prefix; 21] = [
         Prefix::Meta,
         Prefix::Inode,
         Prefix::Dirent,
@@ -63,6 +67,9 @@ impl Prefix {
         Prefix::LastUse,
         Prefix::Unlogged,
         Prefix::Counter,
+        Prefix::Past,
+        Prefix::Moment,
+        Prefix::PastHold,
     ];
 
     pub const fn byte(self) -> u8 {
@@ -85,6 +92,9 @@ impl Prefix {
             Prefix::LastUse => b'A',
             Prefix::Unlogged => b'U',
             Prefix::Counter => b's',
+            Prefix::Past => b'Y',
+            Prefix::Moment => b'Z',
+            Prefix::PastHold => b'V',
         }
     }
 
@@ -97,7 +107,9 @@ impl Prefix {
             | Prefix::Process
             | Prefix::Change
             | Prefix::Log
-            | Prefix::Replica => Cf::Meta,
+            | Prefix::Replica
+            | Prefix::Past
+            | Prefix::Moment => Cf::Meta,
             Prefix::Fmap => Cf::Fmap,
             Prefix::Block | Prefix::WrittenAhead => Cf::Blocks,
             Prefix::BlockInfo
@@ -106,7 +118,8 @@ impl Prefix {
             | Prefix::Hold
             | Prefix::LastUse
             | Prefix::Unlogged
-            | Prefix::Counter => Cf::Bidx,
+            | Prefix::Counter
+            | Prefix::PastHold => Cf::Bidx,
         }
     }
 
@@ -130,6 +143,9 @@ impl Prefix {
             Prefix::LastUse => "last-use",
             Prefix::Unlogged => "unlogged-ref",
             Prefix::Counter => "counter",
+            Prefix::Past => "past-value",
+            Prefix::Moment => "moment",
+            Prefix::PastHold => "past-hold",
         }
     }
 
@@ -194,6 +210,8 @@ pub const META_CONFIG: &[u8] = b"Mconfig";
 pub const META_PINS: &[u8] = b"Mpins";
 /// On a satellite store (format 4.1): the upstream it pulls from (`kvfs clone`).
 pub const META_UPSTREAM: &[u8] = b"Mupstream";
+/// History (format 5): since when it is kept, how far it was trimmed, named snapshots.
+pub const META_HISTORY: &[u8] = b"Mhistory";
 
 fn with_ino(p: Prefix, ino: Ino, extra: usize) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + extra);
@@ -528,7 +546,8 @@ pub fn describe_key(key: &[u8]) -> String {
             | Prefix::Refcount
             | Prefix::BlockGarbage
             | Prefix::WrittenAhead
-            | Prefix::Unlogged,
+            | Prefix::Unlogged
+            | Prefix::PastHold,
         ) if key.len() >= 33 => {
             format!(
                 "{} {}{}",

@@ -307,7 +307,8 @@ fn refused_key(key: &[u8]) -> ReplicaError {
 /// Apply group `seq` (all its parts' changes, in order) in one transaction and sync it.
 /// `prev` must be what this replica applied last, unless it is fresh and this is the group
 /// that gives it the whole filesystem. A `satellite` takes map entries naming blocks it does
-/// not hold as evicted blocks (its upstream holds them); a replica refuses them.
+/// not hold as evicted blocks (its upstream holds them); a replica refuses them. `at` is the
+/// moment the primary took the group (nanoseconds), under which history records it.
 pub fn apply_group(
     store: &KvStore,
     seq: u64,
@@ -315,6 +316,7 @@ pub fn apply_group(
     chain: &Hash,
     changes: &[Change],
     satellite: bool,
+    at: Option<u64>,
 ) -> Result<ReplicaState, ReplicaError> {
     let refuse = |reason: String| ReplicaError::Refused {
         peer: "primary".into(),
@@ -322,6 +324,10 @@ pub fn apply_group(
     };
     let is_base = matches!(changes.first(), Some(Change::Clear { .. }));
     let st = store.transact(|t| {
+        // A replica keeping history keeps this state as of when its primary took it.
+        if let Some(at) = at {
+            t.record_at(at);
+        }
         let mut st = read_state(t)?.ok_or_else(|| refuse("this store is not a replica".into()))?;
         if st.promoted.is_some() {
             return Err(refuse("this replica was promoted to a primary".into()));
@@ -466,11 +472,11 @@ mod tests {
         let h = [9u8; 32];
         let group = base(vec![put_map(5, h, 1000)]);
         let (_d, replica) = replica_store();
-        let e = apply_group(&replica, 1, &[0; 32], &[1; 32], &group, false).unwrap_err();
+        let e = apply_group(&replica, 1, &[0; 32], &[1; 32], &group, false, None).unwrap_err();
         assert!(e.to_string().contains("never sent"), "{e}");
 
         let (_d, sat) = replica_store();
-        apply_group(&sat, 1, &[0; 32], &[1; 32], &group, true).unwrap();
+        apply_group(&sat, 1, &[0; 32], &[1; 32], &group, true, None).unwrap();
         let info = sat.get(Cf::Bidx, &ks::block_info_key(&h)).unwrap().unwrap();
         let info = crate::keyspace::records::BlockInfo::decode(&info).unwrap();
         assert!(info.evicted && info.len == 1000 && info.stored == 1000);
@@ -479,14 +485,14 @@ mod tests {
         assert_eq!(evicted(), 1000);
         // A map entry of an impossible size is refused, not recorded.
         let bad = vec![put_map(6, [8; 32], 0)];
-        assert!(apply_group(&sat, 2, &[1; 32], &[2; 32], &bad, true).is_err());
+        assert!(apply_group(&sat, 2, &[1; 32], &[2; 32], &bad, true, None).is_err());
 
         // The upstream drops the file: the block goes, its bytes leave the counter.
         let del = vec![Change::Delete {
             cf: Cf::Fmap.index() as u8,
             key: ks::fmap_key(5, 0),
         }];
-        apply_group(&sat, 2, &[1; 32], &[2; 32], &del, true).unwrap();
+        apply_group(&sat, 2, &[1; 32], &[2; 32], &del, true, None).unwrap();
         blocks::collect_all_garbage(&sat).unwrap();
         assert!(sat
             .get(Cf::Bidx, &ks::block_info_key(&h))

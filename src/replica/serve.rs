@@ -34,6 +34,8 @@ pub struct Server {
     /// A satellite's end: the store follows an upstream (recorded when it is created here) and
     /// takes groups without their blocks.
     satellite: Option<Upstream>,
+    /// `kvfs serve --history SPAN`: the replica's own history window, set when it is opened.
+    history: Option<String>,
 }
 
 pub struct Opened {
@@ -49,7 +51,23 @@ impl Server {
             create,
             open: Mutex::new(None),
             satellite: None,
+            history: None,
         }
+    }
+
+    /// Keep every state this replica applies for `span` (its own window, e.g. `90d`).
+    pub fn keeping_history(mut self, span: Option<String>) -> Server {
+        self.history = span;
+        self
+    }
+
+    /// The history window given to this server, then recording as the store's settings say.
+    fn keep_history(&self, kv: &KvStore) -> Result<(), ReplicaError> {
+        if let Some(h) = &self.history {
+            crate::tier::config::write(kv, &[("history".to_string(), h.clone())])?;
+        }
+        crate::history::install(kv)?;
+        Ok(())
     }
 
     /// The end of satellite `path`, which follows `upstream` (created at its first `Hello`).
@@ -69,6 +87,7 @@ impl Server {
             create: FormatOptions::default(),
             open: Mutex::new(Some(Arc::new(Opened { kv, format, codec }))),
             satellite: upstream,
+            history: None,
         }
     }
 
@@ -101,6 +120,8 @@ impl Server {
             }
             // Blocks a killed server had written ahead of the transaction naming them.
             crate::blocks::ahead::recover_written_ahead(&kv, false)?;
+            // Its past is kept from here on if it has a history window.
+            self.keep_history(&kv)?;
             let codec = Codec::from_format(&format);
             *g = Some(Arc::new(Opened {
                 kv: Arc::new(kv),
@@ -149,6 +170,7 @@ impl Server {
             .map_err(io("cannot sync the directory of"))?;
         let _ = std::fs::remove_dir_all(&aside);
         let (kv, format) = store::open(&self.path).map_err(store_err)?;
+        self.keep_history(&kv)?;
         let kind = if self.satellite.is_some() {
             "satellite"
         } else {
@@ -314,7 +336,7 @@ impl Server {
                     prev,
                     chain: claimed,
                     changes,
-                    ..
+                    at,
                 } => {
                     if index as usize != parts.len() || (index > 0 && seq != group_seq) {
                         return Err(refuse(format!("part {index} of group {seq} out of order")));
@@ -338,7 +360,12 @@ impl Server {
                         storer.store_all()?;
                         let all: Vec<Change> = whole.into_iter().flatten().collect();
                         let satellite = self.satellite.is_some();
-                        apply::apply_group(&st.kv, seq, &prev, &claimed, &all, satellite)?;
+                        let at = Some(at.nanos().max(0) as u64);
+                        apply::apply_group(&st.kv, seq, &prev, &claimed, &all, satellite, at)?;
+                        // This replica's own history window (`kvfs config REPLICA history=`).
+                        if let Err(e) = crate::history::trim(&st.kv) {
+                            tracing::warn!(error = %e, "trimming history failed");
+                        }
                         if let Err(e) = blocks::collect_garbage(&st.kv, 4096) {
                             tracing::warn!(error = %e, "freeing unreferenced blocks failed");
                         }

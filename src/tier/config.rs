@@ -1,5 +1,6 @@
 //! Settings kept in the store (`kvfs config STORE key=value`), so that they need not be
-//! repeated on every mount; a mount option of the same name overrides them for that mount.
+//! repeated on every mount; a mount option of the same name overrides them for that mount
+//! (tiering's; `history` is the store's alone).
 //! `M config` = `01` + postcard `Vec<(String, String)>`, sorted by key.
 
 use std::collections::BTreeMap;
@@ -24,6 +25,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "fetch_timeout",
         "seconds a read waits for an evicted block from the replicas (default 10)",
     ),
+    (
+        "history",
+        "keep every state for this long, for `mount --at` (7d, 12h, 30m; 0 or unset: off)",
+    ),
 ];
 
 /// Check `value` for `key`; the error says what is wrong.
@@ -38,6 +43,7 @@ pub fn check(key: &str, value: &str) -> Result<(), String> {
             Ok(1..=3600) => Ok(()),
             _ => Err(format!("fetch_timeout {value:?}: seconds, 1 to 3600")),
         },
+        "history" => crate::history::when::parse_span(value).map(|_| ()),
         _ => known(key),
     }
 }

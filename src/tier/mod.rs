@@ -38,7 +38,8 @@ pub fn copies(info: &BlockInfo, replicas: &[ReplicaRecord], upstream: bool) -> u
 }
 
 /// Whether block `h` (record `info`) may be evicted now, read in `t` with tracking: resident,
-/// not pinned, no reference the log does not carry yet, and held by `min_copies` replicas.
+/// not pinned, no reference the log does not carry yet nor one history holds, and held by
+/// `min_copies` replicas.
 pub fn evictable(
     t: &mut dyn Txn,
     h: &Hash,
@@ -51,6 +52,12 @@ pub fn evictable(
         return Ok(false);
     }
     if t.get(Cf::Bidx, &ks::unlogged_key(h))?.is_some() {
+        return Ok(false);
+    }
+    // History holds it: a replica drops the block when its live references go, so a block
+    // only the past names would be lost with the last copy here (keyspace.md, History).
+    let past = t.get(Cf::Bidx, &ks::past::past_hold_key(h))?;
+    if past.is_some_and(|v| crate::kv::decode_i64(&v) > 0) {
         return Ok(false);
     }
     Ok(copies(info, replicas, upstream) >= min_copies.max(1))

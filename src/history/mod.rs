@@ -1,0 +1,473 @@
+//! History (format 5): every state of the filesystem within a retention window, and named
+//! moments (snapshots) kept past it.
+//!
+//! How: while history is kept, every transaction that writes a filesystem key (inode
+//! records, xattrs, directory entries, block maps: what a replica receives) also writes, at
+//! commit, the value each such key had before it (`Y`), under one moment per commit (`at`,
+//! nanoseconds, increasing in commit order; `kv` assigns it), and the list of those keys
+//! under that moment (`Z`). A block-map value kept that way holds a reference on its block
+//! (`r` +1, and `V` +1 so that tiering keeps it resident). The state at moment `T` is then,
+//! key by key, the value of the key's first `Y` record after `T`, or its live value if it
+//! has none ([`view`]). Trimming ([`trim`]) walks `Z` from the oldest moment and deletes the
+//! records of moments that left the window, except those a named snapshot still needs:
+//! for a snapshot at `S`, the first record after `S` of each key.
+//!
+//! Engine-neutral: keys and values only (keyspace.md, "History").
+
+pub mod log;
+pub mod mount;
+pub mod view;
+pub mod when;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::blocks;
+use crate::keyspace::past::{
+    moment_key, parse_moment_key, past_after, past_hold_key, past_key, past_range,
+};
+use crate::keyspace::records::{decode_v1, encode_v1, DecodeError, EncodeError, FmapEntry};
+use crate::keyspace::{self as ks, Prefix};
+use crate::kv::{Before, Cf, HistoryRecorder, KvError, KvStore, Txn};
+
+/// `M history`: `01` + postcard of this.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryState {
+    /// The moment from which every state is kept (history switched on); `None`: off.
+    pub since: Option<u64>,
+    /// Every record of a moment at or before this was trimmed: only named snapshots are
+    /// whole before it.
+    pub horizon: u64,
+    /// Trimming goes on from this moment (a snapshot's removal sets it back).
+    pub cursor: u64,
+    /// The latest moment recorded, as of the last trim (the next process starts above it).
+    pub latest: u64,
+    /// Named moments, kept until removed.
+    pub snapshots: Vec<(String, u64)>,
+}
+
+impl HistoryState {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("history state", b)
+    }
+
+    /// The oldest moment whose state is whole (snapshots aside).
+    pub fn oldest(&self) -> Option<u64> {
+        self.since.map(|s| s.max(self.horizon.saturating_add(1)))
+    }
+
+    /// Whether the state at `at` can be shown, or why not.
+    pub fn check(&self, at: u64, now: u64) -> Result<(), String> {
+        if at > now {
+            return Err(format!("{} is in the future", when::show(at)));
+        }
+        if self.snapshots.iter().any(|(_, s)| *s == at) {
+            return Ok(());
+        }
+        match self.oldest() {
+            None => {
+                Err("this store keeps no history (`kvfs config STORE history=7d` starts it)".into())
+            }
+            Some(o) if at < o => Err(format!(
+                "{} is before the oldest moment kept, {}{}",
+                when::show(at),
+                when::show(o),
+                if self.snapshots.is_empty() {
+                    String::new()
+                } else {
+                    " (or mount a snapshot by name: `kvfs snapshot STORE --list`)".into()
+                }
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    pub fn snapshot(&self, name: &str) -> Option<u64> {
+        self.snapshots
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, at)| *at)
+    }
+}
+
+/// `Y` value: `01` + postcard `Option<bytes>`, what the key held (none: absent).
+fn encode_past(v: &Option<Vec<u8>>) -> Result<Vec<u8>, EncodeError> {
+    encode_v1(v)
+}
+
+pub fn decode_past(b: &[u8]) -> Result<Option<Vec<u8>>, DecodeError> {
+    decode_v1("past value", b)
+}
+
+/// `Z` value: `01` + postcard `Vec<(family index, key)>`.
+fn encode_moment(keys: &[(u8, Vec<u8>)]) -> Result<Vec<u8>, EncodeError> {
+    encode_v1(&keys)
+}
+
+pub fn decode_moment(b: &[u8]) -> Result<Vec<(u8, Vec<u8>)>, DecodeError> {
+    decode_v1("moment", b)
+}
+
+pub fn state(store: &KvStore) -> Result<HistoryState, KvError> {
+    match store.get(Cf::Meta, ks::META_HISTORY)? {
+        Some(v) => Ok(HistoryState::decode(&v)?),
+        None => Ok(HistoryState::default()),
+    }
+}
+
+fn state_in(t: &mut dyn Txn) -> Result<HistoryState, KvError> {
+    match t.get(Cf::Meta, ks::META_HISTORY)? {
+        Some(v) => Ok(HistoryState::decode(&v)?),
+        None => Ok(HistoryState::default()),
+    }
+}
+
+/// The window setting (`history=7d` in `kvfs config`), if any and not 0.
+pub fn window(store: &KvStore) -> Result<Option<Duration>, KvError> {
+    let s = crate::tier::config::read(store)?;
+    match s.get("history") {
+        None => Ok(None),
+        Some(v) => {
+            let d = when::parse_span(v).map_err(KvError::Other)?;
+            Ok((!d.is_zero()).then_some(d))
+        }
+    }
+}
+
+/// The recorder: the past of every filesystem key (those a replica receives).
+pub struct Recorder;
+
+impl HistoryRecorder for Recorder {
+    fn wants(&self, cf: Cf, key: &[u8]) -> bool {
+        crate::replica::shippable(cf, key)
+    }
+
+    fn record(&self, t: &mut dyn Txn, at: u64, befores: &[Before]) -> Result<(), KvError> {
+        let mut keys = Vec::with_capacity(befores.len());
+        for (cf, key, old) in befores {
+            t.put(Cf::Meta, &past_key(*cf, key, at), &encode_past(old)?)?;
+            if let (Cf::Fmap, Some(v)) = (cf, old) {
+                hold(t, &FmapEntry::decode(v)?.hash, 1)?;
+            }
+            keys.push((cf.index() as u8, key.clone()));
+        }
+        t.put(Cf::Meta, &moment_key(at), &encode_moment(&keys)?)
+    }
+}
+
+/// A reference history takes (`n` 1) or gives back (-1) on block `h`.
+fn hold(t: &mut dyn Txn, h: &ks::Hash, n: i64) -> Result<(), KvError> {
+    t.merge(Cf::Bidx, &past_hold_key(h), &n.to_le_bytes())?;
+    if n > 0 {
+        blocks::add_shared_ref(t, h)
+    } else {
+        blocks::drop_ref(t, h)
+    }
+}
+
+/// Start or stop recording on `store` as its settings say: on while a window is set or a
+/// snapshot is named. Switching on records `since`. Returns whether it records.
+pub fn install(store: &KvStore) -> Result<bool, KvError> {
+    if store.is_read_only() {
+        return Ok(false);
+    }
+    let st = state(store)?;
+    let window = window(store)?;
+    if window.is_none() && st.since.is_some() {
+        // No window: only named moments stay mountable.
+        store.transact(|t| {
+            let mut s = state_in(t)?;
+            s.since = None;
+            t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)
+        })?;
+    }
+    if window.is_none() && st.snapshots.is_empty() {
+        store.record_history(None, 0);
+        return Ok(false);
+    }
+    if !store.records_history() {
+        // Moments recorded after the last save of `latest` (a crash) are above it.
+        let mut last = st.latest;
+        let (_, end) = Prefix::Moment.range();
+        store.for_each(Cf::Meta, &moment_key(st.latest), &end, |k, _| {
+            if let Some(at) = parse_moment_key(k) {
+                last = last.max(at);
+            }
+            true
+        })?;
+        store.record_history(Some(Arc::new(Recorder)), last);
+    }
+    if st.since.is_none() && window.is_some() {
+        // After the recorder is in: every commit after `since` is recorded.
+        let since = store.history_now();
+        store.transact(|t| {
+            let mut s = state_in(t)?;
+            s.since.get_or_insert(since);
+            t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)
+        })?;
+        tracing::info!(since = %when::show(since), "history: every state from now on is kept");
+    }
+    Ok(true)
+}
+
+/// Name the current moment `name` (recording starts if it was off).
+pub fn snapshot(store: &KvStore, name: &str) -> Result<u64, KvError> {
+    if name.is_empty() || name.len() > 200 || name.contains(['/', '\n', ' ']) {
+        return Err(KvError::Other(format!(
+            "snapshot name {name:?}: 1 to 200 characters, no '/', space or newline"
+        )));
+    }
+    if !store.records_history() {
+        store.record_history(Some(Arc::new(Recorder)), state(store)?.latest);
+    }
+    let at = store.history_now();
+    store.transact(|t| {
+        let mut s = state_in(t)?;
+        if s.snapshot(name).is_some() {
+            return Err(KvError::Other(format!("a snapshot named {name:?} exists")));
+        }
+        s.snapshots.push((name.to_string(), at));
+        s.latest = s.latest.max(at);
+        t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)
+    })?;
+    store.sync()?;
+    Ok(at)
+}
+
+/// Forget snapshot `name`: what only it kept is freed by the next trims.
+pub fn remove_snapshot(store: &KvStore, name: &str) -> Result<u64, KvError> {
+    let at = store.transact(|t| {
+        let mut s = state_in(t)?;
+        let Some(at) = s.snapshot(name) else {
+            return Err(KvError::Other(format!("no snapshot named {name:?}")));
+        };
+        s.snapshots.retain(|(n, _)| n != name);
+        // The records it kept are looked at again.
+        s.cursor = 0;
+        t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)?;
+        Ok(at)
+    })?;
+    store.sync()?;
+    install(store)?;
+    Ok(at)
+}
+
+/// What a trim did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    pub moments: u64,
+    pub records: u64,
+    /// Records kept past the window for a snapshot.
+    pub kept: u64,
+}
+
+/// Moments per trim transaction.
+const TRIM_BATCH: usize = 128;
+
+/// Delete the records of the moments before the window (all of them with history off),
+/// but what a named snapshot needs. Bounded transactions; returns when it reached the
+/// window.
+pub fn trim(store: &KvStore) -> Result<Trimmed, KvError> {
+    let mut done = Trimmed::default();
+    if store.is_read_only() {
+        return Ok(done);
+    }
+    let now = crate::kv::now_ns();
+    let cutoff = match window(store)? {
+        Some(w) => now.saturating_sub(w.as_nanos() as u64),
+        None => now,
+    };
+    loop {
+        let st = state(store)?;
+        let mut batch = Vec::new();
+        store.for_each(
+            Cf::Meta,
+            &moment_key(st.cursor),
+            &moment_key(cutoff),
+            |k, _| {
+                if let Some(at) = parse_moment_key(k) {
+                    batch.push(at);
+                }
+                batch.len() < TRIM_BATCH
+            },
+        )?;
+        let Some(&last) = batch.last() else {
+            break;
+        };
+        let r = store.transact(|t| {
+            let mut s = state_in(t)?;
+            let mut r = Trimmed::default();
+            for at in &batch {
+                let Some(raw) = t.get(Cf::Meta, &moment_key(*at))? else {
+                    continue;
+                };
+                let keys = decode_moment(&raw).map_err(|e| {
+                    KvError::Corruption(format!("{}: {e}", ks::describe_key(&moment_key(*at))))
+                })?;
+                let mut kept = Vec::new();
+                for (cfi, key) in keys {
+                    let Some(&cf) = Cf::ALL.get(cfi as usize) else {
+                        continue;
+                    };
+                    if needed(t, &s.snapshots, cf, &key, *at)? {
+                        kept.push((cfi, key));
+                        continue;
+                    }
+                    drop_record(t, cf, &key, *at)?;
+                    r.records += 1;
+                }
+                r.kept += kept.len() as u64;
+                if kept.is_empty() {
+                    t.delete(Cf::Meta, &moment_key(*at))?;
+                } else {
+                    t.put(Cf::Meta, &moment_key(*at), &encode_moment(&kept)?)?;
+                }
+                r.moments += 1;
+            }
+            s.cursor = s.cursor.max(last.saturating_add(1));
+            s.horizon = s.horizon.max(last);
+            t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)?;
+            Ok::<_, KvError>(r)
+        })?;
+        done.moments += r.moments;
+        done.records += r.records;
+        done.kept += r.kept;
+    }
+    // The latest moment, so that a later process starts above it.
+    let mut latest = 0;
+    let (_, end) = Prefix::Moment.range();
+    let from = moment_key(state(store)?.latest);
+    store.for_each(Cf::Meta, &from, &end, |k, _| {
+        latest = parse_moment_key(k).unwrap_or(0).max(latest);
+        true
+    })?;
+    if latest > 0 {
+        store.transact(|t| {
+            let mut s = state_in(t)?;
+            if latest > s.latest {
+                s.latest = latest;
+                t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)?;
+            }
+            Ok::<_, KvError>(())
+        })?;
+    }
+    Ok(done)
+}
+
+/// Whether the record of `key` at `at` is what a snapshot's state needs: the snapshot
+/// before `at` nearest to it has no other record of the key between them.
+fn needed(
+    t: &mut dyn Txn,
+    snapshots: &[(String, u64)],
+    cf: Cf,
+    key: &[u8],
+    at: u64,
+) -> Result<bool, KvError> {
+    let Some(s) = snapshots.iter().map(|(_, s)| *s).filter(|s| *s < at).max() else {
+        return Ok(false);
+    };
+    let (start, _) = past_after(cf, key, s);
+    let end = past_key(cf, key, at);
+    Ok(t.scan(Cf::Meta, &start, &end, 1)?.is_empty())
+}
+
+/// Delete the record of `key` at `at` and the reference it held.
+fn drop_record(t: &mut dyn Txn, cf: Cf, key: &[u8], at: u64) -> Result<(), KvError> {
+    let k = past_key(cf, key, at);
+    if let Some(v) = t.get(Cf::Meta, &k)? {
+        if let (Cf::Fmap, Ok(Some(old))) = (cf, decode_past(&v)) {
+            hold(t, &FmapEntry::decode(&old)?.hash, -1)?;
+        }
+        t.delete(Cf::Meta, &k)?;
+    }
+    Ok(())
+}
+
+/// What history costs, for `kvfs status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Cost {
+    pub records: u64,
+    pub moments: u64,
+    /// Blocks (and their stored bytes) referenced only by the past.
+    pub past_only_blocks: u64,
+    pub past_only_bytes: u64,
+}
+
+pub fn cost(store: &KvStore) -> Result<Cost, KvError> {
+    let mut c = Cost::default();
+    let (a, b) = Prefix::Past.range();
+    store.for_each(Cf::Meta, &a, &b, |_, _| {
+        c.records += 1;
+        true
+    })?;
+    let (a, b) = Prefix::Moment.range();
+    store.for_each(Cf::Meta, &a, &b, |_, _| {
+        c.moments += 1;
+        true
+    })?;
+    let (a, b) = Prefix::PastHold.range();
+    let mut held = Vec::new();
+    store.for_each(Cf::Bidx, &a, &b, |k, v| {
+        let n = crate::kv::decode_i64(v);
+        if let (Some(h), true) = (ks::key_hash(k), n > 0) {
+            held.push((h, n));
+        }
+        true
+    })?;
+    for (h, n) in held {
+        let mut refs = 0;
+        for shard in 0..ks::REF_SHARDS {
+            if let Some(v) = store.get(Cf::Bidx, &ks::refcount_key(&h, shard))? {
+                refs += crate::kv::decode_i64(&v);
+            }
+        }
+        if refs <= n {
+            c.past_only_blocks += 1;
+            if let Some(v) = store.get(Cf::Bidx, &ks::block_info_key(&h))? {
+                if let Ok(i) = crate::keyspace::records::BlockInfo::decode(&v) {
+                    c.past_only_bytes += i.stored as u64;
+                }
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// The records of keys in `[start, end)` of `cf`, for the view: for each key with a record
+/// after `at`, the value of the first one.
+pub(crate) fn pasts_at(
+    t: &mut dyn Txn,
+    cf: Cf,
+    start: &[u8],
+    end: &[u8],
+    at: u64,
+) -> Result<std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>, KvError> {
+    let mut out = std::collections::BTreeMap::new();
+    let (mut from, to) = past_range(cf, start, end);
+    const PAGE: usize = 1024;
+    loop {
+        let page = t.scan(Cf::Meta, &from, &to, PAGE)?;
+        for (k, v) in &page {
+            let Some((_, key, rat)) = crate::keyspace::past::parse_past_key(k) else {
+                continue;
+            };
+            if rat > at && !out.contains_key(&key) {
+                let old = decode_past(v)
+                    .map_err(|e| KvError::Corruption(format!("{}: {e}", ks::describe_key(k))))?;
+                out.insert(key, old);
+            }
+        }
+        if page.len() < PAGE {
+            return Ok(out);
+        }
+        if let Some((k, _)) = page.last() {
+            from = k.clone();
+            from.push(0);
+        }
+    }
+}
