@@ -61,6 +61,8 @@ pub struct Stats {
     pub evicted: u64,
     /// Evicted blocks read back through the simulated remote.
     pub fetched: u64,
+    /// Past moments compared with the tree they had.
+    pub moments: u64,
 }
 
 struct Sim {
@@ -93,6 +95,8 @@ struct Sim {
     logger: crate::replica::log::Logger,
     /// Where evicted blocks come back from (the replica's engine), once there is one.
     remote: Option<Arc<tier::SimRemote>>,
+    /// Even seeds keep history: moments taken right after a syncfs, with the tree then.
+    moments: Option<Vec<(u64, View)>>,
 }
 
 fn is_injected(e: &FsError) -> bool {
@@ -136,6 +140,7 @@ impl Sim {
             satellite: None,
             logger: Default::default(),
             remote: None,
+            moments: (seed % 2 == 0).then(Vec::new),
         };
         sim.init_replica(seed);
         sim.start();
@@ -184,6 +189,12 @@ impl Sim {
         );
         crate::replica::track_if_replicated(fs.store())
             .unwrap_or_else(|e| self.fail(format!("change tracking: {e}")));
+        if self.moments.is_some() {
+            let h = [("history".to_string(), "7d".to_string())];
+            crate::tier::config::write(fs.store(), &h)
+                .and_then(|_| crate::history::install(fs.store()))
+                .unwrap_or_else(|e| self.fail(format!("history: {e}")));
+        }
         if let Some(r) = &self.remote {
             fs.set_tiering(r.clone(), None);
         }
@@ -222,7 +233,12 @@ impl Sim {
     /// every file when `all`, else only for the files the step touched; the others are
     /// taken as the model has them if their size agrees.
     fn fs_view(&self, all: bool) -> View {
-        let fs = self.fs();
+        self.view_of(self.fs(), all, false)
+    }
+
+    /// The tree of `fs` (the mount's, or a `past` one over a moment of its history, which
+    /// shares no handles with the simulation).
+    fn view_of(&self, fs: &Fs, all: bool, past: bool) -> View {
         let mut out = View::new();
         let mut stack = vec![(b"/".to_vec(), ROOT_INO)];
         while let Some((path, dir)) = stack.pop() {
@@ -243,8 +259,8 @@ impl Sim {
                     .flatten()
                     .filter(|n| n.data.len() as u64 == a.size);
                 let seen = match (a.kind, unread) {
-                    (Kind::File, Some(n)) => n.dg,
-                    (Kind::File, None) => digest(&self.content(ent.ino, a.size)),
+                    (Kind::File, Some(n)) if !past => n.dg,
+                    (Kind::File, _) => digest(&self.content_of(fs, ent.ino, a.size, past)),
                     (Kind::Symlink, _) => digest(
                         &fs.readlink(ent.ino)
                             .unwrap_or_else(|e| self.fail(format!("readlink: {e}"))),
@@ -274,11 +290,14 @@ impl Sim {
     /// A file's content, through a handle the simulation holds if there is one (a temporary
     /// handle's close would flush the shared buffer).
     fn content(&self, ino: Ino, size: u64) -> Vec<u8> {
-        let fs = self.fs();
+        self.content_of(self.fs(), ino, size, false)
+    }
+
+    fn content_of(&self, fs: &Fs, ino: Ino, size: u64, past: bool) -> Vec<u8> {
         let held = self
             .handles
             .iter()
-            .find(|(_, i)| *i == ino)
+            .find(|(_, i)| *i == ino && !past)
             .map(|(h, _)| *h);
         let fh = match held {
             Some(h) => h,
@@ -361,7 +380,12 @@ impl Sim {
         }
         self.history.push_back(line);
         match res {
-            Ok(()) => self.check_tree(what, self.stats.ops % 10 == 0),
+            Ok(()) => {
+                self.check_tree(what, self.stats.ops % 10 == 0);
+                if what == "syncfs" {
+                    self.note_moment();
+                }
+            }
             Err(e) if is_injected(&e) => {
                 self.stats.failed_ops += 1;
                 // Either wholly done or not at all: the model may hold the op's effect (when
@@ -444,6 +468,7 @@ impl Sim {
         self.engine.crash(extra);
         self.start();
         self.audit_clean("a crash");
+        self.check_moments();
         self.faults_off();
         let fs = self.fs();
         for (ino, want) in &self.durable {
@@ -461,6 +486,49 @@ impl Sim {
         }
         self.clean_since_sync = false;
         self.faults_on();
+    }
+
+    /// Right after a syncfs (everything committed and durable, the tree equal to the model):
+    /// remember this moment and the tree, which a past view must show from now on.
+    fn note_moment(&mut self) {
+        let at = self.fs().store().history_now();
+        let view = self.model.view();
+        if let Some(m) = &mut self.moments {
+            m.push((at, view));
+        }
+    }
+
+    /// Every moment noted shows, through a read-only `Fs` over its history view, exactly the
+    /// tree it had (names, inodes, kinds, link counts, content, xattrs).
+    fn check_moments(&mut self) {
+        let Some(moments) = self.moments.take() else {
+            return;
+        };
+        self.faults_off();
+        for (at, want) in &moments {
+            let view = crate::history::view::View::new(Arc::new(self.engine.clone()), *at);
+            let past = Fs::new(
+                KvStore::with_engine(Arc::new(view)),
+                self.format.clone(),
+                FsOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            );
+            if let Some(r) = &self.remote {
+                past.set_tiering(r.clone(), None);
+            }
+            let got = self.view_of(&past, true, true);
+            if got != *want {
+                self.fail(format!(
+                    "the state at moment {at} differs from the tree then:\n{}",
+                    diff(&got, want)
+                ));
+            }
+            self.stats.moments += 1;
+        }
+        self.faults_on();
+        self.moments = Some(moments);
     }
 
     /// After a crash that kept an unknown prefix, the model learns what survived.
@@ -511,6 +579,7 @@ pub fn run(first: u64, seeds: u64, ops: u64, faults: (u32, u32)) -> Stats {
         total.satellite_shipments += sim.stats.satellite_shipments;
         total.evicted += sim.stats.evicted;
         total.fetched += sim.fetched();
+        total.moments += sim.stats.moments;
     }
     total
 }

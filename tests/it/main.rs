@@ -8,6 +8,7 @@ mod data;
 mod edges;
 mod fsapi;
 mod fuzz;
+mod history;
 mod locks;
 mod model;
 mod posix;
