@@ -471,3 +471,74 @@ pub(crate) fn pasts_at(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::fs::{Caller, Fs, FsOptions, NewNode};
+    use crate::keyspace::records::Kind;
+    use crate::keyspace::ROOT_INO;
+
+    /// What recording costs the daemon per operation, without FUSE: mkdir, rmdir, create
+    /// and unlink on RocksDB, history off and on. `cargo test --release --lib
+    /// history::tests::cost_per_operation -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn cost_per_operation() {
+        let who = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        for round in 0..4 {
+            let on = round % 2 == 1;
+            let d = tempfile::tempdir().unwrap();
+            crate::store::format(d.path(), 65536).unwrap();
+            let (kv, format) = crate::store::open(d.path()).unwrap();
+            if on {
+                crate::tier::config::write(&kv, &[("history".into(), "7d".into())]).unwrap();
+                super::install(&kv).unwrap();
+            }
+            let fs = Fs::new(kv, format, FsOptions::default());
+            let n = 20_000;
+            let node = |kind| NewNode {
+                kind,
+                mode: 0o755,
+                umask: 0,
+                rdev: 0,
+                target: b"",
+            };
+            let name = |i: usize| format!("n{i}").into_bytes();
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                fs.create_node(ROOT_INO, &name(i), &node(Kind::Dir), who)
+                    .unwrap();
+            }
+            let mk = t.elapsed();
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                fs.rmdir(ROOT_INO, &name(i)).unwrap();
+            }
+            let rm = t.elapsed();
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                fs.create_node(ROOT_INO, &name(i), &node(Kind::File), who)
+                    .unwrap();
+            }
+            let cr = t.elapsed();
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                fs.unlink(ROOT_INO, &name(i)).unwrap();
+            }
+            let ul = t.elapsed();
+            let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / n as f64;
+            eprintln!(
+                "history {}: mkdir {:.1} us, rmdir {:.1}, create {:.1}, unlink {:.1}",
+                if on { "on " } else { "off" },
+                us(mk),
+                us(rm),
+                us(cr),
+                us(ul)
+            );
+        }
+    }
+}

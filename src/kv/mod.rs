@@ -386,8 +386,12 @@ struct Tracked<'a> {
     history: &'a Recorder,
     /// The value each key the recorder wants had before this transaction first wrote it.
     befores: Vec<Before>,
-    /// Keys of `befores`, for the first-write test.
+    /// Keys of `befores`, for the first-write test once there are many of them (a linear
+    /// search of `befores` until then: most transactions write a handful).
     seen: std::collections::HashSet<(Cf, Vec<u8>)>,
+    /// Values of wanted keys this transaction read with tracking and has not written yet:
+    /// the value a first write replaces, without reading it again.
+    reads: Vec<Before>,
     /// The moment to record under instead of now ([`Txn::record_at`]).
     at: Option<u64>,
 }
@@ -400,20 +404,59 @@ impl Tracked<'_> {
             }
         }
         if let Some(h) = self.history {
-            if h.wants(cf, key) && self.seen.insert((cf, key.to_vec())) {
-                // Tracked: a concurrent change of the key makes this commit retry, so the
-                // value kept is the one this transaction replaced.
-                let old = self.inner.get(cf, key)?;
+            if h.wants(cf, key) && !self.written_before(cf, key) {
+                // Tracked (read so here, or by an earlier `get`): a concurrent change of the
+                // key makes this commit retry, so the value kept is the one replaced.
+                let old = match self.reads.iter().position(|(c, k, _)| *c == cf && k == key) {
+                    Some(i) => self.reads.swap_remove(i).2,
+                    None => self.inner.get(cf, key)?,
+                };
                 self.befores.push((cf, key.to_vec(), old));
+                if self.befores.len() > SEEN_LINEAR {
+                    if self.seen.is_empty() {
+                        self.seen = self
+                            .befores
+                            .iter()
+                            .map(|(c, k, _)| (*c, k.clone()))
+                            .collect();
+                    } else {
+                        self.seen.insert((cf, key.to_vec()));
+                    }
+                }
             }
         }
         Ok(())
     }
+
+    /// Whether `key` was written in this transaction already (its past is noted).
+    fn written_before(&self, cf: Cf, key: &[u8]) -> bool {
+        if self.befores.len() > SEEN_LINEAR {
+            return self.seen.contains(&(cf, key.to_vec()));
+        }
+        self.befores.iter().any(|(c, k, _)| *c == cf && k == key)
+    }
 }
+
+/// Tracked reads of wanted keys kept for a later first write (a scan-like run of reads beyond
+/// this reads its values again when it writes them).
+const READS_KEPT: usize = 64;
+
+/// Past this many keys noted in one transaction, a hash set answers "written already?".
+const SEEN_LINEAR: usize = 16;
 
 impl Txn for Tracked<'_> {
     fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.get(cf, key)
+        let v = self.inner.get(cf, key)?;
+        if let Some(h) = self.history {
+            if h.wants(cf, key)
+                && !self.written_before(cf, key)
+                && !self.reads.iter().any(|(c, k, _)| *c == cf && k == key)
+                && self.reads.len() < READS_KEPT
+            {
+                self.reads.push((cf, key.to_vec(), v.clone()));
+            }
+        }
+        Ok(v)
     }
     fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         self.inner.get_untracked(cf, key)
@@ -573,6 +616,7 @@ impl KvStore {
                 history: &history,
                 befores: Vec::new(),
                 seen: Default::default(),
+                reads: Vec::new(),
                 at: None,
             };
             // On error the transaction is dropped, which rolls it back.
