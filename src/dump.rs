@@ -164,7 +164,17 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
             None => Err("malformed past-value key".into()),
         },
         Some(Prefix::Moment) if key.len() == 9 => crate::history::decode_moment(v)
-            .map(|keys| format!("{} key(s) changed", keys.len()))
+            .map(|m| {
+                format!(
+                    "{} key(s) changed{}",
+                    m.keys.len(),
+                    if m.values.is_some() {
+                        " (pending: their past values inside)"
+                    } else {
+                        ""
+                    }
+                )
+            })
             .map_err(e),
         Some(Prefix::PastHold) if key.len() == 33 => {
             if v.len() == 8 {

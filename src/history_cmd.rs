@@ -69,6 +69,7 @@ pub fn snapshot_cmd(a: SnapshotArgs) -> anyhow::Result<()> {
         Ok((kv, _)) if req == "snapshot" => history::snapshot(&kv, name)?,
         Ok((kv, _)) => {
             let at = history::remove_snapshot(&kv, name)?;
+            history::index(&kv)?;
             history::trim(&kv)?;
             kvfs::gc::collect(&kv, &kvfs::gc::SweepOptions::default())?;
             kv.sync()?;

@@ -362,6 +362,7 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
             };
             if !dry_run {
                 // The past that left the history window goes first: the sweep frees its blocks.
+                kvfs::history::index(&kv)?;
                 kvfs::history::trim(&kv)?;
             }
             let r = gc::collect(&kv, &o)?;

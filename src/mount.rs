@@ -451,6 +451,9 @@ pub fn run(
             tracing::error!(error = %e, "logging the last changes for the replicas failed");
         }
         gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))?;
+        if let Err(e) = crate::history::index(fs.store()) {
+            tracing::error!(error = %e, "indexing history failed");
+        }
         gc::unregister(fs.store(), fs.mount_id())?;
         fs.store().sync()?;
         fs.store().checkpoint()?;
@@ -595,6 +598,9 @@ const RECLAIM_AFTER: u64 = 256 << 20;
 /// After this long without a change by the mount's operations, the store is checkpointed.
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(10);
 
+/// History's pending moments are indexed at least this often, idle or not.
+const INDEX_AT_LEAST: Duration = Duration::from_secs(30);
+
 /// How often the mount sweeps garbage in the background.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -610,6 +616,7 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp, satellite: bool) 
     let mut last_flush_err: Option<String> = None;
     // Whether the store was checkpointed since the mount last changed it.
     let mut checkpointed = true;
+    let mut indexed = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
         tick += 1;
@@ -626,6 +633,14 @@ fn maintenance(fs: &Fs, stop: &AtomicBool, started: Timestamp, satellite: bool) 
                     if last_flush_err.take().is_some() {
                         tracing::info!("timed flush succeeded again");
                     }
+                }
+            }
+            // History's pending moments into its per-key index: once the mount is idle for a
+            // second, so that a burst of changes does not also pay for it, or every 30 s.
+            if fs.idle_for() >= Duration::from_secs(1) || indexed.elapsed() >= INDEX_AT_LEAST {
+                indexed = Instant::now();
+                if let Err(e) = crate::history::index(fs.store()) {
+                    tracing::error!(error = %e, "indexing history failed");
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! Phase 4c: history's keys. Every past value decodes and is listed by its moment, every
-//! moment lists only past values that exist; a past block-map value holds one reference on
-//! its block (counted for the block index phase) and one in the block's `V` counter.
+//! indexed moment lists only past values that exist, a pending one (its past values inside,
+//! not yet indexed) lies after the indexed ones; a past block-map value, indexed or pending,
+//! holds one reference on its block (counted for the block index phase) and one in the
+//! block's `V` counter.
 
 use std::collections::HashMap;
 
@@ -38,22 +40,51 @@ pub(super) fn check(store: &KvStore, cx: &mut Ctx, refs: &mut Refs) -> Result<()
         }
         true
     })?;
+    let indexed = crate::history::state(store)?.indexed;
     let (a, b) = Prefix::Moment.range();
     let mut listed = 0usize;
     let mut missing = Vec::new();
+    let mut misplaced = Vec::new();
     store.for_each(Cf::Meta, &a, &b, |k, v| {
-        let (Some(at), Ok(keys)) = (parse_moment_key(k), decode_moment(v)) else {
+        let (Some(at), Ok(m)) = (parse_moment_key(k), decode_moment(v)) else {
             cx.problem(ks::describe_key(k), "moment does not decode");
             return true;
         };
-        for (cfi, key) in keys {
-            match Cf::ALL.get(cfi as usize) {
-                Some(&cf) if pasts.contains(&past_key(cf, &key, at)) => listed += 1,
-                _ => missing.push((at, key)),
+        match m.values {
+            Some(values) => {
+                if at <= indexed {
+                    misplaced.push(at);
+                }
+                for ((cfi, key), old) in m.keys.iter().zip(values) {
+                    let (Some(old), true) = (old, *cfi as usize == Cf::Fmap.index()) else {
+                        continue;
+                    };
+                    match FmapEntry::decode(&old) {
+                        Ok(e) => held.entry(e.hash).or_insert((0, e.len)).0 += 1,
+                        Err(e) => cx.problem(
+                            format!("moment {at}: past of {}", ks::describe_key(key)),
+                            format!("block-map value does not decode: {e}"),
+                        ),
+                    }
+                }
+            }
+            None => {
+                for (cfi, key) in m.keys {
+                    match Cf::ALL.get(cfi as usize) {
+                        Some(&cf) if pasts.contains(&past_key(cf, &key, at)) => listed += 1,
+                        _ => missing.push((at, key)),
+                    }
+                }
             }
         }
         true
     })?;
+    for at in misplaced {
+        cx.problem(
+            format!("Z {at}"),
+            format!("pending, but at or before the last moment indexed ({indexed})"),
+        );
+    }
     for (at, key) in missing {
         cx.problem(
             format!("Z {at}"),

@@ -158,9 +158,14 @@ pub fn log(kv: &KvStore, path: &str) -> Result<Vec<Event>, KvError> {
         .map(str::as_bytes)
         .collect();
     let engine = kv.engine();
-    let at = |m: u64| KvStore::with_engine(Arc::new(View::new(engine.clone(), m)));
+    let at = |m: u64| -> Result<KvStore, KvError> {
+        Ok(KvStore::with_engine(Arc::new(View::new(
+            engine.clone(),
+            m,
+        )?)))
+    };
     let mut out = Vec::new();
-    let mut cur = resolve(&at(oldest), &names)?;
+    let mut cur = resolve(&at(oldest)?, &names)?;
     if let Some(s) = &cur {
         out.push(event(oldest, "present at the window's start", Some(s)));
     }
@@ -171,8 +176,8 @@ pub fn log(kv: &KvStore, path: &str) -> Result<Vec<Event>, KvError> {
         &crate::keyspace::past::moment_key(oldest),
         &end,
         |k, v| {
-            if let (Some(m), Ok(keys)) = (parse_moment_key(k), super::decode_moment(v)) {
-                moments.push((m, keys));
+            if let (Some(m), Ok(moment)) = (parse_moment_key(k), super::decode_moment(v)) {
+                moments.push((m, moment.keys));
             }
             true
         },
@@ -181,8 +186,8 @@ pub fn log(kv: &KvStore, path: &str) -> Result<Vec<Event>, KvError> {
         if !touches(&keys, &names, &cur) {
             continue;
         }
-        let before = at(m - 1);
-        let next = resolve(&at(m), &names)?;
+        let before = at(m - 1)?;
+        let next = resolve(&at(m)?, &names)?;
         if let Some(w) = what(&before, &cur, &next) {
             out.push(event(m, w, next.as_ref().or(cur.as_ref())));
         }

@@ -3,14 +3,17 @@
 //!
 //! How: while history is kept, every transaction that writes a filesystem key (inode
 //! records, xattrs, directory entries, block maps: what a replica receives) also writes, at
-//! commit, the value each such key had before it (`Y`), under one moment per commit (`at`,
-//! nanoseconds, increasing in commit order; `kv` assigns it), and the list of those keys
-//! under that moment (`Z`). A block-map value kept that way holds a reference on its block
-//! (`r` +1, and `V` +1 so that tiering keeps it resident). The state at moment `T` is then,
-//! key by key, the value of the key's first `Y` record after `T`, or its live value if it
-//! has none ([`view`]). Trimming ([`trim`]) walks `Z` from the oldest moment and deletes the
-//! records of moments that left the window, except those a named snapshot still needs:
-//! for a snapshot at `S`, the first record after `S` of each key.
+//! commit, one record under its moment (`Z at`: `at` in nanoseconds, increasing in commit
+//! order; `kv` assigns it) listing those keys with the value each had before. A block-map
+//! value kept that way holds a reference on its block (`r` +1, and `V` +1 so that tiering
+//! keeps it resident). In the background ([`index`], every second) each such pending moment
+//! is indexed: one `Y` record per key (key, moment → old value), and the moment keeps only
+//! its keys. One write per commit keeps the write path cheap (each key a transaction writes
+//! is a key its commit validates). The state at moment `T` is, key by key, the value of the
+//! key's first record after `T` (indexed `Y`, else a pending moment), or its live value if it
+//! has none ([`view`]). Trimming ([`trim`]) walks indexed moments from the oldest and deletes
+//! the records of those that left the window, except those a named snapshot still needs: for
+//! a snapshot at `S`, the first record after `S` of each key.
 //!
 //! Engine-neutral: keys and values only (keyspace.md, "History").
 
@@ -44,6 +47,8 @@ pub struct HistoryState {
     pub cursor: u64,
     /// The latest moment recorded, as of the last trim (the next process starts above it).
     pub latest: u64,
+    /// Every moment at or before this is indexed (its `Y` records written).
+    pub indexed: u64,
     /// Named moments, kept until removed.
     pub snapshots: Vec<(String, u64)>,
 }
@@ -104,13 +109,28 @@ pub fn decode_past(b: &[u8]) -> Result<Option<Vec<u8>>, DecodeError> {
     decode_v1("past value", b)
 }
 
-/// `Z` value: `01` + postcard `Vec<(family index, key)>`.
-fn encode_moment(keys: &[(u8, Vec<u8>)]) -> Result<Vec<u8>, EncodeError> {
-    encode_v1(&keys)
+/// `Z` value: `01` + postcard of this.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moment {
+    /// The keys the moment's commit changed: (family index, key).
+    pub keys: Vec<(u8, Vec<u8>)>,
+    /// Until indexed: the value each key had before (none: absent), in the order of `keys`.
+    pub values: Option<Vec<Option<Vec<u8>>>>,
 }
 
-pub fn decode_moment(b: &[u8]) -> Result<Vec<(u8, Vec<u8>)>, DecodeError> {
-    decode_v1("moment", b)
+fn encode_moment(m: &Moment) -> Result<Vec<u8>, EncodeError> {
+    encode_v1(m)
+}
+
+pub fn decode_moment(b: &[u8]) -> Result<Moment, DecodeError> {
+    let m: Moment = decode_v1("moment", b)?;
+    if m.values.as_ref().is_some_and(|v| v.len() != m.keys.len()) {
+        return Err(DecodeError {
+            what: "moment",
+            reason: "values and keys differ in number".into(),
+        });
+    }
+    Ok(m)
 }
 
 pub fn state(store: &KvStore) -> Result<HistoryState, KvError> {
@@ -148,15 +168,18 @@ impl HistoryRecorder for Recorder {
     }
 
     fn record(&self, t: &mut dyn Txn, at: u64, befores: &[Before]) -> Result<(), KvError> {
-        let mut keys = Vec::with_capacity(befores.len());
+        let mut m = Moment {
+            keys: Vec::with_capacity(befores.len()),
+            values: Some(Vec::with_capacity(befores.len())),
+        };
         for (cf, key, old) in befores {
-            t.put(Cf::Meta, &past_key(*cf, key, at), &encode_past(old)?)?;
             if let (Cf::Fmap, Some(v)) = (cf, old) {
                 hold(t, &FmapEntry::decode(v)?.hash, 1)?;
             }
-            keys.push((cf.index() as u8, key.clone()));
+            m.keys.push((cf.index() as u8, key.clone()));
+            m.values.get_or_insert_with(Vec::new).push(old.clone());
         }
-        t.put(Cf::Meta, &moment_key(at), &encode_moment(&keys)?)
+        t.put(Cf::Meta, &moment_key(at), &encode_moment(&m)?)
     }
 }
 
@@ -266,12 +289,76 @@ pub struct Trimmed {
     pub kept: u64,
 }
 
-/// Moments per trim transaction.
+/// Moments per trim or index transaction.
 const TRIM_BATCH: usize = 128;
 
+/// Index the pending moments: a `Y` record per key each lists, the moment keeping only its
+/// keys, `indexed` moved to the last. Bounded transactions; returns the moments indexed.
+pub fn index(store: &KvStore) -> Result<u64, KvError> {
+    let mut done = 0;
+    if store.is_read_only() {
+        return Ok(0);
+    }
+    loop {
+        let st = state(store)?;
+        let mut batch = Vec::new();
+        let (_, end) = Prefix::Moment.range();
+        let mut bad = None;
+        store.for_each(
+            Cf::Meta,
+            &moment_key(st.indexed.saturating_add(1)),
+            &end,
+            |k, v| {
+                match (parse_moment_key(k), decode_moment(v)) {
+                    (Some(at), Ok(m)) => batch.push((at, m)),
+                    (_, Err(e)) => bad = Some(format!("{}: {e}", ks::describe_key(k))),
+                    _ => {}
+                }
+                batch.len() < TRIM_BATCH && bad.is_none()
+            },
+        )?;
+        if let Some(e) = bad {
+            return Err(KvError::Corruption(e));
+        }
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(done);
+        };
+        let moved = store.transact(|t| {
+            let mut s = state_in(t)?;
+            if s.indexed != st.indexed {
+                // Another indexer went first: look again.
+                return Ok(false);
+            }
+            for (at, m) in &batch {
+                let Some(values) = &m.values else {
+                    continue;
+                };
+                for ((cfi, key), old) in m.keys.iter().zip(values) {
+                    let cf = Cf::ALL
+                        .get(*cfi as usize)
+                        .copied()
+                        .ok_or_else(|| KvError::Corruption(format!("moment {at}: family {cfi}")))?;
+                    t.put(Cf::Meta, &past_key(cf, key, *at), &encode_past(old)?)?;
+                }
+                let keys_only = Moment {
+                    keys: m.keys.clone(),
+                    values: None,
+                };
+                t.put(Cf::Meta, &moment_key(*at), &encode_moment(&keys_only)?)?;
+            }
+            s.indexed = last;
+            t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)?;
+            Ok::<_, KvError>(true)
+        })?;
+        if moved {
+            done += batch.len() as u64;
+        }
+    }
+}
+
 /// Delete the records of the moments before the window (all of them with history off),
-/// but what a named snapshot needs. Bounded transactions; returns when it reached the
-/// window.
+/// but what a named snapshot needs. Only indexed moments ([`index`] first to reach them all).
+/// Bounded transactions; returns when it reached the window.
 pub fn trim(store: &KvStore) -> Result<Trimmed, KvError> {
     let mut done = Trimmed::default();
     if store.is_read_only() {
@@ -284,6 +371,8 @@ pub fn trim(store: &KvStore) -> Result<Trimmed, KvError> {
     };
     loop {
         let st = state(store)?;
+        // Only indexed moments: a pending one's values are not in `Y` yet.
+        let cutoff = cutoff.min(st.indexed.saturating_add(1));
         let mut batch = Vec::new();
         store.for_each(
             Cf::Meta,
@@ -306,9 +395,11 @@ pub fn trim(store: &KvStore) -> Result<Trimmed, KvError> {
                 let Some(raw) = t.get(Cf::Meta, &moment_key(*at))? else {
                     continue;
                 };
-                let keys = decode_moment(&raw).map_err(|e| {
-                    KvError::Corruption(format!("{}: {e}", ks::describe_key(&moment_key(*at))))
-                })?;
+                let keys = decode_moment(&raw)
+                    .map_err(|e| {
+                        KvError::Corruption(format!("{}: {e}", ks::describe_key(&moment_key(*at))))
+                    })?
+                    .keys;
                 let mut kept = Vec::new();
                 for (cfi, key) in keys {
                     let Some(&cf) = Cf::ALL.get(cfi as usize) else {
@@ -325,7 +416,11 @@ pub fn trim(store: &KvStore) -> Result<Trimmed, KvError> {
                 if kept.is_empty() {
                     t.delete(Cf::Meta, &moment_key(*at))?;
                 } else {
-                    t.put(Cf::Meta, &moment_key(*at), &encode_moment(&kept)?)?;
+                    let m = Moment {
+                        keys: kept,
+                        values: None,
+                    };
+                    t.put(Cf::Meta, &moment_key(*at), &encode_moment(&m)?)?;
                 }
                 r.moments += 1;
             }
@@ -489,8 +584,13 @@ mod tests {
             gid: 0,
             pid: 1,
         };
+        // KVFS_HISTORY_COST=on|off: that case only (for a profiler).
+        let only = std::env::var("KVFS_HISTORY_COST").ok();
         for round in 0..4 {
             let on = round % 2 == 1;
+            if only.as_deref().is_some_and(|o| (o == "on") != on) {
+                continue;
+            }
             let d = tempfile::tempdir().unwrap();
             crate::store::format(d.path(), 65536).unwrap();
             let (kv, format) = crate::store::open(d.path()).unwrap();

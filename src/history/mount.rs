@@ -50,7 +50,7 @@ pub fn run(
     let (kv, format) = store::open_follower(store_dir)?;
     kv.catch_up()?;
     let (moment, _) = resolve(&kv, at).map_err(MountError::Settings)?;
-    let view = KvStore::with_engine(Arc::new(View::new(kv.engine(), moment)));
+    let view = KvStore::with_engine(Arc::new(View::new(kv.engine(), moment)?));
     let timeout = crate::tier::config::TierSettings::resolve(
         &crate::tier::config::read(&kv)?,
         &opts.tier.iter().cloned().collect(),

@@ -1,36 +1,90 @@
 //! The store as it was at a moment: an [`Engine`] over the live one whose reads of
-//! filesystem keys give the value each had at that moment (its first `Y` record after the
-//! moment, or its live value if it has none), and which hides what belongs to the live
+//! filesystem keys give the value each had at that moment (its first record after the
+//! moment: an indexed `Y` record, else one of the pending moments, which the view holds in
+//! memory; or its live value if it has none), and which hides what belongs to the live
 //! mounts (open counts, locks, garbage inodes). Read-only. The whole `Fs` read path runs on it
 //! unchanged: a past mount is an ordinary read-only mount over this engine.
+//!
+//! The engine under it must not change between catch-ups: a follower (a RocksDB secondary,
+//! which changes only when it catches up, when the view rebuilds its pending part under the
+//! same lock), or a store nothing writes meanwhile.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use crate::keyspace::past::past_after;
+use crate::keyspace::past::{moment_key, past_after};
 use crate::keyspace::{self as ks, inode_sub, Prefix};
 use crate::kv::{Cf, Engine, EngineTxn, KvError, Pair, Txn};
 use crate::replica::shippable;
+
+/// The first pending record after the view's moment of each key, by (family index, key),
+/// and the last moment looked at. A record indexed since stays (its `Y` twin says the same);
+/// one that leaves the window is older than the view's moment, which then fails anyway.
+#[derive(Default)]
+struct Pending {
+    first: BTreeMap<(u8, Vec<u8>), Option<Vec<u8>>>,
+    seen: u64,
+}
 
 pub struct View {
     inner: Arc<dyn Engine>,
     at: u64,
     /// The moment left the window while mounted (its records may be trimmed): reads fail.
     gone: AtomicBool,
+    /// Rebuilt at each catch-up, under the write lock, which reads hold for reading.
+    pending: RwLock<Pending>,
 }
 
 impl View {
-    pub fn new(inner: Arc<dyn Engine>, at: u64) -> View {
-        View {
+    pub fn new(inner: Arc<dyn Engine>, at: u64) -> Result<View, KvError> {
+        let v = View {
             inner,
             at,
             gone: AtomicBool::new(false),
+            pending: RwLock::new(Pending::default()),
+        };
+        v.load_pending(&mut v.pending.write().unwrap_or_else(|e| e.into_inner()))?;
+        Ok(v)
+    }
+
+    /// Add the pending moments after those looked at, the view's moment and the indexed ones.
+    fn load_pending(&self, p: &mut Pending) -> Result<(), KvError> {
+        let st = match self.inner.get(Cf::Meta, ks::META_HISTORY)? {
+            Some(v) => super::HistoryState::decode(&v)?,
+            None => super::HistoryState::default(),
+        };
+        let from = self.at.max(st.indexed).max(p.seen).saturating_add(1);
+        let (_, end) = Prefix::Moment.range();
+        let mut bad = None;
+        self.inner
+            .for_each(Cf::Meta, &moment_key(from), &end, &mut |k, v| {
+                match (
+                    crate::keyspace::past::parse_moment_key(k),
+                    super::decode_moment(v),
+                ) {
+                    (Some(at), Ok(m)) => {
+                        p.seen = p.seen.max(at);
+                        if let Some(values) = m.values {
+                            for (key, old) in m.keys.into_iter().zip(values) {
+                                p.first.entry(key).or_insert(old);
+                            }
+                        }
+                    }
+                    (_, Err(e)) => bad = Some(format!("{}: {e}", ks::describe_key(k))),
+                    _ => {}
+                }
+                bad.is_none()
+            })?;
+        match bad {
+            Some(e) => Err(KvError::Corruption(e)),
+            None => Ok(()),
         }
     }
 
     fn snap(&self) -> AtSnapshot<'_> {
         AtSnapshot {
+            pending: self.pending.read().unwrap_or_else(|e| e.into_inner()),
             s: self.inner.snapshot(),
             at: self.at,
             gone: self.gone.load(Ordering::Relaxed),
@@ -64,6 +118,8 @@ fn past_matters(cf: Cf, start: &[u8]) -> bool {
 }
 
 struct AtSnapshot<'a> {
+    /// First: held while the snapshot is used, so a catch-up waits for it.
+    pending: RwLockReadGuard<'a, Pending>,
     s: Box<dyn Txn + 'a>,
     at: u64,
     gone: bool,
@@ -91,6 +147,9 @@ impl Txn for AtSnapshot<'_> {
             if let Some((k, v)) = self.s.scan(Cf::Meta, &start, &end, 1)?.pop() {
                 return super::decode_past(&v)
                     .map_err(|e| KvError::Corruption(format!("{}: {e}", ks::describe_key(&k))));
+            }
+            if let Some(old) = self.pending.first.get(&(cf.index() as u8, key.to_vec())) {
+                return Ok(old.clone());
             }
         }
         self.s.get(cf, key)
@@ -121,7 +180,12 @@ impl Txn for AtSnapshot<'_> {
                 }
                 _ => end.to_vec(),
             };
-            let past = super::pasts_at(&mut *self.s, cf, &from, &bound, self.at)?;
+            let mut past = super::pasts_at(&mut *self.s, cf, &from, &bound, self.at)?;
+            let cfi = cf.index() as u8;
+            let range = (cfi, from.clone())..(cfi, bound.clone());
+            for ((_, k), old) in self.pending.first.range(range) {
+                past.entry(k.clone()).or_insert_with(|| old.clone());
+            }
             merge(live, past, |k, v| {
                 if !hidden(cf, &k) {
                     out.push((k, v));
@@ -241,7 +305,10 @@ impl Engine for View {
     /// Follow the writer (its files change under a long-lived mount), and stop answering
     /// if the moment left the window meanwhile.
     fn catch_up(&self) -> Result<(), KvError> {
+        let mut pending = self.pending.write().unwrap_or_else(|e| e.into_inner());
         self.inner.catch_up()?;
+        self.load_pending(&mut pending)?;
+        drop(pending);
         let st = match self.inner.get(Cf::Meta, ks::META_HISTORY)? {
             Some(v) => super::HistoryState::decode(&v)?,
             None => super::HistoryState::default(),

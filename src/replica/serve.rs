@@ -363,7 +363,8 @@ impl Server {
                         let at = Some(at.nanos().max(0) as u64);
                         apply::apply_group(&st.kv, seq, &prev, &claimed, &all, satellite, at)?;
                         // This replica's own history window (`kvfs config REPLICA history=`).
-                        if let Err(e) = crate::history::trim(&st.kv) {
+                        let kept = crate::history::index(&st.kv);
+                        if let Err(e) = kept.and_then(|_| crate::history::trim(&st.kv)) {
                             tracing::warn!(error = %e, "trimming history failed");
                         }
                         if let Err(e) = blocks::collect_garbage(&st.kv, 4096) {

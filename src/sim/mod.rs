@@ -491,6 +491,14 @@ impl Sim {
     /// Right after a syncfs (everything committed and durable, the tree equal to the model):
     /// remember this moment and the tree, which a past view must show from now on.
     fn note_moment(&mut self) {
+        if self.moments.is_some() && self.rng.pct(50) {
+            // Half the moments get indexed as the mount's maintenance would (the rest stay
+            // pending until a later round or never): a past view reads both.
+            self.faults_off();
+            crate::history::index(self.fs().store())
+                .unwrap_or_else(|e| self.fail(format!("indexing history: {e}")));
+            self.faults_on();
+        }
         let at = self.fs().store().history_now();
         let view = self.model.view();
         if let Some(m) = &mut self.moments {
@@ -506,7 +514,8 @@ impl Sim {
         };
         self.faults_off();
         for (at, want) in &moments {
-            let view = crate::history::view::View::new(Arc::new(self.engine.clone()), *at);
+            let view = crate::history::view::View::new(Arc::new(self.engine.clone()), *at)
+                .unwrap_or_else(|e| self.fail(format!("view of moment {at}: {e}")));
             let past = Fs::new(
                 KvStore::with_engine(Arc::new(view)),
                 self.format.clone(),
