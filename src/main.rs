@@ -352,8 +352,10 @@ fn gc_cmd(dir: &Path, dry_run: bool, timeout: u64) -> anyhow::Result<()> {
             )
         }
         Ok((kv, _)) => {
-            // What the sweep deletes (inodes unlinked while open) is the replicas' to know.
+            // What the sweep deletes (inodes unlinked while open) is the replicas' to know,
+            // and history's to keep (their blocks are what past states read).
             kvfs::replica::track_if_replicated(&kv)?;
+            kvfs::history::install(&kv)?;
             let o = gc::SweepOptions {
                 dry_run,
                 timeout: Duration::from_secs(timeout),
@@ -408,9 +410,12 @@ fn audit_cmd(dir: &Path, repair: bool, fetch: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Repairs change names and inodes: replicas must receive them like any change.
+    // Repairs change names and inodes: replicas must receive them like any change, and
+    // history keeps what they replaced.
     if repair {
-        if let Err(e) = kvfs::replica::track_if_replicated(&kv) {
+        if let Err(e) =
+            kvfs::replica::track_if_replicated(&kv).and_then(|_| kvfs::history::install(&kv))
+        {
             eprintln!("kvfs: {e}");
             return ExitCode::from(2);
         }

@@ -199,6 +199,7 @@ pub fn install(store: &KvStore) -> Result<bool, KvError> {
     if store.is_read_only() {
         return Ok(false);
     }
+    let _w = crate::util::lock(&WRITERS);
     let st = state(store)?;
     let window = window(store)?;
     if window.is_none() && st.since.is_some() {
@@ -249,6 +250,7 @@ pub fn snapshot(store: &KvStore, name: &str) -> Result<u64, KvError> {
         store.record_history(Some(Arc::new(Recorder)), state(store)?.latest);
     }
     let at = store.history_now();
+    let _w = crate::util::lock(&WRITERS);
     store.transact(|t| {
         let mut s = state_in(t)?;
         if s.snapshot(name).is_some() {
@@ -264,6 +266,7 @@ pub fn snapshot(store: &KvStore, name: &str) -> Result<u64, KvError> {
 
 /// Forget snapshot `name`: what only it kept is freed by the next trims.
 pub fn remove_snapshot(store: &KvStore, name: &str) -> Result<u64, KvError> {
+    let w = crate::util::lock(&WRITERS);
     let at = store.transact(|t| {
         let mut s = state_in(t)?;
         let Some(at) = s.snapshot(name) else {
@@ -275,6 +278,7 @@ pub fn remove_snapshot(store: &KvStore, name: &str) -> Result<u64, KvError> {
         t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)?;
         Ok(at)
     })?;
+    drop(w);
     store.sync()?;
     install(store)?;
     Ok(at)
@@ -293,14 +297,18 @@ pub struct Trimmed {
 const TRIM_BATCH: usize = 128;
 
 /// Index the pending moments: a `Y` record per key each lists, the moment keeping only its
-/// keys, `indexed` moved to the last. Bounded transactions; returns the moments indexed.
+/// keys, `indexed` moved to the last. In batches of [`TRIM_BATCH`] moments, each one write
+/// without conflict checks (no transaction writes `Y` keys or an existing `Z` key, and every
+/// writer of `M history` in this process holds [`WRITERS`]; another process cannot have the
+/// store open for writing). Returns the moments indexed.
 pub fn index(store: &KvStore) -> Result<u64, KvError> {
     let mut done = 0;
     if store.is_read_only() {
         return Ok(0);
     }
+    let _w = crate::util::lock(&WRITERS);
     loop {
-        let st = state(store)?;
+        let mut st = state(store)?;
         let mut batch = Vec::new();
         let (_, end) = Prefix::Moment.range();
         let mut bad = None;
@@ -323,38 +331,29 @@ pub fn index(store: &KvStore) -> Result<u64, KvError> {
         let Some(&(last, _)) = batch.last() else {
             return Ok(done);
         };
-        let moved = store.transact(|t| {
-            let mut s = state_in(t)?;
-            if s.indexed != st.indexed {
-                // Another indexer went first: look again.
-                return Ok(false);
+        let mut ops = Vec::new();
+        for (at, m) in batch.iter_mut() {
+            let Some(values) = m.values.take() else {
+                continue;
+            };
+            for ((cfi, key), old) in m.keys.iter().zip(values) {
+                let cf = Cf::ALL
+                    .get(*cfi as usize)
+                    .copied()
+                    .ok_or_else(|| KvError::Corruption(format!("moment {at}: family {cfi}")))?;
+                ops.push((Cf::Meta, past_key(cf, key, *at), Some(encode_past(&old)?)));
             }
-            for (at, m) in &batch {
-                let Some(values) = &m.values else {
-                    continue;
-                };
-                for ((cfi, key), old) in m.keys.iter().zip(values) {
-                    let cf = Cf::ALL
-                        .get(*cfi as usize)
-                        .copied()
-                        .ok_or_else(|| KvError::Corruption(format!("moment {at}: family {cfi}")))?;
-                    t.put(Cf::Meta, &past_key(cf, key, *at), &encode_past(old)?)?;
-                }
-                let keys_only = Moment {
-                    keys: m.keys.clone(),
-                    values: None,
-                };
-                t.put(Cf::Meta, &moment_key(*at), &encode_moment(&keys_only)?)?;
-            }
-            s.indexed = last;
-            t.put(Cf::Meta, ks::META_HISTORY, &s.encode()?)?;
-            Ok::<_, KvError>(true)
-        })?;
-        if moved {
-            done += batch.len() as u64;
+            ops.push((Cf::Meta, moment_key(*at), Some(encode_moment(m)?)));
         }
+        st.indexed = last;
+        ops.push((Cf::Meta, ks::META_HISTORY.to_vec(), Some(st.encode()?)));
+        store.write_unchecked(&ops)?;
+        done += batch.len() as u64;
     }
 }
+
+/// Held by every writer of `M history` (and of existing `Z` and `Y` keys) in this process.
+static WRITERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Delete the records of the moments before the window (all of them with history off),
 /// but what a named snapshot needs. Only indexed moments ([`index`] first to reach them all).
@@ -364,6 +363,7 @@ pub fn trim(store: &KvStore) -> Result<Trimmed, KvError> {
     if store.is_read_only() {
         return Ok(done);
     }
+    let _w = crate::util::lock(&WRITERS);
     let now = crate::kv::now_ns();
     let cutoff = match window(store)? {
         Some(w) => now.saturating_sub(w.as_nanos() as u64),

@@ -69,6 +69,7 @@ const CASES: &[(&str, Case)] = &[
         synced_commit_survives_reopen,
     ),
     ("outside_writes", outside_writes),
+    ("unchecked_writes", unchecked_writes),
 ];
 
 /// Run every case, each on a fresh subject from `make`.
@@ -406,4 +407,23 @@ fn outside_writes(s: &mut Subject) {
     );
     s.s().checkpoint().unwrap();
     s.s().reclaim_freed_space().unwrap();
+}
+
+/// `write_unchecked`: puts and deletes of several families land together and survive a sync
+/// and a reopen.
+fn unchecked_writes(s: &mut Subject) {
+    s.s().transact(|t| t.put(Cf::Meta, b"gone", b"x")).unwrap();
+    s.s()
+        .write_unchecked(&[
+            (Cf::Meta, b"u1".to_vec(), Some(b"1".to_vec())),
+            (Cf::Fmap, b"u2".to_vec(), Some(b"2".to_vec())),
+            (Cf::Meta, b"gone".to_vec(), None),
+        ])
+        .unwrap();
+    s.s().sync().unwrap();
+    s.reopen();
+    let st = s.s();
+    assert_eq!(st.get(Cf::Meta, b"u1").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(st.get(Cf::Fmap, b"u2").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(st.get(Cf::Meta, b"gone").unwrap(), None);
 }

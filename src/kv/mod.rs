@@ -238,6 +238,20 @@ pub trait Engine: Send + Sync {
         t.commit()
     }
 
+    /// Apply `ops` (a put with a value, a delete without) at once, with no conflict check:
+    /// for bookkeeping whose writer excludes every other writer of those keys itself (history's
+    /// indexer, which writes keys no transaction writes). Not synced. Default: a transaction.
+    fn write_unchecked(&self, ops: &[Write]) -> Result<(), KvError> {
+        let mut t = self.begin()?;
+        for (cf, k, v) in ops {
+            match v {
+                Some(v) => t.put(*cf, k, v)?,
+                None => t.delete(*cf, k)?,
+            }
+        }
+        t.commit()
+    }
+
     /// Make the whole state durable without needing the engine's log at the next open (the
     /// clean end of a mount). Default: a sync.
     fn checkpoint(&self) -> Result<(), KvError> {
@@ -311,6 +325,9 @@ type Tracker = Option<Arc<dyn ChangeTracker>>;
 
 /// What a key held before a transaction first wrote it (`None`: absent).
 pub type Before = (Cf, Vec<u8>, Option<Vec<u8>>);
+
+/// One write of [`Engine::write_unchecked`]: a put of the value, or a delete without one.
+pub type Write = (Cf, Vec<u8>, Option<Vec<u8>>);
 
 /// Keeps the past of some keys (history): for every transaction that writes one, the value
 /// each had before, written at commit under one moment. The kv layer knows neither which
@@ -730,6 +747,11 @@ impl KvStore {
     /// See [`Engine::delete_unsynced`].
     pub fn delete_unsynced(&self, cf: Cf, keys: &[Vec<u8>]) -> Result<(), KvError> {
         self.engine.delete_unsynced(cf, keys)
+    }
+
+    /// See [`Engine::write_unchecked`].
+    pub fn write_unchecked(&self, ops: &[Write]) -> Result<(), KvError> {
+        self.engine.write_unchecked(ops)
     }
 
     /// See [`Engine::checkpoint`].

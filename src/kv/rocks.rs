@@ -270,6 +270,22 @@ impl Engine for RocksEngine {
         Ok(())
     }
 
+    /// One plain write batch: atomic, logged, no conflict check (a transaction's commit
+    /// validates every key it wrote).
+    fn write_unchecked(&self, ops: &[crate::kv::Write]) -> Result<(), KvError> {
+        let db = self.rw()?;
+        let mut batch = rocksdb::WriteBatchWithTransaction::<true>::default();
+        for (cf, k, v) in ops {
+            let h = self.cf(*cf)?;
+            match v {
+                Some(v) => batch.put_cf(h, k, v),
+                None => batch.delete_cf(h, k),
+            }
+        }
+        db.write_opt(batch, &WriteOptions::default())?;
+        Ok(())
+    }
+
     /// Flush every memtable to table files, so the WAL can be dropped.
     fn checkpoint(&self) -> Result<(), KvError> {
         let db = self.rw()?;
