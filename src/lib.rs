@@ -18,6 +18,7 @@ pub mod gc;
 pub mod history;
 pub mod keyspace;
 pub mod kv;
+mod maintenance;
 pub mod mount;
 pub mod replica;
 #[cfg(test)]
