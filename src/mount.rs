@@ -182,6 +182,33 @@ pub(crate) fn wait_for_signal() -> i32 {
     }
 }
 
+/// Start a named thread of the mount.
+pub(crate) fn spawn(
+    name: &str,
+    f: Box<dyn FnOnce() + Send>,
+) -> Result<std::thread::JoinHandle<()>, MountError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(MountError::Thread)
+}
+
+/// The thread that unmounts `session` at SIGTERM, SIGINT or SIGHUP.
+pub(crate) fn unmount_on_signal(session: &mut Mounted) -> Result<(), MountError> {
+    let mut unmounter = session.unmounter();
+    spawn(
+        "kvfs-signals",
+        Box::new(move || {
+            let sig = wait_for_signal();
+            tracing::info!(sig, "signal received; unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!(error = %e, "unmount failed");
+            }
+        }),
+    )?;
+    Ok(())
+}
+
 /// Why a mount could not start or did not end cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -310,23 +337,7 @@ pub fn run(
             raise_dirty_limit(&mnt, max);
         }
     }
-    let mut unmounter = session.unmounter();
-    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
-            .map_err(MountError::Thread)
-    };
-    spawn(
-        "kvfs-signals",
-        Box::new(move || {
-            let sig = wait_for_signal();
-            tracing::info!(sig, "signal received; unmounting");
-            if let Err(e) = unmounter.unmount() {
-                tracing::error!(error = %e, "unmount failed");
-            }
-        }),
-    )?;
+    unmount_on_signal(&mut session)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     {

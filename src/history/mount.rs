@@ -84,27 +84,11 @@ pub fn run(
                 source,
             }
         })?;
-    let mut unmounter = session.unmounter();
-    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
-            .map_err(MountError::Thread)
-    };
-    spawn(
-        "kvfs-signals",
-        Box::new(move || {
-            let sig = crate::mount::wait_for_signal();
-            tracing::info!(sig, "signal received; unmounting");
-            if let Err(e) = unmounter.unmount() {
-                tracing::error!(error = %e, "unmount failed");
-            }
-        }),
-    )?;
+    crate::mount::unmount_on_signal(&mut session)?;
     let stop = Arc::new(AtomicBool::new(false));
     let follower = {
         let (fs, stop) = (fs.clone(), stop.clone());
-        spawn(
+        crate::mount::spawn(
             "kvfs-follow",
             Box::new(move || crate::mount::follow(&fs, &stop)),
         )?
