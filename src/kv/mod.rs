@@ -561,8 +561,13 @@ impl KvStore {
     /// latest moment already recorded in the store: every new one is above it. When this
     /// returns, every transaction committing later records its past.
     pub fn record_history(&self, recorder: Option<Arc<dyn HistoryRecorder>>, last: u64) {
-        let mut c = crate::util::lock(&self.clock);
-        c.last = c.last.max(last);
+        // The clock first and released: a commit holds the recorder's read lock while it
+        // takes the clock, so holding the clock while waiting for the write lock would
+        // deadlock with it.
+        {
+            let mut c = crate::util::lock(&self.clock);
+            c.last = c.last.max(last);
+        }
         *self.history.write().unwrap_or_else(|e| e.into_inner()) = recorder;
     }
 
