@@ -10,6 +10,7 @@ bench_tree() {
 }
 stop_mount() {
     mountpoint -q "$2" && umount "$2"
-    while pgrep -f -- "mount $1 .*--daemon-child" >/dev/null; do sleep 0.1; done
+    # That mount's daemon only: a past mount (--at) of the same store may stay up.
+    while pgrep -f -- "mount $1 $2 .*--daemon-child" >/dev/null; do sleep 0.1; done
 }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
