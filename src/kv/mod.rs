@@ -24,8 +24,13 @@
 #[cfg(test)]
 mod conformance;
 #[cfg(test)]
+mod hook_tests;
+#[cfg(test)]
 pub mod mem;
 pub mod rocks;
+mod tracked;
+
+use tracked::Tracked;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -392,128 +397,6 @@ fn same_tracker(a: &Tracker, b: &Tracker) -> bool {
     }
 }
 
-/// A transaction that notes the keys its tracker wants, and the past of those its history
-/// recorder wants.
-struct Tracked<'a> {
-    inner: &'a mut dyn Txn,
-    tracker: &'a Tracker,
-    written: Vec<(Cf, Vec<u8>)>,
-    /// [`Txn::add_sum`] deltas, written at commit.
-    sums: Vec<(Cf, Vec<u8>, i64)>,
-    history: &'a Recorder,
-    /// The value each key the recorder wants had before this transaction first wrote it.
-    befores: Vec<Before>,
-    /// Keys of `befores`, for the first-write test once there are many of them (a linear
-    /// search of `befores` until then: most transactions write a handful).
-    seen: std::collections::HashSet<(Cf, Vec<u8>)>,
-    /// Values of wanted keys this transaction read with tracking and has not written yet:
-    /// the value a first write replaces, without reading it again.
-    reads: Vec<Before>,
-    /// The moment to record under instead of now ([`Txn::record_at`]).
-    at: Option<u64>,
-}
-
-impl Tracked<'_> {
-    fn note(&mut self, cf: Cf, key: &[u8]) -> Result<(), KvError> {
-        if let Some(t) = self.tracker {
-            if t.wants(cf, key) {
-                self.written.push((cf, key.to_vec()));
-            }
-        }
-        if let Some(h) = self.history {
-            if h.wants(cf, key) && !self.written_before(cf, key) {
-                // Tracked (read so here, or by an earlier `get`): a concurrent change of the
-                // key makes this commit retry, so the value kept is the one replaced.
-                let old = match self.reads.iter().position(|(c, k, _)| *c == cf && k == key) {
-                    Some(i) => self.reads.swap_remove(i).2,
-                    None => self.inner.get(cf, key)?,
-                };
-                self.befores.push((cf, key.to_vec(), old));
-                if self.befores.len() > SEEN_LINEAR {
-                    if self.seen.is_empty() {
-                        self.seen = self
-                            .befores
-                            .iter()
-                            .map(|(c, k, _)| (*c, k.clone()))
-                            .collect();
-                    } else {
-                        self.seen.insert((cf, key.to_vec()));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether `key` was written in this transaction already (its past is noted).
-    fn written_before(&self, cf: Cf, key: &[u8]) -> bool {
-        if self.befores.len() > SEEN_LINEAR {
-            return self.seen.contains(&(cf, key.to_vec()));
-        }
-        self.befores.iter().any(|(c, k, _)| *c == cf && k == key)
-    }
-}
-
-/// Tracked reads of wanted keys kept for a later first write (a scan-like run of reads beyond
-/// this reads its values again when it writes them).
-const READS_KEPT: usize = 64;
-
-/// Past this many keys noted in one transaction, a hash set answers "written already?".
-const SEEN_LINEAR: usize = 16;
-
-impl Txn for Tracked<'_> {
-    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        let v = self.inner.get(cf, key)?;
-        if let Some(h) = self.history {
-            if h.wants(cf, key)
-                && !self.written_before(cf, key)
-                && !self.reads.iter().any(|(c, k, _)| *c == cf && k == key)
-                && self.reads.len() < READS_KEPT
-            {
-                self.reads.push((cf, key.to_vec(), v.clone()));
-            }
-        }
-        Ok(v)
-    }
-    fn get_untracked(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.inner.get_untracked(cf, key)
-    }
-    fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        self.note(cf, key)?;
-        self.inner.put(cf, key, value)
-    }
-    fn delete(&mut self, cf: Cf, key: &[u8]) -> Result<(), KvError> {
-        self.note(cf, key)?;
-        self.inner.delete(cf, key)
-    }
-    fn merge(&mut self, cf: Cf, key: &[u8], operand: &[u8]) -> Result<(), KvError> {
-        self.note(cf, key)?;
-        self.inner.merge(cf, key, operand)
-    }
-    fn scan(
-        &mut self,
-        cf: Cf,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Pair>, KvError> {
-        self.inner.scan(cf, start, end, limit)
-    }
-    fn logs_changes(&self) -> bool {
-        self.tracker.is_some()
-    }
-    fn record_at(&mut self, at: u64) {
-        self.at = Some(at);
-    }
-    fn add_sum(&mut self, cf: Cf, key: &[u8], delta: i64) -> Result<(), KvError> {
-        match self.sums.iter_mut().find(|(c, k, _)| *c == cf && k == key) {
-            Some(s) => s.2 = s.2.wrapping_add(delta),
-            None => self.sums.push((cf, key.to_vec(), delta)),
-        }
-        Ok(())
-    }
-}
-
 /// Most conflicts resolve in a few rounds; past this the caller gets EIO-class `Conflict`
 /// rather than spinning forever.
 const MAX_ATTEMPTS: u32 = 64;
@@ -807,80 +690,4 @@ fn backoff(attempt: u32) {
     let cap_us = (50u64 << attempt.min(9)).min(20_000);
     let us = crate::util::rand_u64() % cap_us.max(1);
     std::thread::sleep(Duration::from_micros(us));
-}
-
-#[cfg(test)]
-mod history_hook_tests {
-    use super::*;
-
-    /// Keeps the past of every `k...` key as a `p` key per moment.
-    struct Pasts;
-    impl HistoryRecorder for Pasts {
-        fn wants(&self, _: Cf, key: &[u8]) -> bool {
-            key.starts_with(b"k")
-        }
-        fn record(&self, t: &mut dyn Txn, at: u64, befores: &[Before]) -> Result<(), KvError> {
-            for (cf, key, old) in befores {
-                let mut k = b"p".to_vec();
-                k.extend_from_slice(&at.to_be_bytes());
-                k.extend_from_slice(key);
-                t.put(*cf, &k, old.as_deref().unwrap_or(b"-"))?;
-            }
-            Ok(())
-        }
-    }
-
-    /// Commits that record their past, while another thread switches recording on and off:
-    /// no deadlock, moments strictly increase, each kept value is the one replaced.
-    #[test]
-    fn recording_switched_while_committing() {
-        let kv = Arc::new(KvStore::with_engine(Arc::new(mem::MemEngine::new())));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let toggler = {
-            let (kv, stop) = (kv.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let r: Option<Arc<dyn HistoryRecorder>> =
-                        (n % 2 == 0).then(|| Arc::new(Pasts) as _);
-                    kv.record_history(r, 0);
-                    n += 1;
-                }
-                kv.record_history(Some(Arc::new(Pasts)), 0);
-            })
-        };
-        for i in 0..2000u32 {
-            kv.transact(|t| {
-                let old = t.get(Cf::Meta, b"k1")?;
-                let next = old.map_or(0, |v| decode_i64(&v)) + 1;
-                t.put(Cf::Meta, b"k1", &next.to_le_bytes())?;
-                Ok::<_, KvError>(())
-            })
-            .unwrap_or_else(|e| panic!("commit {i}: {e}"));
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        toggler.join().unwrap();
-        // Recording on now: this one keeps its past whatever the toggling did before.
-        kv.transact(|t| {
-            let old = t.get(Cf::Meta, b"k1")?;
-            let next = old.map_or(0, |v| decode_i64(&v)) + 1;
-            t.put(Cf::Meta, b"k1", &next.to_le_bytes())
-        })
-        .unwrap();
-        // The pasts recorded: moments increase, and each is the value before the next one.
-        let mut pasts = Vec::new();
-        kv.for_each(Cf::Meta, b"p", b"q", |k, v| {
-            pasts.push((u64::from_be_bytes(k[1..9].try_into().unwrap()), v.to_vec()));
-            true
-        })
-        .unwrap();
-        assert!(!pasts.is_empty());
-        assert!(pasts.windows(2).all(|w| w[0].0 < w[1].0));
-        let mut last = -1i64;
-        for (_, v) in &pasts {
-            let n = if v == b"-" { 0 } else { decode_i64(v) };
-            assert!(n > last, "kept {n} after {last}");
-            last = n;
-        }
-    }
 }
