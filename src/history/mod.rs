@@ -61,6 +61,14 @@ impl HistoryState {
         decode_v1("history state", b)
     }
 
+    /// The state the `M history` record holds (none: history never kept).
+    pub fn from_record(v: Option<Vec<u8>>) -> Result<Self, KvError> {
+        match v {
+            Some(v) => Ok(Self::decode(&v)?),
+            None => Ok(Self::default()),
+        }
+    }
+
     /// The oldest moment whose state is whole (snapshots aside).
     pub fn oldest(&self) -> Option<u64> {
         self.since.map(|s| s.max(self.horizon.saturating_add(1)))
@@ -134,17 +142,22 @@ pub fn decode_moment(b: &[u8]) -> Result<Moment, DecodeError> {
 }
 
 pub fn state(store: &KvStore) -> Result<HistoryState, KvError> {
-    match store.get(Cf::Meta, ks::META_HISTORY)? {
-        Some(v) => Ok(HistoryState::decode(&v)?),
-        None => Ok(HistoryState::default()),
-    }
+    HistoryState::from_record(store.get(Cf::Meta, ks::META_HISTORY)?)
 }
 
 fn state_in(t: &mut dyn Txn) -> Result<HistoryState, KvError> {
-    match t.get(Cf::Meta, ks::META_HISTORY)? {
-        Some(v) => Ok(HistoryState::decode(&v)?),
-        None => Ok(HistoryState::default()),
-    }
+    HistoryState::from_record(t.get(Cf::Meta, ks::META_HISTORY)?)
+}
+
+/// The latest moment recorded: `from` or that of a `Z` key after it.
+fn latest_moment(store: &KvStore, from: u64) -> Result<u64, KvError> {
+    let mut latest = from;
+    let (_, end) = Prefix::Moment.range();
+    store.for_each(Cf::Meta, &moment_key(from), &end, |k, _| {
+        latest = parse_moment_key(k).unwrap_or(0).max(latest);
+        true
+    })?;
+    Ok(latest)
 }
 
 /// The window setting (`history=7d` in `kvfs config`), if any and not 0.
@@ -216,14 +229,7 @@ pub fn install(store: &KvStore) -> Result<bool, KvError> {
     }
     if !store.records_history() {
         // Moments recorded after the last save of `latest` (a crash) are above it.
-        let mut last = st.latest;
-        let (_, end) = Prefix::Moment.range();
-        store.for_each(Cf::Meta, &moment_key(st.latest), &end, |k, _| {
-            if let Some(at) = parse_moment_key(k) {
-                last = last.max(at);
-            }
-            true
-        })?;
+        let last = latest_moment(store, st.latest)?;
         store.record_history(Some(Arc::new(Recorder)), last);
     }
     if st.since.is_none() && window.is_some() {
@@ -434,14 +440,9 @@ pub fn trim(store: &KvStore) -> Result<Trimmed, KvError> {
         done.kept += r.kept;
     }
     // The latest moment, so that a later process starts above it.
-    let mut latest = 0;
-    let (_, end) = Prefix::Moment.range();
-    let from = moment_key(state(store)?.latest);
-    store.for_each(Cf::Meta, &from, &end, |k, _| {
-        latest = parse_moment_key(k).unwrap_or(0).max(latest);
-        true
-    })?;
-    if latest > 0 {
+    let saved = state(store)?.latest;
+    let latest = latest_moment(store, saved)?;
+    if latest > saved {
         store.transact(|t| {
             let mut s = state_in(t)?;
             if latest > s.latest {
@@ -515,12 +516,7 @@ pub fn cost(store: &KvStore) -> Result<Cost, KvError> {
         true
     })?;
     for (h, n) in held {
-        let mut refs = 0;
-        for shard in 0..ks::REF_SHARDS {
-            if let Some(v) = store.get(Cf::Bidx, &ks::refcount_key(&h, shard))? {
-                refs += crate::kv::decode_i64(&v);
-            }
-        }
+        let refs = store.read(|t| blocks::refcount(t, &h))?;
         if refs <= n {
             c.past_only_blocks += 1;
             if let Some(v) = store.get(Cf::Bidx, &ks::block_info_key(&h))? {

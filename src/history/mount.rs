@@ -11,18 +11,14 @@ use super::view::View;
 use super::{when, HistoryState};
 use crate::fs::{Fs, FsOptions};
 use crate::fuse::session::Mounted;
-use crate::kv::{Cf, KvStore};
+use crate::kv::KvStore;
 use crate::mount::{MountError, MountOpts};
-use crate::{keyspace as ks, store};
+use crate::store;
 
 /// The moment `at` names in `store`: a snapshot's name or a time ([`when::parse`]), checked
 /// against what the store keeps.
 pub fn resolve(kv: &KvStore, at: &str) -> Result<(u64, HistoryState), String> {
-    let st = match kv.get(Cf::Meta, ks::META_HISTORY) {
-        Ok(Some(v)) => HistoryState::decode(&v).map_err(|e| e.to_string())?,
-        Ok(None) => HistoryState::default(),
-        Err(e) => return Err(e.to_string()),
-    };
+    let st = super::state(kv).map_err(|e| e.to_string())?;
     let now = crate::kv::now_ns();
     let moment = match st.snapshot(at) {
         Some(m) => m,

@@ -48,12 +48,10 @@ impl View {
         Ok(v)
     }
 
-    /// Add the pending moments after those looked at, the view's moment and the indexed ones.
-    fn load_pending(&self, p: &mut Pending) -> Result<(), KvError> {
-        let st = match self.inner.get(Cf::Meta, ks::META_HISTORY)? {
-            Some(v) => super::HistoryState::decode(&v)?,
-            None => super::HistoryState::default(),
-        };
+    /// Add the pending moments after those looked at, the view's moment and the indexed ones;
+    /// the history state they were read with.
+    fn load_pending(&self, p: &mut Pending) -> Result<super::HistoryState, KvError> {
+        let st = super::HistoryState::from_record(self.inner.get(Cf::Meta, ks::META_HISTORY)?)?;
         let from = self.at.max(st.indexed).max(p.seen).saturating_add(1);
         let (_, end) = Prefix::Moment.range();
         let mut bad = None;
@@ -78,7 +76,7 @@ impl View {
             })?;
         match bad {
             Some(e) => Err(KvError::Corruption(e)),
-            None => Ok(()),
+            None => Ok(st),
         }
     }
 
@@ -307,12 +305,8 @@ impl Engine for View {
     fn catch_up(&self) -> Result<(), KvError> {
         let mut pending = self.pending.write().unwrap_or_else(|e| e.into_inner());
         self.inner.catch_up()?;
-        self.load_pending(&mut pending)?;
+        let st = self.load_pending(&mut pending)?;
         drop(pending);
-        let st = match self.inner.get(Cf::Meta, ks::META_HISTORY)? {
-            Some(v) => super::HistoryState::decode(&v)?,
-            None => super::HistoryState::default(),
-        };
         if let Err(why) = st.check(self.at, u64::MAX) {
             if !self.gone.swap(true, Ordering::Relaxed) {
                 tracing::error!(reason = %why, "the mounted moment is no longer kept; reads fail from now on");
