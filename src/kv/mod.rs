@@ -342,7 +342,8 @@ pub trait HistoryRecorder: Send + Sync {
     /// Whether the past of `key` in `cf` is kept.
     fn wants(&self, cf: Cf, key: &[u8]) -> bool;
     /// Write into `t` what keeps `befores` (each key's value before `t`), as the state that
-    /// ended at `at` (nanoseconds since the epoch; unique and increasing per store).
+    /// ended at `at` (nanoseconds since the epoch; unique and increasing per store). Keys it
+    /// writes that the change tracker wants are noted like the transaction's own.
     fn record(&self, t: &mut dyn Txn, at: u64, befores: &[Before]) -> Result<(), KvError>;
 }
 
@@ -513,17 +514,7 @@ impl KvStore {
             let mut t = self.engine.begin().map_err(E::from)?;
             let tracker = self.current_tracker();
             let history = self.current_history();
-            let mut tracked = Tracked {
-                inner: t.as_txn(),
-                tracker: &tracker,
-                written: Vec::new(),
-                sums: Vec::new(),
-                history: &history,
-                befores: Vec::new(),
-                seen: Default::default(),
-                reads: Vec::new(),
-                at: None,
-            };
+            let mut tracked = Tracked::new(t.as_txn(), &tracker, &history);
             // On error the transaction is dropped, which rolls it back.
             let res = f(&mut tracked).and_then(|v| {
                 let shard = random_shard();
@@ -581,12 +572,26 @@ impl KvStore {
         // A moment for this commit, taken and committed under the clock's lock so that the
         // moments of history follow the order of commits.
         let mut clock = None;
+        let mut noted = Vec::new();
         if let (Some(rec), false) = (recorder.as_ref(), past.befores.is_empty()) {
             let c = crate::util::lock(&self.clock);
             let at = past.at.unwrap_or_else(now_ns).max(c.last.saturating_add(1));
-            rec.record(t.as_txn(), at, past.befores)?;
+            // What the recorder writes is noted for the tracker too (replicas hold what the
+            // past names).
+            let none: Recorder = None;
+            let mut noting = Tracked::new(t.as_txn(), &now, &none);
+            rec.record(&mut noting, at, past.befores)?;
+            noted = noting.written;
             clock = Some((c, at));
         }
+        let all;
+        let written = match noted.is_empty() {
+            true => written,
+            false => {
+                all = [written, &noted[..]].concat();
+                &all[..]
+            }
+        };
         let r = match (now.as_ref(), written.is_empty()) {
             (Some(tr), false) => {
                 let (cf, key, value) = tr.marker(written)?;

@@ -25,7 +25,21 @@ pub(super) struct Tracked<'a> {
     pub(super) at: Option<u64>,
 }
 
-impl Tracked<'_> {
+impl<'a> Tracked<'a> {
+    pub(super) fn new(inner: &'a mut dyn Txn, tracker: &'a Tracker, history: &'a Recorder) -> Self {
+        Tracked {
+            inner,
+            tracker,
+            written: Vec::new(),
+            sums: Vec::new(),
+            history,
+            befores: Vec::new(),
+            seen: Default::default(),
+            reads: Vec::new(),
+            at: None,
+        }
+    }
+
     fn note(&mut self, cf: Cf, key: &[u8]) -> Result<(), KvError> {
         if let Some(t) = self.tracker {
             if t.wants(cf, key) {
