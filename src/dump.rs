@@ -202,6 +202,9 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
         Some(Prefix::Hold) if key.len() == 33 && v.is_empty() => {
             Ok("held for a group not yet applied".into())
         }
+        Some(Prefix::PrimaryPast) if key.len() == 33 && v.is_empty() => {
+            Ok("held for the primary's history".into())
+        }
         Some(Prefix::LastUse) if key.len() == 37 && v.is_empty() => Ok("resident".into()),
         Some(Prefix::Unlogged) if key.len() == 33 => match <[u8; 8]>::try_from(v) {
             Ok(t) => Ok(format!(

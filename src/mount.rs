@@ -366,9 +366,6 @@ pub fn run(
             tier.clone(),
         ));
         fs.set_tiering(f.clone(), Some(tier.clone()));
-        if settings.cache_size.is_some() && fs.store().records_history() {
-            tracing::warn!("history is kept: tiering evicts nothing (see README, History)");
-        }
         if let Some(size) = settings.cache_size {
             tracing::info!(
                 cache_size = size,

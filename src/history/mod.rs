@@ -206,6 +206,16 @@ fn hold(t: &mut dyn Txn, h: &ks::Hash, n: i64) -> Result<(), KvError> {
     }
 }
 
+/// Whether `store` records history or its past still holds blocks (its replication groups
+/// may then carry past holds).
+pub fn keeps_past(store: &KvStore) -> Result<bool, KvError> {
+    if store.records_history() {
+        return Ok(true);
+    }
+    let (a, b) = Prefix::PastHold.range();
+    Ok(!store.read(|t| t.scan(Cf::Bidx, &a, &b, 1))?.is_empty())
+}
+
 /// Start or stop recording on `store` as its settings say: on while a window is set or a
 /// snapshot is named. Switching on records `since`. Returns whether it records.
 pub fn install(store: &KvStore) -> Result<bool, KvError> {

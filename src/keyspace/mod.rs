@@ -45,10 +45,11 @@ pub enum Prefix {
     Past,
     Moment,
     PastHold,
+    PrimaryPast,
 }
 
 impl Prefix {
-    pub const ALL: [Prefix; 21] = [
+    pub const ALL: [Prefix; 22] = [
         Prefix::Meta,
         Prefix::Inode,
         Prefix::Dirent,
@@ -70,6 +71,7 @@ impl Prefix {
         Prefix::Past,
         Prefix::Moment,
         Prefix::PastHold,
+        Prefix::PrimaryPast,
     ];
 
     pub const fn byte(self) -> u8 {
@@ -95,6 +97,7 @@ impl Prefix {
             Prefix::Past => b'Y',
             Prefix::Moment => b'Z',
             Prefix::PastHold => b'V',
+            Prefix::PrimaryPast => b'P',
         }
     }
 
@@ -119,7 +122,8 @@ impl Prefix {
             | Prefix::LastUse
             | Prefix::Unlogged
             | Prefix::Counter
-            | Prefix::PastHold => Cf::Bidx,
+            | Prefix::PastHold
+            | Prefix::PrimaryPast => Cf::Bidx,
         }
     }
 
@@ -146,6 +150,7 @@ impl Prefix {
             Prefix::Past => "past-value",
             Prefix::Moment => "moment",
             Prefix::PastHold => "past-hold",
+            Prefix::PrimaryPast => "primary-past-hold",
         }
     }
 
@@ -547,7 +552,8 @@ pub fn describe_key(key: &[u8]) -> String {
             | Prefix::BlockGarbage
             | Prefix::WrittenAhead
             | Prefix::Unlogged
-            | Prefix::PastHold,
+            | Prefix::PastHold
+            | Prefix::PrimaryPast,
         ) if key.len() >= 33 => {
             format!(
                 "{} {}{}",

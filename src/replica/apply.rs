@@ -9,7 +9,10 @@
 //! then the acknowledgement.
 
 use super::wire::{chunk_sums, BlockSums, ByteBuf, CHUNK};
-use super::{cf_from_u8, hold_key, scan_pages, shippable, Change, ReplicaError, ReplicaState};
+use super::{
+    cf_from_u8, hold_key, primary_past_key, scan_pages, shippable, ships_past_hold, Change,
+    ReplicaError, ReplicaState,
+};
 use crate::blocks::ahead::{self, Ahead};
 use crate::blocks::{self, encode::Codec, resident, Prepared};
 use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, GarbageRecord, Inode};
@@ -271,6 +274,9 @@ fn apply_change(
     match ch {
         Change::Put { cf, key, value } => {
             let c = cf_from_u8(*cf).ok_or_else(|| bad(*cf))?;
+            if ships_past_hold(c, key) {
+                return hold_for_primary_past(t, key, named, satellite);
+            }
             if !shippable(c, key) {
                 return Err(refused_key(key));
             }
@@ -278,6 +284,12 @@ fn apply_change(
         }
         Change::Delete { cf, key } => {
             let c = cf_from_u8(*cf).ok_or_else(|| bad(*cf))?;
+            if ships_past_hold(c, key) {
+                return release_primary_past(
+                    t,
+                    &ks::key_hash(key).ok_or_else(|| refused_key(key))?,
+                );
+            }
             if !shippable(c, key) {
                 return Err(refused_key(key));
             }
@@ -285,6 +297,15 @@ fn apply_change(
         }
         Change::Clear { cf, start, end } => {
             let c = cf_from_u8(*cf).ok_or_else(|| bad(*cf))?;
+            if c == Cf::Bidx && start.first() == Some(&Prefix::PastHold.byte()) {
+                // The primary's past holds, all of them given again after this.
+                let (a, b) = Prefix::PrimaryPast.range();
+                return scan_pages(t, Cf::Bidx, &a, &b, |t, page| {
+                    page.iter()
+                        .filter_map(|(k, _)| ks::key_hash(k))
+                        .try_for_each(|h| release_primary_past(t, &h))
+                });
+            }
             scan_pages(t, c, start, end, |t, page| {
                 page.iter()
                     .filter(|(k, _)| shippable(c, k))
@@ -292,6 +313,47 @@ fn apply_change(
             })
         }
     }
+}
+
+/// The primary's history names the block of past-hold key `key` (`V hash`): this replica holds
+/// it (one reference, under `P hash`) until the primary's trimming ends it. A satellite keeps
+/// none: it evicts what its upstream holds anyway.
+fn hold_for_primary_past(
+    t: &mut dyn Txn,
+    key: &[u8],
+    named: &mut Vec<Hash>,
+    satellite: bool,
+) -> Result<(), ReplicaError> {
+    let h = ks::key_hash(key).ok_or_else(|| refused_key(key))?;
+    if satellite {
+        return Ok(());
+    }
+    if t.get(Cf::Bidx, &ks::block_info_key(&h))?.is_none() {
+        return Err(ReplicaError::Refused {
+            peer: "primary".into(),
+            reason: format!(
+                "group names block {} for the primary's history, which was never sent",
+                ks::hex(&h)
+            ),
+        });
+    }
+    let pk = primary_past_key(&h);
+    if t.get(Cf::Bidx, &pk)?.is_none() {
+        t.put(Cf::Bidx, &pk, &[])?;
+        blocks::add_shared_ref(t, &h)?;
+    }
+    named.push(h);
+    Ok(())
+}
+
+/// The primary's history no longer names block `h`: the hold goes.
+fn release_primary_past(t: &mut dyn Txn, h: &Hash) -> Result<(), ReplicaError> {
+    let pk = primary_past_key(h);
+    if t.get(Cf::Bidx, &pk)?.is_some() {
+        t.delete(Cf::Bidx, &pk)?;
+        blocks::drop_ref(t, h)?;
+    }
+    Ok(())
 }
 
 fn refused_key(key: &[u8]) -> ReplicaError {
@@ -389,12 +451,16 @@ pub fn promote(store: &KvStore) -> Result<ReplicaState, ReplicaError> {
         }
         true
     })?;
-    let (ha, hb) = Prefix::Hold.range();
+    // Blocks held for groups that will never come, and for the old primary's history (which
+    // a promoted replica does not have).
     let mut holds = Vec::new();
-    store.for_each(Cf::Bidx, &ha, &hb, |k, _| {
-        holds.push(k.to_vec());
-        true
-    })?;
+    for p in [Prefix::Hold, Prefix::PrimaryPast] {
+        let (ha, hb) = p.range();
+        store.for_each(Cf::Bidx, &ha, &hb, |k, _| {
+            holds.push(k.to_vec());
+            true
+        })?;
+    }
     let st = store.transact(|t| {
         let mut st = read_state(t)?.ok_or_else(|| ReplicaError::Refused {
             peer: "promote".into(),
@@ -499,5 +565,94 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(evicted(), 0);
+    }
+
+    fn past_hold(h: &Hash, n: Option<i64>) -> Change {
+        let (cf, key) = (Cf::Bidx.index() as u8, ks::past::past_hold_key(h));
+        match n {
+            Some(n) => Change::Put {
+                cf,
+                key,
+                value: n.to_le_bytes().to_vec(),
+            },
+            None => Change::Delete { cf, key },
+        }
+    }
+
+    #[test]
+    fn the_primarys_past_holds_keep_blocks_until_they_end() {
+        let data = vec![7u8; 3000];
+        let h = blocks::hash(&data);
+        let b = prepare_received(&h, &data, 65536, &Codec::default()).unwrap();
+        let (_d, r) = replica_store();
+        let refs = |r: &KvStore| r.transact(|t| blocks::refcount(t, &h)).unwrap();
+        let stored = |r: &KvStore| r.get(Cf::Bidx, &ks::block_info_key(&h)).unwrap().is_some();
+        // Named by a past hold before it was sent: refused.
+        let e = apply_group(
+            &r,
+            1,
+            &[0; 32],
+            &[1; 32],
+            &[past_hold(&h, Some(1))],
+            false,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("never sent"), "{e}");
+        // A base group naming the block by a past hold only: held by `P`, not by `H`.
+        store_held(&r, std::slice::from_ref(&b)).unwrap();
+        let (start, end) = Prefix::PastHold.range();
+        let clear = Change::Clear {
+            cf: Cf::Bidx.index() as u8,
+            start,
+            end,
+        };
+        let g1 = base(vec![clear.clone(), past_hold(&h, Some(2))]);
+        apply_group(&r, 1, &[0; 32], &[1; 32], &g1, false, None).unwrap();
+        assert_eq!(refs(&r), 1);
+        assert!(r.get(Cf::Bidx, &primary_past_key(&h)).unwrap().is_some());
+        // A later count changes nothing; a file naming it adds its own reference.
+        let g2 = vec![past_hold(&h, Some(3)), put_map(5, h, 3000)];
+        apply_group(&r, 2, &[1; 32], &[2; 32], &g2, false, None).unwrap();
+        assert_eq!(refs(&r), 2);
+        // The file goes: the past still holds it.
+        let del = Change::Delete {
+            cf: Cf::Fmap.index() as u8,
+            key: ks::fmap_key(5, 0),
+        };
+        apply_group(&r, 3, &[2; 32], &[3; 32], &[del], false, None).unwrap();
+        blocks::collect_all_garbage(&r).unwrap();
+        assert!(stored(&r) && refs(&r) == 1);
+        // A new base clears the holds and gives them again; then the past lets go of it.
+        let g4 = base(vec![clear, past_hold(&h, Some(1))]);
+        apply_group(&r, 4, &[3; 32], &[4; 32], &g4, false, None).unwrap();
+        assert_eq!(refs(&r), 1);
+        apply_group(
+            &r,
+            5,
+            &[4; 32],
+            &[5; 32],
+            &[past_hold(&h, None)],
+            false,
+            None,
+        )
+        .unwrap();
+        blocks::collect_all_garbage(&r).unwrap();
+        assert!(!stored(&r), "the block outlived the past that held it");
+
+        // A satellite keeps no past hold (its upstream holds what it evicts).
+        let (_d, sat) = replica_store();
+        store_held(&sat, std::slice::from_ref(&b)).unwrap();
+        let g = base(vec![past_hold(&h, Some(1))]);
+        apply_group(&sat, 1, &[0; 32], &[1; 32], &g, true, None).unwrap();
+        assert!(sat.get(Cf::Bidx, &primary_past_key(&h)).unwrap().is_none());
+
+        // A promoted replica drops them: it has no past of its old primary's.
+        let (_d, r) = replica_store();
+        store_held(&r, std::slice::from_ref(&b)).unwrap();
+        apply_group(&r, 1, &[0; 32], &[1; 32], &g, false, None).unwrap();
+        assert_eq!(refs(&r), 1);
+        promote(&r).unwrap();
+        assert!(!stored(&r));
     }
 }

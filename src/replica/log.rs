@@ -14,8 +14,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    base_ranges, cf_from_u8, chain, log_group_range, log_key, replica_key, scan_pages, shippable,
-    Change, ChangeMarker, LogHead, LogPart, ReplicaError, ReplicaRecord, PAGE,
+    base_ranges, carried, cf_from_u8, chain, log_group_range, log_key, names_block, replica_key,
+    scan_pages, ships_past_hold, Change, ChangeMarker, LogHead, LogPart, ReplicaError,
+    ReplicaRecord, PAGE,
 };
 use crate::blocks;
 use crate::keyspace::records::{BlockInfo, FmapEntry};
@@ -61,8 +62,18 @@ fn scan_all(
 }
 
 fn note_put(c: &mut Collected, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), ReplicaError> {
-    if cf == Cf::Fmap {
-        c.hashes.push(FmapEntry::decode(&value)?.hash);
+    if ships_past_hold(cf, &key) && crate::kv::decode_i64(&value) <= 0 {
+        // The primary's past no longer names the block: the replica's hold goes.
+        c.changes.push(Change::Delete {
+            cf: cf.index() as u8,
+            key,
+        });
+        return Ok(());
+    }
+    // A past hold's block too: the group ships it (if the replica lacks it), and the replica
+    // holds it while the counter stays above zero.
+    if let Some((h, _)) = names_block(cf, &key, &value)? {
+        c.hashes.push(h);
     }
     c.changes.push(Change::Put {
         cf: cf.index() as u8,
@@ -118,7 +129,8 @@ fn collect(s: &mut dyn Txn, markers_from: &[u8]) -> Result<Collected, ReplicaErr
             });
             let mut puts = Vec::new();
             scan_all(s, cf, &start, &end, |k, v| {
-                if shippable(cf, &k) {
+                let ended = ships_past_hold(cf, &k) && crate::kv::decode_i64(&v) <= 0;
+                if carried(cf, &k) && !ended {
                     puts.push((k, v));
                 }
                 Ok(())
@@ -130,7 +142,7 @@ fn collect(s: &mut dyn Txn, markers_from: &[u8]) -> Result<Collected, ReplicaErr
         return Ok(c);
     }
     for (cfb, key) in keys {
-        let Some(cf) = cf_from_u8(cfb).filter(|cf| shippable(*cf, &key)) else {
+        let Some(cf) = cf_from_u8(cfb).filter(|cf| carried(*cf, &key)) else {
             continue;
         };
         match s.get(cf, &key)? {
@@ -424,18 +436,22 @@ fn drop_group(store: &KvStore, seq: u64) -> Result<(), ReplicaError> {
 fn drop_parts(t: &mut dyn Txn, parts: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), ReplicaError> {
     for (k, v) in parts {
         for ch in LogPart::decode(&v)?.changes {
-            if let Change::Put { cf, key, value } = ch {
-                if cf_from_u8(cf) != Some(Cf::Fmap) {
-                    continue;
-                }
-                let h = FmapEntry::decode(&value)?.hash;
-                // Still named by the same map entry (read with tracking): not the last
-                // reference, and the sweeper need not look at it.
-                let named = t.get(Cf::Fmap, &key)?;
-                match named.map(|v| FmapEntry::decode(&v)).transpose()? {
-                    Some(e) if e.hash == h => blocks::drop_ref_kept(t, &h)?,
-                    _ => blocks::drop_ref(t, &h)?,
-                }
+            let Change::Put { cf, key, value } = ch else {
+                continue;
+            };
+            let Some(cf) = cf_from_u8(cf) else { continue };
+            let Some((h, _)) = names_block(cf, &key, &value)? else {
+                continue;
+            };
+            // Still named by the same map entry (read with tracking): not the last
+            // reference, and the sweeper need not look at it.
+            let named = match cf {
+                Cf::Fmap => t.get(Cf::Fmap, &key)?,
+                _ => None,
+            };
+            match named.map(|v| FmapEntry::decode(&v)).transpose()? {
+                Some(e) if e.hash == h => blocks::drop_ref_kept(t, &h)?,
+                _ => blocks::drop_ref(t, &h)?,
             }
         }
         t.delete(Cf::Meta, &k)?;
@@ -530,7 +546,7 @@ mod tests {
         let mut now = BTreeMap::new();
         let (a, b) = Prefix::Inode.range();
         kv.for_each(Cf::Meta, &a, &b, |k, v| {
-            if shippable(Cf::Meta, k) {
+            if crate::replica::shippable(Cf::Meta, k) {
                 now.insert(k.to_vec(), v.to_vec());
             }
             true

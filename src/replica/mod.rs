@@ -249,6 +249,14 @@ pub fn hold_key(h: &Hash) -> Vec<u8> {
     k
 }
 
+/// `P hash`: on a replica, the primary's history names this block (its `V` counter is above
+/// zero there): one reference, kept until the primary's trimming ships the counter's end.
+pub fn primary_past_key(h: &Hash) -> Vec<u8> {
+    let mut k = vec![Prefix::PrimaryPast.byte()];
+    k.extend_from_slice(h);
+    k
+}
+
 pub fn cf_from_u8(b: u8) -> Option<Cf> {
     Cf::ALL.get(b as usize).copied()
 }
@@ -292,13 +300,47 @@ pub fn shippable(cf: Cf, key: &[u8]) -> bool {
     }
 }
 
-/// The ranges a replica's first group gives whole.
-pub fn base_ranges() -> [(Cf, Vec<u8>, Vec<u8>); 3] {
+/// A primary's past-hold counter (`V hash`, keyspace.md "History"): not part of the
+/// filesystem, but carried by groups (protocol 4) so that a replica keeps every block the
+/// primary's history names, and the primary may evict such blocks like any other.
+pub fn ships_past_hold(cf: Cf, key: &[u8]) -> bool {
+    cf == Cf::Bidx && key.len() == 33 && key[0] == Prefix::PastHold.byte()
+}
+
+/// The block a put in a group names, if any: a map entry's (with its length), or the one a
+/// past hold is about. The group holds a reference on each while it is in the log.
+pub fn names_block(
+    cf: Cf,
+    key: &[u8],
+    value: &[u8],
+) -> Result<Option<(Hash, Option<u32>)>, DecodeError> {
+    if cf == Cf::Fmap {
+        let e = crate::keyspace::records::FmapEntry::decode(value)?;
+        return Ok(Some((e.hash, Some(e.len))));
+    }
+    if ships_past_hold(cf, key) {
+        return Ok(ks::key_hash(key).map(|h| (h, None)));
+    }
+    Ok(None)
+}
+
+/// What a group may carry: the filesystem's keys and the primary's past holds.
+pub fn carried(cf: Cf, key: &[u8]) -> bool {
+    shippable(cf, key) || ships_past_hold(cf, key)
+}
+
+/// The ranges a replica's first group gives whole (the primary's past holds last).
+pub fn base_ranges() -> [(Cf, Vec<u8>, Vec<u8>); 4] {
     let r = |p: Prefix| {
         let (a, b) = p.range();
         (p.cf(), a, b)
     };
-    [r(Prefix::Inode), r(Prefix::Dirent), r(Prefix::Fmap)]
+    [
+        r(Prefix::Inode),
+        r(Prefix::Dirent),
+        r(Prefix::Fmap),
+        r(Prefix::PastHold),
+    ]
 }
 
 /// Chain hash of group `seq` after `prev`.
@@ -329,7 +371,7 @@ impl ChangeTracker for Changes {
     fn wants(&self, cf: Cf, key: &[u8]) -> bool {
         // `U` keys are not shipped; listed in the marker, they tell the logger which blocks
         // gained references that its group now carries (see `log`).
-        shippable(cf, key) || (cf == Cf::Bidx && key.first() == Some(&Prefix::Unlogged.byte()))
+        carried(cf, key) || (cf == Cf::Bidx && key.first() == Some(&Prefix::Unlogged.byte()))
     }
 
     fn marker(&self, keys: &[(Cf, Vec<u8>)]) -> Result<(Cf, Vec<u8>, Vec<u8>), KvError> {

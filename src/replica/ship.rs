@@ -13,11 +13,12 @@ use super::log::{self, read_head};
 use super::transport::{self, Conn};
 use super::wire::{
     self, BlockSums, ByteBuf, Msg, WireError, CHUNK, MAX_HAVE, PROTO_MAX, PROTO_MIN,
+    PROTO_PAST_HOLDS,
 };
-use super::{cf_from_u8, replica_key, Change, ReplicaError, ReplicaRecord};
+use super::{cf_from_u8, names_block, replica_key, Change, ReplicaError, ReplicaRecord};
 use crate::blocks;
-use crate::keyspace::records::{FmapEntry, FormatRecord};
-use crate::keyspace::Hash;
+use crate::keyspace::records::{BlockInfo, FormatRecord};
+use crate::keyspace::{self as ks, Hash};
 use crate::kv::{Cf, KvError, KvStore};
 use crate::util::Timestamp;
 
@@ -125,6 +126,9 @@ impl Drop for Session {
         }
     }
 }
+
+/// A block a group names: its length, and a map key naming it (for a delta), if one does.
+type Wanted = (u32, Option<Vec<u8>>);
 
 pub fn record(store: &KvStore, name: &str) -> Result<Option<ReplicaRecord>, ReplicaError> {
     match store.get(Cf::Meta, &replica_key(name))? {
@@ -278,11 +282,18 @@ impl Session {
         })?;
         let (applied, chain, fresh) = match s.recv()? {
             Msg::Welcome {
+                proto,
                 applied,
                 chain,
                 fresh,
-                ..
-            } => (applied, chain, fresh),
+            } => {
+                if proto < PROTO_PAST_HOLDS && crate::history::keeps_past(store)? {
+                    return Err(s.refuse(format!(
+                        "this primary keeps history: its groups carry the blocks its past holds (protocol {PROTO_PAST_HOLDS}), and the replica speaks protocol {proto}; upgrade kvfs there"
+                    )));
+                }
+                (applied, chain, fresh)
+            }
             m => return Err(WireError::Unexpected(wire::name(&m).into()).into()),
         };
         let rebase = |why: &str| -> Result<Option<Session>, ReplicaError> {
@@ -363,22 +374,43 @@ impl Session {
                 "group {seq} is missing from the log"
             )))
         })?;
-        // Each block the group names, with its length and a map key naming it.
-        let mut wanted: BTreeMap<Hash, (u32, Vec<u8>)> = BTreeMap::new();
+        // Each block the group names, with its length and a map key naming it (none for a
+        // block only the primary's past names).
+        let mut wanted: BTreeMap<Hash, Wanted> = BTreeMap::new();
         for p in &parts {
             for ch in &p.changes {
-                if let Change::Put { cf, key, value } = ch {
-                    if cf_from_u8(*cf) == Some(Cf::Fmap) {
-                        let e = FmapEntry::decode(value)?;
-                        wanted.insert(e.hash, (e.len, key.clone()));
-                    }
+                let Change::Put { cf, key, value } = ch else {
+                    continue;
+                };
+                let Some(cf) = cf_from_u8(*cf) else { continue };
+                let Some((h, len)) = names_block(cf, key, value)? else {
+                    continue;
+                };
+                let len = match len {
+                    Some(len) => len,
+                    // A block only the past names: its length is in its info (the group's
+                    // reference keeps it).
+                    None => match store.get(Cf::Bidx, &ks::block_info_key(&h))? {
+                        Some(v) => BlockInfo::decode(&v)?.len,
+                        None => {
+                            return Err(ReplicaError::Kv(KvError::Corruption(format!(
+                                "group {seq} names block {}, which has no {}",
+                                ks::hex(&h),
+                                ks::describe_key(&ks::block_info_key(&h))
+                            ))))
+                        }
+                    },
+                };
+                let w = wanted.entry(h).or_insert((len, None));
+                if cf == Cf::Fmap && w.1.is_none() {
+                    w.1 = Some(key.clone());
                 }
             }
         }
         if self.follower {
             wanted.clear();
         }
-        let wanted: Vec<(Hash, (u32, Vec<u8>))> = wanted.into_iter().collect();
+        let wanted: Vec<(Hash, Wanted)> = wanted.into_iter().collect();
         let mut missing = Vec::new();
         for chunk in wanted.chunks(MAX_HAVE) {
             self.send(&Msg::Have {
@@ -398,9 +430,12 @@ impl Session {
         }
         // What the replica holds at those keys now: a changed block goes as a delta of it.
         let mut blocks = Vec::with_capacity(missing.len());
+        let (missing, unplaced): (Vec<_>, Vec<_>) =
+            missing.into_iter().partition(|(_, (_, k))| k.is_some());
+        blocks.extend(unplaced.iter().map(|(h, (len, _))| (*h, *len, None)));
         for chunk in missing.chunks(MAX_HAVE) {
             self.send(&Msg::Sums {
-                keys: chunk.iter().map(|(_, (_, k))| k.clone()).collect(),
+                keys: chunk.iter().filter_map(|(_, (_, k))| k.clone()).collect(),
             })?;
             let sums = match self.recv()? {
                 Msg::SumsReply { sums } if sums.len() == chunk.len() => sums,

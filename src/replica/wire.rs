@@ -17,11 +17,14 @@ use crate::util::Timestamp;
 /// Protocol versions this build speaks. The replica, answering the primary's range, picks the
 /// highest both speak or refuses.
 pub const PROTO_MIN: u32 = 1;
-pub const PROTO_MAX: u32 = 3;
+pub const PROTO_MAX: u32 = 4;
 /// The first version with `Fetch` (fetching evicted blocks back).
 pub const PROTO_FETCH: u32 = 2;
 /// The first version with `Follow` and `CaughtUp` (satellites pulling from an upstream).
 pub const PROTO_FOLLOW: u32 = 3;
+/// The first version whose groups may carry the primary's past holds (`V hash` puts and
+/// deletes): a replica keeps the blocks its primary's history names.
+pub const PROTO_PAST_HOLDS: u32 = 4;
 
 /// Largest frame body: a block of the largest block size (4 MiB) with room to spare; a
 /// group's stored parts are cut at 1 MiB.

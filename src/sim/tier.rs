@@ -82,8 +82,9 @@ impl Tiering for SimRemote {
 }
 
 impl Sim {
-    /// Every block evicted on the primary that a file names is stored on the replica (an
-    /// evicted block nothing names any more awaits the sweeper; it may be gone there).
+    /// Every block evicted on the primary that a file or the past names is stored on the
+    /// replica (an evicted block nothing names any more awaits the sweeper; it may be gone
+    /// there).
     pub(super) fn check_evicted_held(&self, when: &str) {
         let Some(r) = &self.replica else { return };
         let replica = KvStore::with_engine(Arc::new(r.engine.clone()));
@@ -94,6 +95,16 @@ impl Sim {
             .for_each(Cf::Fmap, &a, &b, |_, v| {
                 if let Ok(e) = crate::keyspace::records::FmapEntry::decode(v) {
                     live.insert(e.hash);
+                }
+                true
+            })
+            .expect("scan");
+        // And those only the past names (history): the replica holds them for it.
+        let (a, b) = Prefix::PastHold.range();
+        primary
+            .for_each(Cf::Bidx, &a, &b, |k, v| {
+                if crate::kv::decode_i64(v) > 0 {
+                    live.extend(ks::key_hash(k));
                 }
                 true
             })

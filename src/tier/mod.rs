@@ -38,8 +38,9 @@ pub fn copies(info: &BlockInfo, replicas: &[ReplicaRecord], upstream: bool) -> u
 }
 
 /// Whether block `h` (record `info`) may be evicted now, read in `t` with tracking: resident,
-/// not pinned, no reference the log does not carry yet nor one history holds, and held by
-/// `min_copies` replicas.
+/// not pinned, no reference the log does not carry yet, and held by `min_copies` replicas.
+/// A block only history names is no exception: the group that ended its last live reference
+/// carried the past hold that makes its replicas keep it (keyspace.md, History).
 pub fn evictable(
     t: &mut dyn Txn,
     h: &Hash,
@@ -52,12 +53,6 @@ pub fn evictable(
         return Ok(false);
     }
     if t.get(Cf::Bidx, &ks::unlogged_key(h))?.is_some() {
-        return Ok(false);
-    }
-    // History holds it: a replica drops the block when its live references go, so a block
-    // only the past names would be lost with the last copy here (keyspace.md, History).
-    let past = t.get(Cf::Bidx, &ks::past::past_hold_key(h))?;
-    if past.is_some_and(|v| crate::kv::decode_i64(&v) > 0) {
         return Ok(false);
     }
     Ok(copies(info, replicas, upstream) >= min_copies.max(1))
@@ -98,12 +93,6 @@ pub fn evict(
     let (start, end) = Prefix::LastUse.range();
     let mut from = start;
     let mut done = Evicted::default();
-    if store.records_history() {
-        // A block evicted now and later overwritten would be held by this store's past but
-        // by no replica (a replica drops a block with its last live reference): with history
-        // on, every block stays (keyspace.md, History).
-        return Ok(done);
-    }
     while done.bytes < want {
         let page = store.read(|s| s.scan(Cf::Bidx, &from, &end, 256))?;
         let Some((last, _)) = page.last() else { break };

@@ -105,7 +105,7 @@ fn xattr_set(p: &Path, name: &str, v: &[u8]) {
 }
 
 /// Now, as `--at @SECONDS.NANOS` takes it.
-fn moment() -> String {
+pub(crate) fn moment() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();

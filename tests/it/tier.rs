@@ -396,3 +396,63 @@ fn a_replica_restarted_between_reads_costs_no_error() {
     assert!(!m.log().contains("could not be fetched"), "{}", m.log());
     m.unmount();
 }
+
+#[test]
+fn blocks_only_the_past_names_are_evicted_and_a_past_mount_fetches_them() {
+    let Some(mut m) = common::mount_with_format(
+        &["--block-size", "64K", "--history", "7d"],
+        "cache_size=16M",
+    ) else {
+        return;
+    };
+    let replica = replica_dir(&m);
+    let server = TcpServer::start(&replica, &m.store, "127.0.0.1:0");
+    add(&m, "home", &server.url(), &["--fingerprint", &server.fp]);
+    std::fs::write(m.path("f"), pattern(1, 32 << 20)).unwrap();
+    sync(&m.store);
+    std::thread::sleep(Duration::from_millis(50));
+    let then = crate::history::moment();
+    std::thread::sleep(Duration::from_millis(50));
+    // The first generation is now named only by the past.
+    std::fs::write(m.path("f"), pattern(2, 32 << 20)).unwrap();
+    sync(&m.store);
+    let t = wait_resident_under(&m.store, 16 * MIB, 60);
+    // 64 MiB of blocks, at most 16 resident: a good part of the past's were evicted.
+    assert!(num(&t, "evicted_block_bytes") >= 48 * MIB, "{t}");
+    let h = status_json(&m.store)["history"].clone();
+    assert!(h["past_only_bytes"].as_u64().unwrap() >= 32 * MIB, "{h}");
+
+    // The past is read back through the replica, which kept it for this primary's history.
+    drop_caches();
+    let mut p = common::Mounted::existing(&m.store, &format!("at={then}")).unwrap();
+    read_back(&p, "f", 1, 32 << 20);
+    p.unmount();
+    read_back(&m, "f", 2, 32 << 20);
+
+    // Once the window lets go of the first generation, the replica drops it too.
+    ok(&[
+        OsStr::new("config"),
+        m.store.as_os_str(),
+        OsStr::new("history=1s"),
+    ]);
+    let t0 = Instant::now();
+    while status_json(&m.store)["history"]["past_only_bytes"] != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the past is not trimmed"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    sync(&m.store);
+    m.unmount();
+    audit_clean(&m.store);
+    drop(server);
+    audit_clean(&replica);
+    let r = status_json(&replica);
+    let stored = r["stored_bytes"].as_u64().unwrap();
+    assert!(
+        stored < 40 * MIB,
+        "the replica still holds {} MiB for a past that is gone",
+        stored / MIB
+    );
+}
