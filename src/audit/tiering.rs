@@ -87,13 +87,13 @@ pub(super) fn check(
     if let Some(f) = fetch {
         let evicted: Vec<(&Hash, &BlockInfo)> = infos.iter().filter(|(_, i)| i.evicted).collect();
         for (h, i) in &evicted {
-            f.0.prefetch(h, i.len);
+            f.0.prefetch(h, i.len, true);
         }
         let mut fetched = 0u64;
         for (h, i) in &evicted {
             // The fetcher decodes what a replica sends and checks its SHA-256 before it
             // answers: an answer is a verified copy.
-            match f.0.fetch(h, i.len) {
+            match f.0.fetch(h, i.len, true) {
                 Ok(_) => fetched += 1,
                 Err(e) => cx.problem(
                     ks::describe_key(&ks::block_info_key(h)),

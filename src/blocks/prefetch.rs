@@ -16,8 +16,11 @@ use super::reader::BlockReader;
 use crate::keyspace::{self as ks, Hash};
 use crate::util::lock;
 
+/// A block asked for: its name, its length, and whether an evicted one is stored when fetched.
+type Wanted = (Hash, u32, bool);
+
 pub struct Prefetcher {
-    tx: Option<Sender<(Hash, u32)>>,
+    tx: Option<Sender<Wanted>>,
     reader: Arc<BlockReader>,
     /// Hashes queued or being fetched, so a block is fetched once however often it is asked.
     pending: Arc<Mutex<HashSet<Hash>>>,
@@ -36,15 +39,15 @@ impl Prefetcher {
                 workers: Vec::new(),
             };
         }
-        let (tx, rx) = bounded::<(Hash, u32)>(depth.max(1));
+        let (tx, rx) = bounded::<Wanted>(depth.max(1));
         let workers = (0..threads)
             .filter_map(|i| {
                 let (rx, reader, pending) = (rx.clone(), reader.clone(), pending.clone());
                 std::thread::Builder::new()
                     .name(format!("kvfs-fetch-{i}"))
                     .spawn(move || {
-                        for (h, len) in rx {
-                            if let Err(e) = reader.warm(&h, len) {
+                        for (h, len, keep) in rx {
+                            if let Err(e) = reader.warm(&h, len, keep) {
                                 tracing::debug!(block = %ks::hex(&h), error = %e, "prefetch failed");
                             }
                             lock(&pending).remove(&h);
@@ -62,9 +65,9 @@ impl Prefetcher {
     }
 
     /// Fetch block `h` (content length `len`) into the cache soon, unless it is there or on
-    /// its way already.
-    pub fn want(&self, h: Hash, len: u32) {
-        self.handle().want(h, len)
+    /// its way already; an evicted one is stored here again if `keep`.
+    pub fn want(&self, h: Hash, len: u32, keep: bool) {
+        self.handle().want(h, len, keep)
     }
 
     /// A handle to ask for blocks from another thread.
@@ -81,18 +84,20 @@ impl Prefetcher {
 /// kept longer only finds a closed queue).
 #[derive(Clone)]
 pub struct PrefetchHandle {
-    tx: Option<Sender<(Hash, u32)>>,
+    tx: Option<Sender<Wanted>>,
     reader: Arc<BlockReader>,
     pending: Arc<Mutex<HashSet<Hash>>>,
 }
 
 impl PrefetchHandle {
-    pub fn want(&self, h: Hash, len: u32) {
+    pub fn want(&self, h: Hash, len: u32, keep: bool) {
         let Some(tx) = &self.tx else { return };
         if self.reader.cached(&h) || !lock(&self.pending).insert(h) {
             return;
         }
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send((h, len)) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            tx.try_send((h, len, keep))
+        {
             lock(&self.pending).remove(&h);
         }
     }
@@ -132,8 +137,8 @@ mod tests {
         store.transact(|t| add_ref(t, &p, None)).unwrap();
         let reader = Arc::new(BlockReader::new(store.clone(), 1 << 20));
         let pf = Prefetcher::new(reader.clone(), 2, 8);
-        pf.want(p.hash, p.len);
-        pf.want([7; 32], 100); // no such block: fetched, fails, dropped
+        pf.want(p.hash, p.len, true);
+        pf.want([7; 32], 100, true); // no such block: fetched, fails, dropped
         let t0 = std::time::Instant::now();
         while !reader.cached(&p.hash) {
             assert!(

@@ -19,10 +19,11 @@ use crate::util::lock;
 /// What lies below the store: where evicted blocks come back from, and who is told which
 /// blocks are used (the last-use index).
 pub trait Tiering: Send + Sync {
-    /// Block `h` (evicted here) from a replica, verified and stored here again.
-    fn fetch(&self, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError>;
-    /// Start fetching `h` (readahead); it lands in the store. Best effort.
-    fn prefetch(&self, h: &Hash, len: u32);
+    /// Block `h` (evicted here) from a replica, verified and stored here again unless `keep`
+    /// is false (a sequential read of a file larger than the cache: it passes through).
+    fn fetch(&self, h: &Hash, len: u32, keep: bool) -> Result<Vec<u8>, BlockError>;
+    /// Start fetching `h` (readahead); it lands in the store (`keep`). Best effort.
+    fn prefetch(&self, h: &Hash, len: u32, keep: bool);
     /// Block `h` was read.
     fn used(&self, h: &Hash);
     /// Where fetched content goes besides the store (the reader's cache), so that a block
@@ -107,6 +108,12 @@ impl BlockReader {
 
     /// Block `h`'s verified content (`len` bytes expected).
     pub fn get(&self, h: &Hash, len: u32) -> Result<Arc<Vec<u8>>, BlockError> {
+        self.get_as(h, len, true)
+    }
+
+    /// [`BlockReader::get`]; an evicted block fetched back is stored here again only if
+    /// `keep` (see [`Tiering::fetch`]).
+    pub fn get_as(&self, h: &Hash, len: u32, keep: bool) -> Result<Arc<Vec<u8>>, BlockError> {
         if let Some(t) = self.tiering.get() {
             t.used(h);
         }
@@ -135,7 +142,7 @@ impl BlockReader {
                 }
             }
             drop(done);
-            return self.load(h, len);
+            return self.load(h, len, keep);
         }
         let mut landing = Landing {
             reader: self,
@@ -143,16 +150,16 @@ impl BlockReader {
             flight,
             result: None,
         };
-        let d = self.load(h, len)?;
+        let d = self.load(h, len, keep)?;
         landing.result = Some(d.clone());
         Ok(d)
     }
 
-    fn load(&self, h: &Hash, len: u32) -> Result<Arc<Vec<u8>>, BlockError> {
+    fn load(&self, h: &Hash, len: u32, keep: bool) -> Result<Arc<Vec<u8>>, BlockError> {
         self.loads.fetch_add(1, Ordering::Relaxed);
         let d = match self.stored(h, len)? {
             Here::Content(d) => d,
-            Here::Evicted(t) => t.fetch(h, len)?,
+            Here::Evicted(t) => t.fetch(h, len, keep)?,
         };
         let d = Arc::new(d);
         self.cache.insert(*h, d.clone());
@@ -187,14 +194,15 @@ impl BlockReader {
     }
 
     /// Make block `h` quick to read soon: into the cache if it is here, fetched in the
-    /// background if it is evicted. For readahead: never waits on a replica.
-    pub fn warm(&self, h: &Hash, len: u32) -> Result<(), BlockError> {
+    /// background if it is evicted (stored here again if `keep`). For readahead: never waits
+    /// on a replica.
+    pub fn warm(&self, h: &Hash, len: u32, keep: bool) -> Result<(), BlockError> {
         if self.cache.contains(h) {
             return Ok(());
         }
         match self.stored(h, len)? {
             Here::Content(d) => self.cache.insert(*h, Arc::new(d)),
-            Here::Evicted(t) => t.prefetch(h, len),
+            Here::Evicted(t) => t.prefetch(h, len, keep),
         }
         Ok(())
     }

@@ -137,6 +137,8 @@ impl Fs {
             s.seq_run = 0;
         }
         let sequential = s.seq_run >= 2;
+        // A sequential read of a file larger than the cache passes through it (tiering).
+        let keep = !(sequential && self.tier().is_some_and(|t| t.streams_past(s.size)));
         s.next_read = end;
         let ahead = if sequential {
             let from = (last + 1).max(s.ahead_from);
@@ -166,7 +168,7 @@ impl Fs {
                     let bn = ks::fmap_blockno(&k).unwrap_or(0);
                     if !s.dirty.contains_key(&bn) {
                         let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
-                        self.prefetch.want(ent.hash, ent.len);
+                        self.prefetch.want(ent.hash, ent.len, keep);
                     }
                 }
             }
@@ -188,7 +190,7 @@ impl Fs {
             }
         };
         for (bn, ent) in wanted {
-            if let Some(data) = self.block_content(ino, bn, ent)? {
+            if let Some(data) = self.block_content(ino, bn, ent, keep)? {
                 place(&mut out, bn, &data[..]);
             }
         }
@@ -208,10 +210,17 @@ impl Fs {
     /// The content of block `bn` of `ino`, whose map entry was `ent` when it was read. A
     /// block freed since (the file was overwritten or truncated meanwhile, and the sweeper
     /// was quick) is looked up again: the map then says what the block is now (`None`: a
-    /// hole). A block missing while the map still names it is an error.
-    fn block_content(&self, ino: Ino, bn: u64, mut ent: FmapEntry) -> Result<Option<Arc<Vec<u8>>>> {
+    /// hole). A block missing while the map still names it is an error. An evicted block
+    /// fetched back is stored here again if `keep`.
+    fn block_content(
+        &self,
+        ino: Ino,
+        bn: u64,
+        mut ent: FmapEntry,
+        keep: bool,
+    ) -> Result<Option<Arc<Vec<u8>>>> {
         loop {
-            match self.blocks.get(&ent.hash, ent.len) {
+            match self.blocks.get_as(&ent.hash, ent.len, keep) {
                 Ok(d) => return Ok(Some(d)),
                 Err(BlockError::Missing { hash }) => match self.map_entry(ino, bn)? {
                     None => return Ok(None),
@@ -241,7 +250,7 @@ impl Fs {
         Ok(match self.map_entry(ino, bn)? {
             None => Vec::new(),
             Some(ent) => self
-                .block_content(ino, bn, ent)?
+                .block_content(ino, bn, ent, true)?
                 .map(|d| d.to_vec())
                 .unwrap_or_default(),
         })
@@ -329,7 +338,7 @@ impl Fs {
             // The block the new end falls in, cut to `tail` bytes: (what it was, what it becomes).
             let cut = match self.map_entry(ino, size / bs)? {
                 Some(ent) if tail != 0 && ent.len as usize > tail => {
-                    let data = self.block_content(ino, size / bs, ent)?;
+                    let data = self.block_content(ino, size / bs, ent, true)?;
                     let p =
                         data.and_then(|d| blocks::prepare(&d[..tail.min(d.len())], &self.codec));
                     Some((ent.hash, p))

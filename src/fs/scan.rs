@@ -192,7 +192,7 @@ fn window(
             for (_, fv) in t.scan(Cf::Fmap, &a, &b, usize::MAX)? {
                 if let Ok(e) = FmapEntry::decode(&fv) {
                     bytes += e.len as u64;
-                    prefetch.want(e.hash, e.len);
+                    prefetch.want(e.hash, e.len, true);
                 }
             }
         }

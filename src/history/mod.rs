@@ -499,7 +499,8 @@ fn drop_record(t: &mut dyn Txn, cf: Cf, key: &[u8], at: u64) -> Result<(), KvErr
 pub struct Cost {
     pub records: u64,
     pub moments: u64,
-    /// Blocks (and their stored bytes) referenced only by the past.
+    /// Blocks (and their stored bytes) referenced only by the past (a block a replication
+    /// group still carries counts once the group is shipped and trimmed).
     pub past_only_blocks: u64,
     pub past_only_bytes: u64,
 }

@@ -48,7 +48,7 @@ impl SimRemote {
 }
 
 impl Tiering for SimRemote {
-    fn fetch(&self, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
+    fn fetch(&self, h: &Hash, len: u32, keep: bool) -> Result<Vec<u8>, BlockError> {
         let unavailable = |reason: &str| BlockError::Unavailable {
             hash: *h,
             reason: reason.into(),
@@ -69,14 +69,16 @@ impl Tiering for SimRemote {
             .ok_or_else(|| unavailable("the replica does not hold it"))?;
         let d = encode::decode_with(&value, h, len, Check::Strong)
             .map_err(|reason| BlockError::Corrupt { hash: *h, reason })?;
-        self.primary
-            .transact(|t| resident::restore(t, h, &value))
-            .map_err(BlockError::Kv)?;
+        if keep {
+            self.primary
+                .transact(|t| resident::restore(t, h, &value))
+                .map_err(BlockError::Kv)?;
+        }
         self.fetched.fetch_add(1, Ordering::Relaxed);
         Ok(d.content)
     }
 
-    fn prefetch(&self, _h: &Hash, _len: u32) {}
+    fn prefetch(&self, _h: &Hash, _len: u32, _keep: bool) {}
 
     fn used(&self, _h: &Hash) {}
 }

@@ -197,20 +197,20 @@ impl Fetcher {
     }
 
     /// The flight of `h`, started if none is under way; the reason when no replica can be
-    /// asked now. What it brings is stored here unless the cache is full and it is (or joins)
-    /// a readahead: a reader catching up with the blocks fetched ahead of it streams a file,
-    /// and a stream larger than the cache would store each block only to evict it unread. A
-    /// reader's own miss outside any stream is stored (it is the most recent use).
-    fn launch(&self, h: &Hash, len: u32, ahead: bool) -> Result<Arc<Flight>, String> {
+    /// asked now. What it brings is stored here if the caller `keep`s it (not a sequential
+    /// read of a file larger than the cache) and, for a readahead, if the cache is not full:
+    /// a reader catching up with the blocks fetched ahead of it streams a file. A reader's own
+    /// miss is stored (it is the most recent use) unless it streams such a file.
+    fn launch(&self, h: &Hash, len: u32, ahead: bool, keep: bool) -> Result<Arc<Flight>, String> {
         let full = self.shared.tier.as_ref().is_some_and(|t| t.gate.full());
         let mut f = lock(&self.shared.flights);
         if let Some(x) = f.get(h) {
-            if !ahead && !full {
+            if keep && !ahead && !full {
                 x.store.store(true, Ordering::Relaxed);
             }
             return Ok(x.clone());
         }
-        let store = !ahead || !full;
+        let store = keep && (!ahead || !full);
         if let Some(why) = self.shared.all_down() {
             return Err(why);
         }
@@ -233,9 +233,9 @@ impl Fetcher {
 }
 
 impl Tiering for Fetcher {
-    fn fetch(&self, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
+    fn fetch(&self, h: &Hash, len: u32, keep: bool) -> Result<Vec<u8>, BlockError> {
         let unavailable = |reason: String| BlockError::Unavailable { hash: *h, reason };
-        let flight = self.launch(h, len, false).map_err(unavailable)?;
+        let flight = self.launch(h, len, false, keep).map_err(unavailable)?;
         let deadline = Instant::now() + self.shared.timeout;
         let mut done = lock(&flight.done);
         while done.is_none() {
@@ -262,8 +262,8 @@ impl Tiering for Fetcher {
         }
     }
 
-    fn prefetch(&self, h: &Hash, len: u32) {
-        let _ = self.launch(h, len, true);
+    fn prefetch(&self, h: &Hash, len: u32, keep: bool) {
+        let _ = self.launch(h, len, true, keep);
     }
 
     fn used(&self, h: &Hash) {

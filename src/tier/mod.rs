@@ -391,6 +391,15 @@ impl Tier {
         }
     }
 
+    /// Whether a sequential read of a file of `size` bytes passes through rather than being
+    /// stored: the file is larger than the cache. Under LRU, a file larger than the cache read
+    /// in order never hits (each block is evicted before the next pass reaches it), and
+    /// storing it would evict everything else first: one read of a film would empty the
+    /// working set.
+    pub fn streams_past(&self, size: u64) -> bool {
+        lock(&self.settings).cache_size.is_some_and(|c| size > c)
+    }
+
     /// Stored bytes evicted since the last call.
     pub fn take_evicted_bytes(&self) -> u64 {
         self.evicted_bytes.swap(0, Ordering::Relaxed)

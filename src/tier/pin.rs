@@ -131,7 +131,7 @@ pub fn pin(store: &KvStore, hook: &dyn Tiering, root: Ino, up: bool) -> Result<P
             r.blocks += 1;
             r.bytes += i.stored as u64;
             if up && i.evicted {
-                hook.prefetch(h, i.len);
+                hook.prefetch(h, i.len, true);
             }
         }
         if up {
@@ -139,7 +139,7 @@ pub fn pin(store: &KvStore, hook: &dyn Tiering, root: Ino, up: bool) -> Result<P
             // and it stays. The pin is recorded either way.
             for (h, len, i) in infos {
                 if i.evicted {
-                    match hook.fetch(&h, len) {
+                    match hook.fetch(&h, len, true) {
                         Ok(_) => r.fetched += 1,
                         Err(e) => {
                             r.unfetched += 1;
