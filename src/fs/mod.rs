@@ -219,6 +219,8 @@ pub struct Fs {
     dirty_total: AtomicU64,
     /// When this mount's operations last committed (ms since `started`).
     last_change: AtomicU64,
+    /// When this mount's operations last looked at or changed the store (ms since `started`).
+    last_use: AtomicU64,
     started: std::time::Instant,
     file_limit: u64,
     total_limit: u64,
@@ -270,6 +272,7 @@ impl Fs {
             }),
             dirty_total: AtomicU64::new(0),
             last_change: AtomicU64::new(0),
+            last_use: AtomicU64::new(0),
             started: std::time::Instant::now(),
         }
     }
@@ -361,6 +364,7 @@ impl Fs {
         let r = self.store.transact(f);
         let now = self.started.elapsed().as_millis() as u64;
         self.last_change.store(now, Ordering::Relaxed);
+        self.last_use.store(now, Ordering::Relaxed);
         r
     }
 
@@ -376,8 +380,18 @@ impl Fs {
         )
     }
 
+    /// How long no filesystem operation has looked at or changed the store, nothing being
+    /// buffered: background work that competes for the cores (history's indexing) waits for it.
+    pub fn quiet_for(&self) -> std::time::Duration {
+        let last = self.last_use.load(Ordering::Relaxed);
+        let since = (self.started.elapsed().as_millis() as u64).saturating_sub(last);
+        self.idle_for().min(std::time::Duration::from_millis(since))
+    }
+
     /// A look without a change: one consistent snapshot, no conflict tracking, no commit.
     fn look<T>(&self, f: impl FnOnce(&mut dyn Txn) -> Result<T>) -> Result<T> {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_use.store(now, Ordering::Relaxed);
         self.store.read(f)
     }
 
