@@ -68,6 +68,8 @@ pub fn snapshot_cmd(a: SnapshotArgs) -> anyhow::Result<()> {
     let at = match store::open(&a.store) {
         Ok((kv, _)) if req == "snapshot" => history::snapshot(&kv, name)?,
         Ok((kv, _)) => {
+            // Trimming ends past holds and the sweep deletes files: the replicas' to know.
+            kvfs::replica::track_if_replicated(&kv)?;
             let at = history::remove_snapshot(&kv, name)?;
             history::index(&kv)?;
             history::trim(&kv)?;
