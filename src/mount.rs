@@ -402,7 +402,10 @@ pub fn run(
         let (fs, stop, dir, format) = (fs.clone(), stop.clone(), store_dir.clone(), format.clone());
         workers.push(spawn(
             "kvfs-replicate",
-            Box::new(move || crate::replica::ship::run(fs.store(), &format, &dir, &stop)),
+            Box::new(move || {
+                let fetch = fs.tiering_hook();
+                crate::replica::thread::run(fs.store(), &format, &dir, &stop, fetch)
+            }),
         )?);
     }
     if role == Role::Follower {

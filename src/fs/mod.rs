@@ -299,6 +299,11 @@ impl Fs {
         }
     }
 
+    /// Where evicted blocks come back from, if tiering is set up.
+    pub fn tiering_hook(&self) -> Option<Arc<dyn blocks::reader::Tiering>> {
+        self.blocks.tiering()
+    }
+
     /// The mount's tiering state, if installed.
     pub fn tier(&self) -> Option<&Arc<crate::tier::Tier>> {
         self.tier.get()

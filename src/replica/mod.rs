@@ -27,6 +27,7 @@ pub mod satellite;
 pub mod serve;
 pub mod ship;
 pub mod status;
+pub mod thread;
 pub mod tls;
 pub mod transport;
 pub mod wire;

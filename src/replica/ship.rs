@@ -3,7 +3,7 @@
 //! group's parts; the acknowledgement is recorded durably in `R name`. Also the replication
 //! thread of a mount ([`run`]) and `kvfs replica sync` ([`sync`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use super::wire::{
     PROTO_PAST_HOLDS,
 };
 use super::{cf_from_u8, names_block, replica_key, Change, ReplicaError, ReplicaRecord};
-use crate::blocks;
+use crate::blocks::{self, reader::Tiering, BlockError};
 use crate::keyspace::records::{BlockInfo, FormatRecord};
 use crate::keyspace::{self as ks, Hash};
 use crate::kv::{Cf, KvError, KvStore};
@@ -25,8 +25,6 @@ use crate::util::Timestamp;
 /// Threads reading blocks ahead of the sender, and blocks they may hold ready.
 const READERS: usize = 4;
 const READ_AHEAD: usize = 32;
-/// A connection with nothing to ship for this long is closed (and reopened when there is).
-const IDLE_CLOSE: Duration = Duration::from_secs(30);
 
 /// What a session shipped.
 #[derive(Clone, Copy, Debug, Default)]
@@ -71,6 +69,9 @@ pub struct Session {
     /// Dropped with the session: the watchdog then ends at once.
     watchdog_stop: Option<crossbeam_channel::Sender<()>>,
     watchdog: Option<std::thread::JoinHandle<()>>,
+    /// Where blocks evicted here come back from (the mount's fetcher): a replica added after
+    /// eviction gets them from the others, through memory.
+    fetch: Option<Arc<dyn Tiering>>,
 }
 
 /// How long a session waits for its replica to take or answer one message before it cuts
@@ -162,6 +163,11 @@ pub fn note_error(store: &KvStore, name: &str, e: &ReplicaError) {
 }
 
 impl Session {
+    /// Fetch blocks evicted here through `f` when the replica lacks them.
+    pub(super) fn fetching_through(&mut self, f: Option<Arc<dyn Tiering>>) {
+        self.fetch = f;
+    }
+
     /// A wire error, or the watchdog's timeout if it cut the connection.
     fn cut(&self, e: ReplicaError) -> ReplicaError {
         if self.watch.timed_out.load(Ordering::Relaxed) {
@@ -273,6 +279,7 @@ impl Session {
             watch,
             watchdog_stop: Some(watchdog_stop),
             watchdog,
+            fetch: None,
         };
         s.send(&Msg::Hello {
             proto_min: PROTO_MIN,
@@ -489,6 +496,8 @@ impl Session {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD);
+        let fetch = self.fetch.clone();
+        let fetch = fetch.as_deref();
         std::thread::scope(|sc| {
             for _ in 0..READERS {
                 let tx = tx.clone();
@@ -499,7 +508,12 @@ impl Session {
                         return;
                     }
                     let (h, len, _) = &blocks[i];
-                    if tx.send((i, blocks::read_stored(store, h, *len))).is_err() {
+                    let data = match (blocks::read_stored(store, h, *len), fetch) {
+                        // Evicted here: from another replica, verified, not stored.
+                        (Err(BlockError::Missing { .. }), Some(f)) => f.fetch(h, *len, false),
+                        (r, _) => r,
+                    };
+                    if tx.send((i, data)).is_err() {
                         return;
                     }
                 });
@@ -615,125 +629,6 @@ pub fn sync(
     }
     log::trim(store)?;
     Ok(out)
-}
-
-/// The replication thread of a mount: a logger round every 100 ms (trimming every second),
-/// and one shipping thread per replica that ships whenever the log is ahead of what it
-/// acknowledged, reconnecting with backoff after errors. Returns when `stop` is set (every
-/// connection is then cut, so a hung replica cannot hold the unmount).
-pub fn run(store: &KvStore, format: &FormatRecord, store_dir: &Path, stop: &AtomicBool) {
-    let cancels = std::sync::Mutex::new(HashMap::<String, transport::Canceller>::new());
-    std::thread::scope(|sc| {
-        let mut running: HashMap<String, std::thread::ScopedJoinHandle<'_, ()>> = HashMap::new();
-        let mut last_trim = Instant::now();
-        let mut last_err = None::<Instant>;
-        let mut logger = log::Logger::default();
-        let mut first = true;
-        while !stop.load(Ordering::Relaxed) {
-            if let Err(e) = logger.round(store) {
-                if last_err.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                    tracing::error!(error = %e, "replication log round failed");
-                    last_err = Some(Instant::now());
-                }
-            }
-            if first || last_trim.elapsed() > Duration::from_secs(1) {
-                first = false;
-                last_trim = Instant::now();
-                if let Err(e) = logger.trim(store) {
-                    tracing::error!(error = %e, "trimming the replication log failed");
-                }
-                running.retain(|_, h| !h.is_finished());
-                for (name, r) in super::replicas(store).unwrap_or_default() {
-                    // Satellites connect to the mount's listener and pull.
-                    if running.contains_key(&name) || r.is_satellite() {
-                        continue;
-                    }
-                    let n = name.clone();
-                    let cancels = &cancels;
-                    running.insert(
-                        name,
-                        sc.spawn(move || shipper(store, format, store_dir, &n, stop, cancels)),
-                    );
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for c in cancels.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            c.cancel();
-        }
-    });
-}
-
-fn shipper(
-    store: &KvStore,
-    format: &FormatRecord,
-    store_dir: &Path,
-    name: &str,
-    stop: &AtomicBool,
-    cancels: &std::sync::Mutex<HashMap<String, transport::Canceller>>,
-) {
-    let mut backoff = Duration::from_millis(500);
-    let sleep = |d: Duration| {
-        let until = Instant::now() + d;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    while !stop.load(Ordering::Relaxed) {
-        match record(store, name) {
-            Ok(Some(r)) if r.is_satellite() => return,
-            Ok(Some(r)) if r.base.is_some() => {}
-            Ok(Some(_)) => {
-                sleep(Duration::from_millis(100));
-                continue;
-            }
-            _ => return,
-        }
-        let ahead = || -> Result<bool, ReplicaError> {
-            let head = log::head(store)?;
-            Ok(record(store, name)?.is_some_and(|r| r.acked < head.seq))
-        };
-        if !matches!(ahead(), Ok(true)) {
-            sleep(Duration::from_millis(100));
-            continue;
-        }
-        let res = (|| -> Result<(), ReplicaError> {
-            let Some(mut s) = Session::open(store, format, store_dir, name)? else {
-                return Ok(());
-            };
-            cancels
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name.into(), s.canceller());
-            let mut idle = Instant::now();
-            while !stop.load(Ordering::Relaxed) && idle.elapsed() < IDLE_CLOSE {
-                if ahead()? {
-                    s.idle(false);
-                    s.ship_pending(store, stop)?;
-                    s.idle(true);
-                    idle = Instant::now();
-                } else {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-            s.close();
-            Ok(())
-        })();
-        cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-        match res {
-            Ok(()) => backoff = Duration::from_millis(500),
-            Err(e) => {
-                if !stop.load(Ordering::Relaxed) {
-                    note_error(store, name, &e);
-                }
-                sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
 }
 
 /// Whether every replica has acknowledged group `seq` (replicas waiting for their first group

@@ -507,3 +507,31 @@ fn reading_a_file_larger_than_the_cache_in_order_leaves_the_working_set_resident
     drop(server);
     audit_clean(&replica);
 }
+
+#[test]
+fn a_replica_added_after_eviction_gets_the_evicted_blocks_from_the_others() {
+    let Some((mut m, replica, mut server)) = with_replica("cache_size=16M") else {
+        return;
+    };
+    cold_file(&m, 70);
+    // A second replica: its first group names blocks that are only on the first one.
+    let second = m.tmp.path().join("second");
+    let server2 = TcpServer::start(&second, &m.store, "127.0.0.1:0");
+    add(
+        &m,
+        "second",
+        &server2.url(),
+        &["--fingerprint", &server2.fp],
+    );
+    let out = sync(&m.store);
+    assert!(!out.contains("error"), "{out}");
+    // The first replica gone, the evicted blocks come from the second.
+    server.kill();
+    drop_caches();
+    read_back(&m, "cold", 70, 48 << 20);
+    m.unmount();
+    audit_clean(&m.store);
+    drop(server2);
+    audit_clean(&second);
+    audit_clean(&replica);
+}
