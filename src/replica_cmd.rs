@@ -243,7 +243,20 @@ pub fn replica(cmd: ReplicaCmd) -> anyhow::Result<()> {
         } => match store::open(&dir) {
             Ok((kv, format)) => {
                 let mut failed = 0;
-                for (name, r) in replica::ship::sync(&kv, &format, &dir)? {
+                // Blocks evicted here that a replica lacks come from the other replicas.
+                let kv = std::sync::Arc::new(kv);
+                let settings = kvfs::tier::config::TierSettings::resolve(
+                    &kvfs::tier::config::read(&kv)?,
+                    &Default::default(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                let fetch = std::sync::Arc::new(kvfs::tier::fetch::Fetcher::checking(
+                    kv.clone(),
+                    &format,
+                    dir.clone(),
+                    settings.fetch_timeout,
+                ));
+                for (name, r) in replica::ship::sync(&kv, &format, &dir, Some(fetch.clone()))? {
                     match r {
                         Ok(s) => println!(
                             "{name}\tin sync\t{} groups, {} blocks ({} bytes, {} as deltas), {} bytes on the wire",

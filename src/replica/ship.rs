@@ -577,19 +577,21 @@ impl Session {
     }
 }
 
-/// Ship to replica `name` until it has acknowledged the head as it is now. For `kvfs replica
-/// sync` on an unmounted store and for tests.
+/// Ship to replica `name` until it has acknowledged the head as it is now, fetching blocks
+/// evicted here through `fetch`. For `kvfs replica sync` on an unmounted store and for tests.
 pub fn ship_once(
     store: &KvStore,
     format: &FormatRecord,
     store_dir: &Path,
     name: &str,
+    fetch: Option<Arc<dyn Tiering>>,
 ) -> Result<Shipped, ReplicaError> {
     let never = AtomicBool::new(false);
     // A replica that must start over gets its new first group at the next logger round.
     for _ in 0..3 {
         match Session::open(store, format, store_dir, name)? {
             Some(mut s) => {
+                s.fetching_through(fetch.clone());
                 s.ship_pending(store, &never)?;
                 let total = s.shipped;
                 s.close();
@@ -614,6 +616,7 @@ pub fn sync(
     store: &KvStore,
     format: &FormatRecord,
     store_dir: &Path,
+    fetch: Option<Arc<dyn Tiering>>,
 ) -> Result<Vec<SyncOutcome>, ReplicaError> {
     log::round(store)?;
     let mut out = Vec::new();
@@ -621,7 +624,7 @@ pub fn sync(
         if rec.is_satellite() {
             continue;
         }
-        let r = ship_once(store, format, store_dir, &name);
+        let r = ship_once(store, format, store_dir, &name, fetch.clone());
         if let Err(e) = &r {
             note_error(store, &name, e);
         }

@@ -531,7 +531,24 @@ fn a_replica_added_after_eviction_gets_the_evicted_blocks_from_the_others() {
     read_back(&m, "cold", 70, 48 << 20);
     m.unmount();
     audit_clean(&m.store);
+    ok(&[
+        OsStr::new("replica"),
+        OsStr::new("remove"),
+        m.store.as_os_str(),
+        OsStr::new("home"),
+    ]);
+    // The same for a third added while the store is not mounted (`kvfs replica sync`).
+    let third = m.tmp.path().join("third");
+    let server3 = TcpServer::start(&third, &m.store, "127.0.0.1:0");
+    add(&m, "third", &server3.url(), &["--fingerprint", &server3.fp]);
+    sync(&m.store);
     drop(server2);
-    audit_clean(&second);
-    audit_clean(&replica);
+    m.start();
+    drop_caches();
+    read_back(&m, "cold", 70, 48 << 20);
+    m.unmount();
+    drop(server3);
+    for r in [&replica, &second, &third] {
+        audit_clean(r);
+    }
 }
