@@ -9,7 +9,10 @@ use super::{Ctx, Result};
 use crate::keyspace::records::BlockInfo;
 use crate::keyspace::{self as ks, Prefix};
 use crate::kv::{Cf, KvStore};
-use crate::replica::{cf_from_u8, names_block, Change, LogPart};
+use crate::replica::{cf_from_u8, hold_key, names_block, primary_past_key, Change, LogPart};
+
+/// A key builder of one kind of hold.
+type KeyOf = fn(&ks::Hash) -> Vec<u8>;
 
 pub(super) fn check(store: &KvStore, cx: &mut Ctx, refs: &mut Refs) -> Result<()> {
     let (a, b) = Prefix::Log.range();
@@ -42,10 +45,15 @@ pub(super) fn check(store: &KvStore, cx: &mut Ctx, refs: &mut Refs) -> Result<()
     }
     // A replica's holds: blocks received for a group not yet applied, and blocks its
     // primary's history names.
-    for (p, what) in [
-        (Prefix::Hold, "held for a group"),
-        (Prefix::PrimaryPast, "held for the primary's history"),
-    ] {
+    let holds: [(Prefix, KeyOf, &str); 2] = [
+        (Prefix::Hold, hold_key, "held for a group"),
+        (
+            Prefix::PrimaryPast,
+            primary_past_key,
+            "held for the primary's history",
+        ),
+    ];
+    for (p, key_of, what) in holds {
         let (a, b) = p.range();
         let mut held = Vec::new();
         store.for_each(Cf::Bidx, &a, &b, |k, _| {
@@ -57,14 +65,10 @@ pub(super) fn check(store: &KvStore, cx: &mut Ctx, refs: &mut Refs) -> Result<()
         for h in held {
             match stored_len(store, &h)? {
                 Some(len) => refs.entry(h).or_insert((0, len)).0 += 1,
-                None => {
-                    let mut key = vec![p.byte()];
-                    key.extend_from_slice(&h);
-                    cx.problem(
-                        ks::describe_key(&key),
-                        format!("{what}, but the block is not stored"),
-                    )
-                }
+                None => cx.problem(
+                    ks::describe_key(&key_of(&h)),
+                    format!("{what}, but the block is not stored"),
+                ),
             }
         }
     }
