@@ -201,11 +201,10 @@ pub fn drop_ref_kept(t: &mut dyn Txn, h: &Hash) -> Result<(), KvError> {
 /// parity it is an error naming the block. Callers go through [`reader::BlockReader`], the
 /// one way block content is obtained.
 pub fn read_stored(store: &KvStore, h: &Hash, len: u32) -> Result<Vec<u8>, BlockError> {
-    let v = store
-        .get(Cf::Blocks, &ks::block_key(h))?
-        .ok_or(BlockError::Missing { hash: *h })?;
-    let d =
-        encode::decode(&v, h, len).map_err(|reason| BlockError::Corrupt { hash: *h, reason })?;
+    let d = store
+        .get_with(Cf::Blocks, &ks::block_key(h), |v| encode::decode(v, h, len))?
+        .ok_or(BlockError::Missing { hash: *h })?
+        .map_err(|reason| BlockError::Corrupt { hash: *h, reason })?;
     if let Some((sector, _)) = d.repaired {
         tracing::warn!(
             key = %ks::describe_key(&ks::block_key(h)),

@@ -205,6 +205,16 @@ pub trait Engine: Send + Sync {
     fn snapshot(&self) -> Box<dyn Txn + '_>;
     /// Read the latest committed value outside any transaction.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError>;
+    /// [`Engine::get`] for a caller that only looks at the value: `visit` sees it where the
+    /// engine holds it, without a copy where the engine allows. Returns whether there was one.
+    fn get_in_place(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        visit: &mut dyn FnMut(&[u8]),
+    ) -> Result<bool, KvError> {
+        Ok(self.get(cf, key)?.map(|v| visit(&v)).is_some())
+    }
     /// Visit committed pairs in `[start, end)` in order until `visit` returns false. Not one
     /// snapshot across the whole range on every engine: for tools and the sweeper.
     fn for_each(
@@ -665,6 +675,23 @@ impl KvStore {
     /// Read outside a transaction (tools, statistics).
     pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         self.engine.get(cf, key)
+    }
+
+    /// `f` of the latest committed value, outside any transaction, without copying the value
+    /// out of the engine first (a block read: the decode makes the one copy it keeps).
+    pub fn get_with<R>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, KvError> {
+        let (mut f, mut out) = (Some(f), None);
+        self.engine.get_in_place(cf, key, &mut |v| {
+            if let Some(f) = f.take() {
+                out = Some(f(v));
+            }
+        })?;
+        Ok(out)
     }
 
     /// Scan outside a transaction, calling `visit` for each pair in `[start, end)` until it
