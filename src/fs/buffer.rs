@@ -98,8 +98,11 @@ impl Slot {
 }
 
 /// Flushes of one file that may run outside its mutex at once; a writer that needs room
-/// beyond that waits (the bound on buffered bytes).
-const MAX_INFLIGHT: u32 = 2;
+/// beyond that waits (the bound on buffered bytes). Three, not two: while two flights wait
+/// on the store (its one flush thread writes and syncs each in turn), a third is hashed and
+/// encoded instead of waiting (1 GiB sequential write, 5 rounds interleaved on fresh stores:
+/// 161-196 -> 175-213 MB/s; 8 MiB more buffered per file being written).
+const MAX_INFLIGHT: u32 = 3;
 
 /// Slots a flush took: block number, generation, image.
 type Taken = Vec<(u64, u64, Arc<Vec<u8>>)>;
