@@ -217,13 +217,23 @@ pub fn read_stored(store: &KvStore, h: &Hash, len: u32) -> Result<Vec<u8>, Block
 
 /// Sum of a block's refcount shards, each read with conflict tracking.
 pub fn refcount(t: &mut dyn Txn, h: &Hash) -> Result<i64, KvError> {
+    Ok(refcount_shards(t, h)?.0)
+}
+
+/// [`refcount`], and which of the shards exist.
+fn refcount_shards(
+    t: &mut dyn Txn,
+    h: &Hash,
+) -> Result<(i64, [bool; REF_SHARDS as usize]), KvError> {
+    let mut shards = [false; REF_SHARDS as usize];
     let mut total = 0;
     for s in 0..REF_SHARDS {
         if let Some(v) = t.get(Cf::Bidx, &ks::refcount_key(h, s))? {
             total += decode_i64(&v);
+            shards[s as usize] = true;
         }
     }
-    Ok(total)
+    Ok((total, shards))
 }
 
 /// A garbage candidate: a block and the `G` keys (one per shard that marked it) found for it.
@@ -317,14 +327,7 @@ fn free_candidates(store: &KvStore, candidates: Vec<Candidate>) -> Result<u64, K
     for c in candidates {
         let h = c.hash;
         let gone = store.transact(|t| {
-            let mut shards = [false; REF_SHARDS as usize];
-            let mut refs = 0;
-            for s in 0..REF_SHARDS {
-                if let Some(v) = t.get(Cf::Bidx, &ks::refcount_key(&h, s))? {
-                    refs += decode_i64(&v);
-                    shards[s as usize] = true;
-                }
-            }
+            let (refs, shards) = refcount_shards(t, &h)?;
             for k in &c.marks {
                 t.delete(Cf::Bidx, k)?;
             }
