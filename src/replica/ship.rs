@@ -1,7 +1,8 @@
 //! The primary's side: greet a replica, agree where it stands, and ship the groups it lacks,
 //! each as "which of these blocks do you have?", the missing blocks, a flush, then the
-//! group's parts; the acknowledgement is recorded durably in `R name`. Also the replication
-//! thread of a mount ([`run`]) and `kvfs replica sync` ([`sync`]).
+//! group's parts; the acknowledgement is recorded durably in `R name`. Also `kvfs replica
+//! sync` ([`sync`]); the mount's replication thread, which opens these sessions, is
+//! [`super::thread`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
