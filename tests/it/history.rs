@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::{self, pattern, Mounted, Rng};
-use crate::replica::{add, audit_clean, exec_url, kvfs, ok, status_json, sync};
+use crate::replica::{add, audit_clean, config, exec_url, kvfs, ok, status_json, sync};
 
 /// Per path: kind, inode, mode, owner, size, link count, the three times, symlink target,
 /// user xattrs and content hash. Taken after the kernel's inode cache was dropped (it may
@@ -298,10 +298,6 @@ fn audit_clean_mounted(store: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn config(store: &Path, kv: &str) {
-    ok(&[OsStr::new("config"), store.as_os_str(), OsStr::new(kv)]);
 }
 
 fn history(store: &Path) -> serde_json::Value {

@@ -35,6 +35,11 @@ pub(crate) fn ok<S: AsRef<OsStr>>(args: &[S]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `kvfs config STORE KEY=VALUE`, which must succeed.
+pub(crate) fn config(store: &Path, kv: &str) {
+    ok(&[OsStr::new("config"), store.as_os_str(), OsStr::new(kv)]);
+}
+
 pub(crate) fn exec_url(replica: &Path) -> String {
     format!("exec:{KVFS} serve --stdio {}", replica.display())
 }

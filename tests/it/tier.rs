@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::{self, pattern, Mounted};
-use crate::replica::{add, audit_clean, ok, replica_dir, status_json, sync, TcpServer};
+use crate::replica::{add, audit_clean, config, ok, replica_dir, status_json, sync, TcpServer};
 
 const MIB: u64 = 1 << 20;
 
@@ -174,11 +174,7 @@ fn unreplicated_data_is_never_evicted() {
     m.unmount();
     m.opts = String::new();
     m.start();
-    ok(&[
-        OsStr::new("config"),
-        m.store.as_os_str(),
-        OsStr::new("cache_size=8M"),
-    ]);
+    config(&m.store, "cache_size=8M");
     wait_resident_under(&m.store, 8 * MIB, 30);
     m.unmount();
     audit_clean(&m.store);
@@ -438,11 +434,7 @@ fn blocks_only_the_past_names_are_evicted_and_a_past_mount_fetches_them() {
     read_back(&m, "f", 2, 32 << 20);
 
     // Once the window lets go of the first generation, the replica drops it too.
-    ok(&[
-        OsStr::new("config"),
-        m.store.as_os_str(),
-        OsStr::new("history=1s"),
-    ]);
+    config(&m.store, "history=1s");
     let t0 = Instant::now();
     while status_json(&m.store)["history"]["past_only_bytes"] != 0 {
         assert!(
@@ -470,13 +462,7 @@ fn reading_a_file_larger_than_the_cache_in_order_leaves_the_working_set_resident
     let Some((mut m, replica, server)) = with_replica("") else {
         return;
     };
-    let cache = |size: &str| {
-        ok(&[
-            OsStr::new("config"),
-            m.store.as_os_str(),
-            OsStr::new(&format!("cache_size={size}")),
-        ])
-    };
+    let cache = |size: &str| config(&m.store, &format!("cache_size={size}"));
     cache("8M");
     std::fs::write(m.path("hot"), pattern(60, 4 << 20)).unwrap();
     std::fs::write(m.path("film"), pattern(61, 64 << 20)).unwrap();
