@@ -175,11 +175,16 @@ impl Fs {
             }
             let slot = s.dirty.get_mut(&bn).ok_or(FsError::Errno(libc::EIO))?;
             let img = Arc::make_mut(&mut slot.img);
-            if img.len() < in_block + n {
-                img.resize(in_block + n, 0);
+            let src = &data[(pos - offset) as usize..][..n];
+            if img.len() == in_block {
+                // Appending (a fresh block written in order): no zeroing before the copy.
+                img.extend_from_slice(src);
+            } else {
+                if img.len() < in_block + n {
+                    img.resize(in_block + n, 0);
+                }
+                img[in_block..in_block + n].copy_from_slice(src);
             }
-            let src = (pos - offset) as usize;
-            img[in_block..in_block + n].copy_from_slice(&data[src..src + n]);
             slot.written += n as u64;
             s.next_gen += 1;
             slot.gen = s.next_gen;
