@@ -319,34 +319,48 @@ pub fn collect_garbage(store: &KvStore, max: usize) -> Result<u64, KvError> {
     free_candidates(store, garbage_candidates(store, &start, max)?)
 }
 
-/// Each candidate in its own transaction: its marks go (only those found, each one written
-/// with the refcount shard it names, which the transaction reads with tracking: a mark made
-/// meanwhile makes it retry); the block goes too if its shards sum to zero.
+/// Candidates per transaction of [`free_candidates`]. One each cost a sweep of 16,384
+/// freed blocks 3.1 s of CPU, most of it in what every commit pays once (the validation of
+/// the `resident` counter shard it merges into, walking that key's merge operands, and the
+/// merge's own look-up); 32 share one commit, and a conflict retries only those 32.
+const FREE_BATCH: usize = 32;
+
+/// Candidates [`FREE_BATCH`] to a transaction: each one's marks go (only those found, each one
+/// written with the refcount shard it names, which the transaction reads with tracking: a mark
+/// made meanwhile makes it retry); its block goes too if its shards sum to zero.
 fn free_candidates(store: &KvStore, candidates: Vec<Candidate>) -> Result<u64, KvError> {
     let mut freed = 0;
-    for c in candidates {
-        let h = c.hash;
-        let gone = store.transact(|t| {
-            let (refs, shards) = refcount_shards(t, &h)?;
-            for k in &c.marks {
-                t.delete(Cf::Bidx, k)?;
+    for chunk in candidates.chunks(FREE_BATCH) {
+        freed += store.transact(|t| {
+            let mut gone = 0;
+            for c in chunk {
+                gone += free_candidate(t, c)? as u64;
             }
-            if refs > 0 {
-                return Ok(false);
-            }
-            for s in (0..REF_SHARDS).filter(|s| shards[*s as usize]) {
-                t.delete(Cf::Bidx, &ks::refcount_key(&h, s))?;
-            }
-            let info = match t.get(Cf::Bidx, &ks::block_info_key(&h))? {
-                Some(raw) => Some(BlockInfo::decode(&raw)?),
-                None => None,
-            };
-            resident::freed(t, &h, info.as_ref())?;
-            Ok::<_, KvError>(true)
+            Ok::<_, KvError>(gone)
         })?;
-        freed += gone as u64;
     }
     Ok(freed)
+}
+
+/// One candidate of [`free_candidates`]: whether its block was freed.
+fn free_candidate(t: &mut dyn Txn, c: &Candidate) -> Result<bool, KvError> {
+    let h = c.hash;
+    let (refs, shards) = refcount_shards(t, &h)?;
+    for k in &c.marks {
+        t.delete(Cf::Bidx, k)?;
+    }
+    if refs > 0 {
+        return Ok(false);
+    }
+    for s in (0..REF_SHARDS).filter(|s| shards[*s as usize]) {
+        t.delete(Cf::Bidx, &ks::refcount_key(&h, s))?;
+    }
+    let info = match t.get(Cf::Bidx, &ks::block_info_key(&h))? {
+        Some(raw) => Some(BlockInfo::decode(&raw)?),
+        None => None,
+    };
+    resident::freed(t, &h, info.as_ref())?;
+    Ok(true)
 }
 
 #[cfg(test)]
