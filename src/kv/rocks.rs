@@ -56,7 +56,7 @@ fn write_buffer(cf: Cf) -> usize {
 }
 
 /// About the disk space reserved ahead for the WAL file a checkpoint starts
-/// ([`Engine::checkpoint`]): each family's write buffer while it flushes.
+/// ([`RocksEngine::flushing_small`]): each family's write buffer while it flushes.
 const IDLE_WAL_RESERVE: usize = 4 << 20;
 
 pub struct RocksEngine {
@@ -172,6 +172,32 @@ impl RocksEngine {
             Db::Rw(d) => Ok(d),
             Db::Ro(_) => Err(KvError::ReadOnly),
         }
+    }
+
+    /// Run `flush`, whose first memtable switch starts a new WAL file, with every family's
+    /// write buffer at [`IDLE_WAL_RESERVE`], restored after. That file reserves disk space
+    /// ahead (fallocate) of 1.1x the write buffer of the family switched: 70 MiB, which an
+    /// idle, emptied store held for a log of 229 bytes (`du` 76 MiB). The reserve itself
+    /// stays: without it each fsync's WAL append allocates (`allow_fallocate=false`: 4 KiB
+    /// writes with fsync 10% slower, 3 rounds); a small one grows by its own size when
+    /// written past.
+    fn flushing_small(&self, flush: impl FnOnce() -> Result<(), KvError>) -> Result<(), KvError> {
+        let db = self.rw()?;
+        let set_buffers = |small: bool| -> Result<(), KvError> {
+            for cf in Cf::ALL {
+                let size = if small {
+                    IDLE_WAL_RESERVE
+                } else {
+                    write_buffer(cf)
+                };
+                db.set_options_cf(self.cf(cf)?, &[("write_buffer_size", &size.to_string())])?;
+            }
+            Ok(())
+        };
+        set_buffers(true)?;
+        let flushed = flush();
+        set_buffers(false)?;
+        flushed
     }
 }
 
@@ -324,36 +350,15 @@ impl Engine for RocksEngine {
     }
 
     /// Flush every memtable to table files, so the WAL can be dropped.
-    ///
-    /// The WAL file the first flush starts reserves disk space ahead (fallocate) of 1.1x the
-    /// write buffer of the family flushed: 70 MiB, which an idle, emptied store held for a log
-    /// of 229 bytes (`du` 76 MiB). The families' buffers are made small while it starts and
-    /// restored after. The reserve itself stays: without it each fsync's WAL append allocates
-    /// (`allow_fallocate=false`: 4 KiB writes with fsync 10% slower, 3 rounds); a small one
-    /// grows by its own size when written past.
     fn checkpoint(&self) -> Result<(), KvError> {
         let db = self.rw()?;
-        let set_buffers = |idle: bool| -> Result<(), KvError> {
-            for cf in Cf::ALL {
-                let size = if idle {
-                    IDLE_WAL_RESERVE
-                } else {
-                    write_buffer(cf)
-                };
-                db.set_options_cf(self.cf(cf)?, &[("write_buffer_size", &size.to_string())])?;
-            }
-            Ok(())
-        };
-        set_buffers(true)?;
-        let flushed = (|| {
+        self.flushing_small(|| {
             db.flush_wal(true)?;
             for cf in Cf::ALL {
                 db.flush_cf(self.cf(cf)?)?;
             }
-            Ok::<_, KvError>(())
-        })();
-        set_buffers(false)?;
-        flushed
+            Ok(())
+        })
     }
 
     /// Compact the blocks family with blob garbage collection on (it is off otherwise).
@@ -364,6 +369,9 @@ impl Engine for RocksEngine {
         let db = self.rw()?;
         let _one = crate::util::lock(&self.reclaiming);
         let cf = self.cf(Cf::Blocks)?;
+        // The compaction would flush the memtable first, starting a WAL file with a full
+        // reserve (an emptied store kept 18 MiB of it); flushed here, it finds none.
+        self.flushing_small(|| Ok(db.flush_cf(&cf)?))?;
         db.set_options_cf(&cf, &[("enable_blob_garbage_collection", "true")])?;
         db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
         db.set_options_cf(&cf, &[("enable_blob_garbage_collection", "false")])?;
