@@ -183,21 +183,27 @@ impl RocksEngine {
     /// written past.
     fn flushing_small(&self, flush: impl FnOnce() -> Result<(), KvError>) -> Result<(), KvError> {
         let db = self.rw()?;
+        // Every family, even past one that failed; the first error.
         let set_buffers = |small: bool| -> Result<(), KvError> {
+            let mut first = Ok(());
             for cf in Cf::ALL {
                 let size = if small {
                     IDLE_WAL_RESERVE
                 } else {
                     write_buffer(cf)
                 };
-                db.set_options_cf(self.cf(cf)?, &[("write_buffer_size", &size.to_string())])?;
+                let set = self.cf(cf).and_then(|h| {
+                    Ok(db.set_options_cf(h, &[("write_buffer_size", &size.to_string())])?)
+                });
+                first = first.and(set);
             }
-            Ok(())
+            first
         };
-        set_buffers(true)?;
-        let flushed = flush();
-        set_buffers(false)?;
-        flushed
+        // Restored whatever happened: a family left at 4 MiB would flush four to sixteen
+        // times as often until the next checkpoint.
+        let flushed = set_buffers(true).and_then(|()| flush());
+        let restored = set_buffers(false);
+        flushed.and(restored)
     }
 }
 
