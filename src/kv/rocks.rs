@@ -108,7 +108,6 @@ impl RocksEngine {
                     // BlobDB), so compaction moves only small keys and pointers instead of
                     // rewriting every block at each level.
                     opts.set_compression_type(rocksdb::DBCompressionType::None);
-                    opts.set_write_buffer_size(write_buffer(*cf));
                     opts.set_max_write_buffer_number(3);
                     opts.set_enable_blob_files(true);
                     opts.set_min_blob_size(1024);
@@ -133,9 +132,7 @@ impl RocksEngine {
                 }
                 _ => opts.set_compression_type(rocksdb::DBCompressionType::Lz4),
             }
-            if *cf != Cf::Blocks {
-                opts.set_write_buffer_size(write_buffer(*cf));
-            }
+            opts.set_write_buffer_size(write_buffer(*cf));
             opts.set_block_based_table_factory(&bbo);
             ColumnFamilyDescriptor::new(cf.name(), opts)
         });
