@@ -31,9 +31,12 @@ fn printable(b: &[u8]) -> String {
     }
 }
 
-fn pseudo_value(v: &[u8]) -> Result<String, String> {
-    match v {
-        [1] => Ok("01".into()),
+fn pseudo_value(name: &[u8], v: &[u8]) -> Result<String, String> {
+    let locks = name == [ks::inode_sub::PSEUDO_LOCKS];
+    match (v, ks::lock_version(v)) {
+        ([1], _) => Ok("01".into()),
+        (_, Some(n)) if locks => Ok(format!("version {n:016x}")),
+        _ if locks => Err(format!("expected 01 or 02 + version, found {}", hex_cut(v))),
         _ => Err(format!("expected 01, found {}", hex_cut(v))),
     }
 }
@@ -66,7 +69,7 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
                 .map(|n| format!("{n} open handle(s)"))
                 .map_err(e),
             InodeKey::Xattr(..) => decode_xattr(v).map(printable).map_err(e),
-            InodeKey::Pseudo(..) => pseudo_value(v),
+            InodeKey::Pseudo(_, name) => pseudo_value(name, v),
             InodeKey::Unknown => Err(format!("unknown inode sub-key, value {}", hex_cut(v))),
         },
         Some(Prefix::Dirent) if key.len() > 9 => {

@@ -311,6 +311,22 @@ pub fn lock_pseudo_key(ino: Ino) -> Vec<u8> {
     k
 }
 
+/// A lock-table pseudo-key value naming `version` (format 5.2): `02` + u64 big-endian.
+pub fn lock_version_value(version: u64) -> [u8; 9] {
+    let mut v = [2u8; 9];
+    v[1..].copy_from_slice(&version.to_be_bytes());
+    v
+}
+
+/// The version a lock-table pseudo-key value names; `None` for `01` (no version: the sweeper's,
+/// and every value before 5.2) and for anything else.
+pub fn lock_version(v: &[u8]) -> Option<u64> {
+    match v {
+        [2, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
 /// `i ino \xfe 'o'`: the open-set pseudo-key.
 pub fn open_pseudo_key(ino: Ino) -> Vec<u8> {
     let mut k = inode_sub_key(ino, inode_sub::PSEUDO, 1);
