@@ -207,29 +207,8 @@ fn set_owner_locks(
             t.delete(Cf::Meta, &ks::lock_key(ino, mount, owner, h.start))?;
         }
     }
-    for &(start, end, write) in new {
-        let keep_pid = old.iter().find(|h| h.start == start).map_or(pid, |h| {
-            if h.rec.end == end && h.rec.write == write {
-                h.rec.pid
-            } else {
-                pid
-            }
-        });
-        let rec = LockRecord {
-            end,
-            write,
-            pid: keep_pid,
-        };
-        if old.iter().any(|h| h.start == start && h.rec == rec) {
-            continue;
-        }
-        t.put(
-            Cf::Meta,
-            &ks::lock_key(ino, mount, owner, start),
-            &rec.encode()?,
-        )?;
-    }
-    let held = new
+    // A range that stays as it was keeps the pid that took it (F_GETLK reports that one).
+    let held: Vec<Held> = new
         .iter()
         .map(|&(start, end, write)| {
             let pid = old
@@ -244,6 +223,15 @@ fn set_owner_locks(
             }
         })
         .collect();
+    for h in &held {
+        if !old.iter().any(|o| o.start == h.start && o.rec == h.rec) {
+            t.put(
+                Cf::Meta,
+                &ks::lock_key(ino, mount, owner, h.start),
+                &h.rec.encode()?,
+            )?;
+        }
+    }
     Ok((bump_lock_version(t, ino)?, held))
 }
 
