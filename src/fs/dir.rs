@@ -325,6 +325,22 @@ impl Fs {
         Ok(())
     }
 
+    /// Commit what is buffered for the files a rename moves, before the rename: a file
+    /// written and closed is committed by its release, which may come after the rename,
+    /// and a crash between the two would leave the new name on a file without its data (the
+    /// save-to-temporary-then-rename pattern; ext4's auto_da_alloc does the same).
+    fn commit_before_rename(&self, names: &[(Ino, &[u8])]) -> Result<()> {
+        if self.dirty_total.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        for &(parent, name) in names {
+            if let Some(d) = self.look(|t| get_dirent(t, parent, name))? {
+                self.flush_ino(d.ino)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn rename(
         &self,
         parent: Ino,
@@ -342,6 +358,7 @@ impl Fs {
         {
             return errno(libc::EINVAL);
         }
+        self.commit_before_rename(&[(parent, name), (newparent, newname)])?;
         let _ns = lock(&self.ns_lock);
         let mut freeing = (0, Freeing::Kept);
         self.txn(|t| {

@@ -4,9 +4,9 @@
 //! conflict tracking, writes its changes, and is re-run whole on conflict. Nothing leaves the
 //! closure before commit: attributes returned to the caller are built from the committed
 //! values. File data goes through the per-inode write-back buffer of [`file`], which commits
-//! whole blocks on flush, fsync, release, a timer and memory pressure. Block content is read
-//! only through the [`blocks::reader::BlockReader`], never with a file's mutex held or inside
-//! a transaction (see [`file`]).
+//! whole blocks on fsync, a close of 1 MiB or more, release, rename, a timer and memory
+//! pressure. Block content is read only through the [`blocks::reader::BlockReader`], never
+//! with a file's mutex held or inside a transaction (see [`file`]).
 //!
 //! Locks, in the order they may be taken: `ns_lock` (operations that can drop a link count to
 //! zero, and last release), then `files` (the open-file table), then one file's state.

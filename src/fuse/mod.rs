@@ -492,7 +492,7 @@ impl Filesystem for KvFuse {
     ) {
         // A close: POSIX drops the closing process's record locks on the file.
         let unlocked = self.fs.unlock_owner(ino.0, lock_owner.0);
-        self.empty(reply, "flush", self.fs.flush(fh.0).and(unlocked))
+        self.empty(reply, "flush", self.fs.flush_on_close(fh.0).and(unlocked))
     }
 
     fn getlk(

@@ -269,3 +269,45 @@ fn collapse_and_insert_range_move_block_map_entries() {
     let report = kvfs::audit::audit(fs.store(), &Default::default()).unwrap();
     assert!(report.problems.is_empty(), "{report}");
 }
+
+#[test]
+fn a_close_leaves_a_small_file_to_its_release_but_a_rename_commits_it_first() {
+    let (_d, fs) = new_fs();
+    // Small: the close commits nothing, the release does.
+    let a = file(&fs, "a");
+    let fh = fs.open(a, true).unwrap();
+    fs.write(fh, 0, &pattern(1, 5000)).unwrap();
+    fs.flush_on_close(fh).unwrap();
+    assert_eq!(count(&fs, Prefix::Fmap), 0, "committed at close");
+    assert_eq!(fs.getattr(a).unwrap().size, 5000, "buffered, and seen");
+    fs.release(fh).unwrap();
+    assert_eq!(count(&fs, Prefix::Fmap), 1, "committed at release");
+    // 1 MiB or more: the close commits it.
+    let b = file(&fs, "b");
+    let fh = fs.open(b, true).unwrap();
+    fs.write(fh, 0, &pattern(2, 1 << 20)).unwrap();
+    fs.flush_on_close(fh).unwrap();
+    assert_eq!(
+        count(&fs, Prefix::Fmap),
+        1 + 16,
+        "a large file is committed at close"
+    );
+    fs.release(fh).unwrap();
+    // Written, closed, renamed over another name before its release: the rename commits
+    // the data first, so no crash can leave the new name without it.
+    let t = file(&fs, "t");
+    let fh = fs.open(t, true).unwrap();
+    fs.write(fh, 0, &pattern(3, 3000)).unwrap();
+    fs.flush_on_close(fh).unwrap();
+    assert_eq!(count(&fs, Prefix::Fmap), 17);
+    fs.rename(ROOT_INO, b"t", ROOT_INO, b"a", 0).unwrap();
+    assert_eq!(
+        count(&fs, Prefix::Fmap),
+        17,
+        "t's block committed, a's block dropped with a"
+    );
+    fs.release(fh).unwrap();
+    let fh = fs.open(t, false).unwrap();
+    assert!(fs.read(fh, 0, 4000).unwrap() == pattern(3, 3000));
+    fs.release(fh).unwrap();
+}
