@@ -6,7 +6,48 @@ use crate::keyspace::records::{decode_xattr, encode_xattr, Inode, Kind};
 use crate::keyspace::{self as ks, Ino};
 use crate::kv::Cf;
 use crate::util::Timestamp;
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+/// The attribute the kernel asks for before every write(2) (FUSE mounts clear `SB_NOSEC`, so it
+/// cannot remember that a file has none): the answer, almost always "none", is remembered.
+const CAPS: &[u8] = b"security.capability";
+
+/// Files known to have no `security.capability`. A lookup remembers its "none" only if no
+/// set or remove of that attribute finished since it began (the generation), so a change
+/// committed during the lookup is never hidden. At most this many files; then it starts over.
+#[derive(Default)]
+pub(super) struct NoCaps(Mutex<(u64, HashSet<Ino>)>);
+
+const NO_CAPS_MAX: usize = 1 << 16;
+
+impl NoCaps {
+    fn holds(&self, ino: Ino) -> bool {
+        super::lock(&self.0).1.contains(&ino)
+    }
+
+    fn generation(&self) -> u64 {
+        super::lock(&self.0).0
+    }
+
+    fn absent(&self, ino: Ino, since: u64) {
+        let mut g = super::lock(&self.0);
+        if g.0 == since {
+            if g.1.len() >= NO_CAPS_MAX {
+                g.1.clear();
+            }
+            g.1.insert(ino);
+        }
+    }
+
+    /// After a set or remove of `security.capability` on `ino` (committed or not).
+    fn changed(&self, ino: Ino) {
+        let mut g = super::lock(&self.0);
+        g.0 += 1;
+        g.1.remove(&ino);
+    }
+}
 
 /// What `stat` shows for one inode.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,7 +259,7 @@ impl Fs {
             _ => None,
         };
         let key = ks::xattr_key(ino, name);
-        self.txn(|t| {
+        let r = self.txn(|t| {
             let mut i = load_inode(t, ino)?;
             let exists = t.get(Cf::Meta, &key)?.is_some();
             if flags & libc::XATTR_CREATE != 0 && exists {
@@ -243,11 +284,20 @@ impl Fs {
             }
             i.ctime = Timestamp::now();
             save_inode(t, ino, &i)
-        })
+        });
+        if name == CAPS {
+            self.no_caps.changed(ino);
+        }
+        r
     }
 
     pub fn getxattr(&self, ino: Ino, name: &[u8], size: u32) -> Result<XattrReply> {
         check_xattr_name(name)?;
+        let caps = name == CAPS && self.caps_remembered();
+        if caps && self.no_caps.holds(ino) {
+            return errno(libc::ENODATA);
+        }
+        let since = self.no_caps.generation();
         let key = ks::xattr_key(ino, name);
         let v = self.look(|t| {
             load_inode(t, ino)?;
@@ -257,8 +307,18 @@ impl Fs {
                     .map_err(|e| super::corrupt(&key, e))?
                     .to_vec()),
             }
-        })?;
-        sized_reply(v, size)
+        });
+        if caps && matches!(v, Err(FsError::Errno(libc::ENODATA))) {
+            self.no_caps.absent(ino, since);
+        }
+        sized_reply(v?, size)
+    }
+
+    /// Whether this mount may remember which files lack `security.capability`: only where
+    /// nothing but this mount changes the store (one process holds it, and it is not a
+    /// followed replica).
+    fn caps_remembered(&self) -> bool {
+        !self.opts.read_only && !self.follows() && self.store.is_exclusive()
     }
 
     pub fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrReply> {
@@ -279,7 +339,7 @@ impl Fs {
         self.writable()?;
         check_xattr_name(name)?;
         let key = ks::xattr_key(ino, name);
-        self.txn(|t| {
+        let r = self.txn(|t| {
             let mut i = load_inode(t, ino)?;
             if t.get(Cf::Meta, &key)?.is_none() {
                 return errno(libc::ENODATA);
@@ -287,7 +347,11 @@ impl Fs {
             t.delete(Cf::Meta, &key)?;
             i.ctime = Timestamp::now();
             save_inode(t, ino, &i)
-        })
+        });
+        if name == CAPS {
+            self.no_caps.changed(ino);
+        }
+        r
     }
 
     /// Real figures: what the store occupies plus the free space of the disk under it. As ext4
@@ -338,4 +402,26 @@ fn in_groups(pid: u32, gid: u32) -> bool {
     s.lines()
         .find_map(|l| l.strip_prefix("Groups:"))
         .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NoCaps;
+
+    #[test]
+    fn a_none_found_before_a_change_of_the_attribute_is_not_remembered() {
+        let n = NoCaps::default();
+        let since = n.generation();
+        n.absent(5, since);
+        assert!(n.holds(5));
+        // A lookup began, then a set of the attribute on another file finished: its "none"
+        // is dropped (it may predate a change of this one too).
+        let since = n.generation();
+        n.changed(9);
+        n.absent(6, since);
+        assert!(!n.holds(6));
+        // A set on a remembered file forgets it.
+        n.changed(5);
+        assert!(!n.holds(5));
+    }
 }

@@ -204,6 +204,7 @@ pub struct Fs {
     /// This mount's id: the key of its `p` record and the owner of its open counts and locks.
     mount_id: MountId,
     locks: lock::LockTable,
+    no_caps: attr::NoCaps,
     space: space::SpaceGuard,
     ino_pool: Mutex<(u64, u64)>,
     ns_lock: Mutex<()>,
@@ -253,6 +254,7 @@ impl Fs {
             bs,
             mount_id: MountId::random(),
             locks: lock::LockTable::default(),
+            no_caps: attr::NoCaps::default(),
             space: space::SpaceGuard::new(opts.space_path.clone()),
             file_limit: opts.file_buffer_limit.unwrap_or(8 << 20),
             total_limit: opts.total_buffer_limit.unwrap_or(32 << 20),

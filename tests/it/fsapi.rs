@@ -311,3 +311,29 @@ fn a_close_leaves_a_small_file_to_its_release_but_a_rename_commits_it_first() {
     assert!(fs.read(fh, 0, 4000).unwrap() == pattern(3, 3000));
     fs.release(fh).unwrap();
 }
+
+#[test]
+fn security_capability_set_after_a_none_was_remembered_is_seen() {
+    use kvfs::fs::XattrReply;
+    let (_d, fs) = new_fs();
+    let ino = file(&fs, "bin");
+    let caps = b"security.capability";
+    let none = |fs: &Fs| {
+        matches!(
+            fs.getxattr(ino, caps, 64),
+            Err(kvfs::fs::FsError::Errno(libc::ENODATA))
+        )
+    };
+    // Twice: the second answer comes from what the first remembered.
+    assert!(none(&fs) && none(&fs));
+    let v = [
+        1u8, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    fs.setxattr(ino, caps, &v, 0, ME).unwrap();
+    match fs.getxattr(ino, caps, 64).unwrap() {
+        XattrReply::Data(d) => assert_eq!(d, v),
+        XattrReply::Size(n) => panic!("a size ({n}) where the value was asked for"),
+    }
+    fs.removexattr(ino, caps).unwrap();
+    assert!(none(&fs));
+}
