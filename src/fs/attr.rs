@@ -297,7 +297,7 @@ impl Fs {
         if caps && self.no_caps.holds(ino) {
             return errno(libc::ENODATA);
         }
-        let since = self.no_caps.generation();
+        let since = caps.then(|| self.no_caps.generation());
         let key = ks::xattr_key(ino, name);
         let v = self.look(|t| {
             load_inode(t, ino)?;
@@ -308,7 +308,7 @@ impl Fs {
                     .to_vec()),
             }
         });
-        if caps && matches!(v, Err(FsError::Errno(libc::ENODATA))) {
+        if let (Some(since), Err(FsError::Errno(libc::ENODATA))) = (since, &v) {
             self.no_caps.absent(ino, since);
         }
         sized_reply(v?, size)

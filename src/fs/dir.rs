@@ -325,12 +325,12 @@ impl Fs {
         Ok(())
     }
 
-    /// Commit what is buffered for the files a rename moves, before the rename: a file
-    /// written and closed is committed by its release, which may come after the rename,
-    /// and a crash between the two would leave the new name on a file without its data (the
-    /// save-to-temporary-then-rename pattern; ext4's auto_da_alloc does the same). A commit
-    /// that fails (a full disk) leaves the data buffered and the rename goes on, as renames
-    /// do on a full disk.
+    /// Commit what is buffered for the files a rename moves (not one it replaces: that name
+    /// goes), before the rename: a file written and closed is committed by its release, which
+    /// may come after the rename, and a crash between the two would leave the new name on a
+    /// file without its data (the save-to-temporary-then-rename pattern; ext4's auto_da_alloc
+    /// does the same). A commit that fails (a full disk) leaves the data buffered and the
+    /// rename goes on, as renames do on a full disk.
     fn commit_before_rename(&self, names: &[(Ino, &[u8])]) {
         if self.dirty_total.load(std::sync::atomic::Ordering::Relaxed) == 0 {
             return;
@@ -361,7 +361,11 @@ impl Fs {
         {
             return errno(libc::EINVAL);
         }
-        self.commit_before_rename(&[(parent, name), (newparent, newname)]);
+        let moved: &[(Ino, &[u8])] = match exchange {
+            true => &[(parent, name), (newparent, newname)],
+            false => &[(parent, name)],
+        };
+        self.commit_before_rename(moved);
         let _ns = lock(&self.ns_lock);
         let mut freeing = (0, Freeing::Kept);
         self.txn(|t| {
