@@ -293,7 +293,7 @@ impl Fs {
 
     pub fn getxattr(&self, ino: Ino, name: &[u8], size: u32) -> Result<XattrReply> {
         check_xattr_name(name)?;
-        let caps = name == CAPS && self.caps_remembered();
+        let caps = name == CAPS && self.alone();
         if caps && self.no_caps.holds(ino) {
             return errno(libc::ENODATA);
         }
@@ -312,13 +312,6 @@ impl Fs {
             self.no_caps.absent(ino, since);
         }
         sized_reply(v?, size)
-    }
-
-    /// Whether this mount may remember which files lack `security.capability`: only where
-    /// nothing but this mount changes the store (one process holds it, and it is not a
-    /// followed replica).
-    fn caps_remembered(&self) -> bool {
-        !self.opts.read_only && !self.follows() && self.store.is_exclusive()
     }
 
     pub fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrReply> {

@@ -41,7 +41,13 @@ pub struct FileState {
 
 #[derive(Default)]
 pub(super) struct Inner {
+    /// This mount's handles on the file.
     pub(super) open: u32,
+    /// Of `open`, the handles the mount's open count in the keyspace (`i ino 01 mount`)
+    /// stands for. A mount that alone changes its store keeps its handles in memory and
+    /// writes them there only when the file loses its last name while open
+    /// ([`super::Fs::count_handles`]); elsewhere every handle is counted.
+    pub(super) counted: u32,
     /// Logical size, including buffered writes.
     pub(super) size: u64,
     /// Size as last committed.

@@ -11,7 +11,7 @@ use super::acl;
 use super::attr::Attr;
 use super::{
     check_name, corrupt, drop_last_link, errno, load_dir, load_inode, lock, nlink_down, nlink_up,
-    save_inode, Caller, Freeing, Fs, FsError, Result,
+    save_inode, Caller, FileState, Freeing, Fs, FsError, Result,
 };
 use crate::keyspace::records::{encode_xattr, Dirent, Inode, Kind};
 use crate::keyspace::{self as ks, Ino, ROOT_INO};
@@ -124,7 +124,7 @@ impl Fs {
         node: &NewNode,
         who: Caller,
     ) -> Result<Attr> {
-        let (ino, inode) = self.make_node(parent, name, node, who, false)?;
+        let (ino, inode) = self.make_node(parent, name, node, who, None)?;
         Ok(Attr::new(ino, &inode, self.bs))
     }
 
@@ -136,8 +136,12 @@ impl Fs {
         node: &NewNode,
         who: Caller,
     ) -> Result<(Attr, u64)> {
-        let (ino, inode) = self.make_node(parent, name, node, who, true)?;
-        let fh = self.attach(ino, inode.size, true);
+        let mut fh = None;
+        let (ino, inode) = self.make_node(parent, name, node, who, Some(&mut fh))?;
+        let fh = fh.expect("make_node registers the handle it was asked for");
+        if self.keep_writing(ino, true) {
+            lock(&self.handles).writers.insert(fh);
+        }
         Ok((Attr::new(ino, &inode, self.bs), fh))
     }
 
@@ -147,13 +151,18 @@ impl Fs {
         name: &[u8],
         node: &NewNode,
         who: Caller,
-        open: bool,
+        open: Option<&mut Option<u64>>,
     ) -> Result<(Ino, Inode)> {
         self.writable()?;
         check_name(name)?;
         self.space.check(0)?;
         let ino = self.alloc_ino()?;
-        let inode = self.txn(|t| {
+        // Opened (create(2)): a mount that alone changes its store registers the handle in
+        // memory before the inode exists, so an unlink of the new name finds it open here;
+        // elsewhere the transaction counts it in the keyspace.
+        let lazy = open.is_some() && self.alone();
+        let early = lazy.then(|| self.register(ino, 0, false));
+        let made = self.txn(|t| {
             let mut dir = load_dir(t, parent)?;
             if get_dirent(t, parent, name)?.is_some() {
                 return errno(libc::EEXIST);
@@ -229,11 +238,23 @@ impl Fs {
             dir.mtime = now;
             dir.ctime = now;
             save_inode(t, parent, &dir)?;
-            if open {
+            if open.is_some() && !lazy {
                 self.count_open(t, ino)?;
             }
             Ok(inode)
-        })?;
+        });
+        let inode = match made {
+            Ok(inode) => inode,
+            Err(e) => {
+                if let Some(fh) = early {
+                    self.unregister(fh);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(slot) = open {
+            *slot = Some(early.unwrap_or_else(|| self.register(ino, inode.size, true)));
+        }
         Ok((ino, inode))
     }
 
@@ -289,8 +310,10 @@ impl Fs {
         check_name(name)?;
         let _ns = lock(&self.ns_lock);
         let mut freeing = (0, Freeing::Kept);
+        let mut counted = None;
         self.txn(|t| {
             freeing = (0, Freeing::Kept);
+            counted = None;
             let mut dir = load_dir(t, parent)?;
             let ent = get_dirent(t, parent, name)?.ok_or(FsError::Errno(libc::ENOENT))?;
             let mut child = load_inode(t, ent.ino)?;
@@ -313,7 +336,10 @@ impl Fs {
             t.delete(Cf::Meta, &ks::dirent_key(parent, name))?;
             child.ctime = now;
             if child.nlink == 0 {
-                freeing = (ent.ino, drop_last_link(t, ent.ino, &child)?);
+                freeing = (
+                    ent.ino,
+                    self.drop_last_name(t, ent.ino, &child, &mut counted)?,
+                );
             } else {
                 save_inode(t, ent.ino, &child)?;
             }
@@ -321,8 +347,23 @@ impl Fs {
             dir.ctime = now;
             save_inode(t, parent, &dir)
         })?;
+        Fs::counted_handles(counted);
         self.finish_freeing(freeing.0, freeing.1);
         Ok(())
+    }
+
+    /// [`drop_last_link`] in this mount: the handles it keeps on `ino` in memory are written to
+    /// the keyspace's open count first ([`Fs::count_handles`]; `counted` holds them for
+    /// [`Fs::counted_handles`] after the commit).
+    fn drop_last_name(
+        &self,
+        t: &mut dyn Txn,
+        ino: Ino,
+        inode: &Inode,
+        counted: &mut Option<(Arc<FileState>, u32)>,
+    ) -> Result<Freeing> {
+        *counted = self.count_handles(t, ino)?;
+        drop_last_link(t, ino, inode)
     }
 
     /// Commit what is buffered for the files a rename moves (not one it replaces: that name
@@ -368,8 +409,10 @@ impl Fs {
         self.commit_before_rename(moved);
         let _ns = lock(&self.ns_lock);
         let mut freeing = (0, Freeing::Kept);
+        let mut counted = None;
         self.txn(|t| {
             freeing = (0, Freeing::Kept);
+            counted = None;
             let mut touched = Touched::default();
             let now = Timestamp::now();
             load_dir(t, parent)?;
@@ -431,7 +474,7 @@ impl Fs {
                             v.nlink = 0;
                             v.ctime = now;
                             // Freed now, or when its last open handle closes.
-                            freeing = (d.ino, drop_last_link(t, d.ino, &v)?);
+                            freeing = (d.ino, self.drop_last_name(t, d.ino, &v, &mut counted)?);
                             nlink_down(newparent, touched.get(t, newparent)?)?;
                         }
                         (false, false) => {
@@ -439,7 +482,7 @@ impl Fs {
                             nlink_down(d.ino, &mut v)?;
                             v.ctime = now;
                             if v.nlink == 0 {
-                                freeing = (d.ino, drop_last_link(t, d.ino, &v)?);
+                                freeing = (d.ino, self.drop_last_name(t, d.ino, &v, &mut counted)?);
                             } else {
                                 save_inode(t, d.ino, &v)?;
                             }
@@ -466,6 +509,7 @@ impl Fs {
             }
             touched.save(t)
         })?;
+        Fs::counted_handles(counted);
         self.finish_freeing(freeing.0, freeing.1);
         Ok(())
     }

@@ -15,7 +15,7 @@ use super::{
     FsError, Result,
 };
 use crate::blocks::{self, BlockError};
-use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Kind};
+use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Inode, Kind};
 use crate::keyspace::{self as ks, Ino};
 use crate::kv::{Cf, Txn};
 use crate::util::Timestamp;
@@ -33,25 +33,50 @@ const SEQ_SLACK: u64 = 1 << 20;
 const TRUNCATE_TRIES: u32 = 16;
 
 impl Fs {
-    /// Open `ino`; returns the handle number. A writable mount counts the handle in the
-    /// keyspace (`i ino \x01 mount-id`), so an unlink from anywhere keeps the inode alive.
+    /// Open `ino`; returns the handle number. The inode must outlive its names while open
+    /// here: a mount that alone changes its store keeps the handle in memory (an unlink of
+    /// the last name writes the mount's handles to the keyspace then, see
+    /// [`Fs::count_handles`]); elsewhere the handle is counted in the keyspace at once
+    /// (`i ino 01 mount-id`), so that an unlink from any mount keeps the inode alive.
     pub fn open(&self, ino: Ino, write: bool) -> Result<u64> {
         if write {
             self.writable()?;
         }
-        let inode = self.txn(|t| {
+        let check = |t: &mut dyn Txn| {
             let inode = load_inode(t, ino)?;
             if inode.kind == Kind::Dir && write {
                 return errno(libc::EISDIR);
             }
-            self.count_open(t, ino)?;
             Ok(inode)
-        })?;
+        };
+        let fh = if self.alone() {
+            // Under `ns_lock`, which an unlink holds from its "open here?" to its commit: the
+            // inode seen here is not freed before the handle is registered.
+            let _ns = lock(&self.ns_lock);
+            let inode = self.look(check)?;
+            self.prefetch_dir_ahead(ino, &inode, write);
+            self.register(ino, inode.size, false)
+        } else {
+            let inode = self.txn(|t| {
+                let inode = check(t)?;
+                self.count_open(t, ino)?;
+                Ok(inode)
+            })?;
+            self.prefetch_dir_ahead(ino, &inode, write);
+            self.register(ino, inode.size, true)
+        };
+        if self.keep_writing(ino, write) {
+            lock(&self.handles).writers.insert(fh);
+        }
+        Ok(fh)
+    }
+
+    /// A file opened for reading: the directory's next files may be read next.
+    fn prefetch_dir_ahead(&self, ino: Ino, inode: &Inode, write: bool) {
         if !write && inode.kind == Kind::File {
             self.dir_ahead
                 .opened(ino, &self.store, || self.prefetch.handle(), self.bs);
         }
-        Ok(self.attach(ino, inode.size, write))
     }
 
     /// One more handle of this mount on `ino` in the keyspace (not on read-only mounts).
@@ -70,42 +95,99 @@ impl Fs {
         Ok(t.put(Cf::Meta, &key, &encode_counter(n + 1))?)
     }
 
-    /// A new handle on `ino` (of committed size `size`), sharing the inode's buffer. With a
-    /// cache size, the blocks of a file open for writing are kept resident (see
-    /// [`crate::tier::Writing`]).
-    pub(crate) fn attach(&self, ino: Ino, size: u64, write: bool) -> u64 {
-        let tiered = self
-            .tier()
-            .filter(|t| write && lock(&t.settings).cache_size.is_some());
-        if let Some(t) = tiered {
-            t.writing.opened(ino, || {
-                let (a, b) = ks::fmap_range(ino, 0, u64::MAX);
-                let mut blocks = Vec::new();
-                // Best effort: a map that cannot be read leaves the file's blocks evictable.
-                let _ = self.store.for_each(Cf::Fmap, &a, &b, |_, v| {
-                    blocks.extend(FmapEntry::decode(v).ok().map(|e| (e.hash, e.len)));
-                    true
-                });
-                blocks
-            });
+    /// Before `ino` loses its last name (in that transaction, with `ns_lock` held): write the
+    /// handles this mount keeps on it in memory to its open count in the keyspace, so that the
+    /// inode outlives its names until the last close here, and a crash leaves it to the
+    /// sweeper. Returns what to record as counted once the transaction has committed
+    /// ([`Fs::counted_handles`]).
+    pub(crate) fn count_handles(
+        &self,
+        t: &mut dyn Txn,
+        ino: Ino,
+    ) -> Result<Option<(Arc<FileState>, u32)>> {
+        let Some(st) = lock(&self.files).get(&ino).cloned() else {
+            return Ok(None);
+        };
+        let n = {
+            let s = lock(&st.inner);
+            if s.open <= s.counted {
+                return Ok(None);
+            }
+            s.open
+        };
+        t.put(
+            Cf::Meta,
+            &ks::open_key(ino, self.mount_id),
+            &encode_counter(n as u64),
+        )?;
+        t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+        Ok(Some((st, n)))
+    }
+
+    /// After the commit of a transaction that wrote [`Fs::count_handles`]'s count.
+    pub(crate) fn counted_handles(counted: Option<(Arc<FileState>, u32)>) {
+        if let Some((st, n)) = counted {
+            let mut s = lock(&st.inner);
+            s.counted = s.counted.max(n.min(s.open));
         }
+    }
+
+    /// With a cache size, the blocks of a file open for writing are kept resident (see
+    /// [`crate::tier::Writing`]); returns whether this open is such a writer.
+    pub(crate) fn keep_writing(&self, ino: Ino, write: bool) -> bool {
+        let Some(t) = self
+            .tier()
+            .filter(|t| write && lock(&t.settings).cache_size.is_some())
+        else {
+            return false;
+        };
+        t.writing.opened(ino, || {
+            let (a, b) = ks::fmap_range(ino, 0, u64::MAX);
+            let mut blocks = Vec::new();
+            // Best effort: a map that cannot be read leaves the file's blocks evictable.
+            let _ = self.store.for_each(Cf::Fmap, &a, &b, |_, v| {
+                blocks.extend(FmapEntry::decode(v).ok().map(|e| (e.hash, e.len)));
+                true
+            });
+            blocks
+        });
+        true
+    }
+
+    /// A new handle on `ino` (of committed size `size`), sharing the inode's buffer;
+    /// `counted` if the keyspace's open count includes it.
+    pub(crate) fn register(&self, ino: Ino, size: u64, counted: bool) -> u64 {
         let state = {
             let mut files = lock(&self.files);
             let st = files
                 .entry(ino)
                 .or_insert_with(|| Arc::new(FileState::new(ino, size)))
                 .clone();
-            lock(&st.inner).open += 1;
+            let mut s = lock(&st.inner);
+            s.open += 1;
+            s.counted += counted as u32;
+            drop(s);
             st
         };
         let mut h = lock(&self.handles);
         let fh = h.next;
         h.next += 1;
         h.files.insert(fh, state);
-        if tiered.is_some() {
-            h.writers.insert(fh);
-        }
         fh
+    }
+
+    /// Drop a handle nothing used: its file was not created after all.
+    pub(crate) fn unregister(&self, fh: u64) {
+        let Some(st) = lock(&self.handles).files.remove(&fh) else {
+            return;
+        };
+        let mut files = lock(&self.files);
+        let mut s = lock(&st.inner);
+        s.open -= 1;
+        if s.open == 0 && s.dirty_since.is_none() {
+            drop(s);
+            files.remove(&st.ino);
+        }
     }
 
     pub(super) fn handle_state(&self, fh: u64) -> Result<Arc<FileState>> {
@@ -291,12 +373,22 @@ impl Fs {
         let ino = st.ino;
         let unlocked = self.unlock_handle(ino, fh);
         let _ns = lock(&self.ns_lock);
-        let flushed = {
+        let (flushed, uncount) = {
             let (mut s, r) = self.flush_locked(&st, lock(&st.inner));
             s.open -= 1;
-            r
+            // Counted handles go last: the keyspace's count never falls below what this mount
+            // must keep alive.
+            let uncount = s.counted > s.open;
+            if uncount {
+                s.counted -= 1;
+            }
+            (r, uncount)
         };
-        let uncounted = self.uncount_open(ino);
+        let uncounted = if uncount {
+            self.uncount_open(ino)
+        } else {
+            Ok(())
+        };
         let mut files = lock(&self.files);
         let last = {
             let s = lock(&st.inner);

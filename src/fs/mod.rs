@@ -9,7 +9,8 @@
 //! with a file's mutex held or inside a transaction (see [`file`]).
 //!
 //! Locks, in the order they may be taken: `ns_lock` (operations that can drop a link count to
-//! zero, and last release), then `files` (the open-file table), then one file's state.
+//! zero, release, and an open counted in memory only), then `files` (the open-file table), then
+//! one file's state.
 
 mod acl;
 mod attr;
@@ -345,6 +346,13 @@ impl Fs {
         self.opts.follow
     }
 
+    /// Whether nothing but this mount changes the store (one process holds it writable, and
+    /// it is not a followed replica): what the mount remembers of it then stays true until
+    /// the mount itself changes it.
+    pub(crate) fn alone(&self) -> bool {
+        !self.opts.read_only && !self.follows() && self.store.is_exclusive()
+    }
+
     pub fn mount_id(&self) -> MountId {
         self.mount_id
     }
@@ -438,20 +446,27 @@ impl Fs {
         counts.into_iter().collect()
     }
 
-    /// Write this mount's open counts again (after its process entry was reaped by mistake).
+    /// Write this mount's open counts again (after its process entry was reaped by mistake),
+    /// every handle counted (the files' in-memory ones too, so their counts stay exact).
     pub fn restore_open_counts(&self) -> Result<()> {
+        let _ns = lock(&self.ns_lock);
         for (ino, n) in self.open_inodes() {
-            self.txn(|t| {
-                if load_inode_opt(t, ino)?.is_some() {
-                    t.put(
-                        Cf::Meta,
-                        &ks::open_key(ino, self.mount_id),
-                        &encode_counter(n as u64),
-                    )?;
-                    t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+            let written = self.txn(|t| {
+                if load_inode_opt(t, ino)?.is_none() {
+                    return Ok(false);
                 }
-                Ok(())
+                t.put(
+                    Cf::Meta,
+                    &ks::open_key(ino, self.mount_id),
+                    &encode_counter(n as u64),
+                )?;
+                t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+                Ok(true)
             })?;
+            if let Some(st) = lock(&self.files).get(&ino).filter(|_| written) {
+                let mut s = lock(&st.inner);
+                s.counted = s.open;
+            }
         }
         Ok(())
     }

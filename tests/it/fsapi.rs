@@ -337,3 +337,64 @@ fn security_capability_set_after_a_none_was_remembered_is_seen() {
     fs.removexattr(ino, caps).unwrap();
     assert!(none(&fs));
 }
+
+/// This mount's open count of `ino` in the keyspace (0: no key).
+fn open_count(fs: &Fs, ino: u64) -> u64 {
+    let (s, e) = kvfs::keyspace::open_range(ino);
+    let mut n = 0;
+    fs.store()
+        .for_each(kvfs::kv::Cf::Meta, &s, &e, |_, v| {
+            n += kvfs::keyspace::records::decode_counter(v).unwrap();
+            true
+        })
+        .unwrap();
+    n
+}
+
+#[test]
+fn handles_kept_in_memory_reach_the_keyspace_when_their_file_loses_its_last_name() {
+    let (_d, fs) = new_fs();
+    let data = pattern(3, 100_000);
+    let ino = file(&fs, "f");
+    let w = fs.open(ino, true).unwrap();
+    fs.write(w, 0, &data).unwrap();
+    fs.release(w).unwrap();
+    // Opens of a mount that alone holds its store are counted in memory only.
+    let a = fs.open(ino, false).unwrap();
+    let b = fs.open(ino, false).unwrap();
+    assert_eq!(open_count(&fs, ino), 0);
+    fs.unlink(ROOT_INO, b"f").unwrap();
+    assert_eq!(open_count(&fs, ino), 2, "the unlink wrote both handles");
+    assert_eq!(count(&fs, Prefix::Garbage), 1);
+    // A handle opened after the unlink (as through /proc/PID/fd) keeps it alive too.
+    let c = fs.open(ino, false).unwrap();
+    fs.release(a).unwrap();
+    fs.release(b).unwrap();
+    assert_eq!(open_count(&fs, ino), 1);
+    assert_eq!(fs.read(c, 0, 200_000).unwrap(), data);
+    fs.release(c).unwrap();
+    assert_eq!(open_count(&fs, ino), 0);
+    assert_eq!(count(&fs, Prefix::Garbage), 0);
+    assert_eq!(count(&fs, Prefix::Fmap), 0, "freed at the last close");
+
+    // create(2)'s handle, and a rename over its name.
+    let node = NewNode {
+        kind: Kind::File,
+        mode: 0o644,
+        umask: 0,
+        rdev: 0,
+        target: &[],
+    };
+    let (attr, g) = fs.create_open(ROOT_INO, b"g", &node, ME).unwrap();
+    fs.write(g, 0, &data).unwrap();
+    fs.flush(g).unwrap();
+    assert_eq!(open_count(&fs, attr.ino), 0);
+    file(&fs, "h");
+    fs.rename(ROOT_INO, b"h", ROOT_INO, b"g", 0).unwrap();
+    assert_eq!(open_count(&fs, attr.ino), 1);
+    assert_eq!(fs.read(g, 0, 200_000).unwrap(), data);
+    fs.release(g).unwrap();
+    assert_eq!(open_count(&fs, attr.ino), 0);
+    assert_eq!(count(&fs, Prefix::Fmap), 0);
+    assert_eq!(count(&fs, Prefix::Garbage), 0);
+}
