@@ -58,6 +58,9 @@ pub struct LockTable {
     gen: Mutex<u64>,
     /// Lock tables as they were at a version of their pseudo-key.
     known: Mutex<HashMap<Ino, (u64, Table)>>,
+    /// The lock tables of a mount that alone changes its store ([`Fs::alone`]): kept here and
+    /// nowhere else, since locks die with their mount and no other process can take one.
+    mine: Mutex<HashMap<Ino, Vec<Held>>>,
 }
 
 /// An inode's locks, shared between the remembered tables and their readers.
@@ -207,9 +210,29 @@ fn set_owner_locks(
             t.delete(Cf::Meta, &ks::lock_key(ino, mount, owner, h.start))?;
         }
     }
-    // A range that stays as it was keeps the pid that took it (F_GETLK reports that one).
-    let held: Vec<Held> = new
-        .iter()
+    let held = owner_locks(mount, owner, old, new, pid);
+    for h in &held {
+        if !old.iter().any(|o| o.start == h.start && o.rec == h.rec) {
+            t.put(
+                Cf::Meta,
+                &ks::lock_key(ino, mount, owner, h.start),
+                &h.rec.encode()?,
+            )?;
+        }
+    }
+    Ok((bump_lock_version(t, ino)?, held))
+}
+
+/// One owner's locks as `new` ranges, given its `old` ones: a range that stays as it was keeps
+/// the pid that took it (F_GETLK reports that one).
+fn owner_locks(
+    mount: MountId,
+    owner: u64,
+    old: &[Held],
+    new: &[(u64, u64, bool)],
+    pid: u32,
+) -> Vec<Held> {
+    new.iter()
         .map(|&(start, end, write)| {
             let pid = old
                 .iter()
@@ -222,17 +245,28 @@ fn set_owner_locks(
                 rec: LockRecord { end, write, pid },
             }
         })
-        .collect();
-    for h in &held {
-        if !old.iter().any(|o| o.start == h.start && o.rec == h.rec) {
-            t.put(
-                Cf::Meta,
-                &ks::lock_key(ino, mount, owner, h.start),
-                &h.rec.encode()?,
-            )?;
-        }
+        .collect()
+}
+
+/// What `want` makes of `locks` (an inode's table, holding `me`'s locks among others): EAGAIN
+/// when another owner's lock is in the way; `None` when it changes nothing; else `want`'s
+/// owner's locks before and its ranges after.
+type Change = Option<(Vec<Held>, Vec<(u64, u64, bool)>)>;
+fn change(locks: &[Held], me: MountId, want: &LockSpec) -> Result<Change> {
+    if want.kind != LockKind::Unlock && conflict(locks, me, want).is_some() {
+        return errno(libc::EAGAIN);
     }
-    Ok((bump_lock_version(t, ino)?, held))
+    let mine: Vec<Held> = locks
+        .iter()
+        .filter(|h| h.mount == me && h.owner == want.owner)
+        .copied()
+        .collect();
+    let ranges = mine
+        .iter()
+        .map(|h| (h.start, h.rec.end, h.rec.write))
+        .collect();
+    let new = apply(ranges, want.start, want.end, want.kind);
+    Ok((!mine.is_empty() || !new.is_empty()).then_some((mine, new)))
 }
 
 /// Delete the locks on `ino` that `which` picks; how many went.
@@ -297,6 +331,11 @@ fn signal_pending(tid: u32) -> bool {
 impl Fs {
     /// F_GETLK: the first lock that would block `want`.
     pub fn getlk(&self, ino: Ino, want: &LockSpec) -> Result<LockQuery> {
+        if self.alone() {
+            let mine = lock(&self.locks.mine);
+            let locks = mine.get(&ino).map_or(&[][..], |l| &l[..]);
+            return Ok(conflict(locks, self.mount_id, want));
+        }
         self.look(|t| {
             load_inode(t, ino)?;
             let locks = read_locks(t, ino, &self.locks)?;
@@ -309,35 +348,46 @@ impl Fs {
         if want.start > want.end {
             return errno(libc::EINVAL);
         }
-        let changed = self.txn(|t| {
-            load_inode(t, ino)?;
-            let locks = read_locks(t, ino, &self.locks)?;
-            if want.kind != LockKind::Unlock && conflict(&locks, self.mount_id, want).is_some() {
-                return errno(libc::EAGAIN);
+        let is_mine = |h: &&Held| h.mount == self.mount_id && h.owner == want.owner;
+        let holds = if self.alone() {
+            // The kernel asks only for an open file, whose inode lives while it is open.
+            let mut all = lock(&self.locks.mine);
+            let locks = all.entry(ino).or_default();
+            let changed = change(locks, self.mount_id, want);
+            let holds = match changed? {
+                Some((mine, new)) => {
+                    let held = owner_locks(self.mount_id, want.owner, &mine, &new, want.pid);
+                    locks.retain(|h| !is_mine(&h));
+                    locks.extend(held);
+                    !new.is_empty()
+                }
+                None => false,
+            };
+            if locks.is_empty() {
+                all.remove(&ino);
             }
-            let is_mine = |h: &&Held| h.mount == self.mount_id && h.owner == want.owner;
-            let mine: Vec<Held> = locks.iter().filter(is_mine).copied().collect();
-            let ranges = mine
-                .iter()
-                .map(|h| (h.start, h.rec.end, h.rec.write))
-                .collect();
-            let new = apply(ranges, want.start, want.end, want.kind);
-            if mine.is_empty() && new.is_empty() {
-                return Ok(None);
+            holds
+        } else {
+            let changed = self.txn(|t| {
+                load_inode(t, ino)?;
+                let locks = read_locks(t, ino, &self.locks)?;
+                let Some((mine, new)) = change(&locks, self.mount_id, want)? else {
+                    return Ok(None);
+                };
+                let (version, held) =
+                    set_owner_locks(t, ino, self.mount_id, want.owner, &mine, &new, want.pid)?;
+                let mut table: Vec<Held> = locks.iter().filter(|h| !is_mine(h)).copied().collect();
+                table.extend(held);
+                Ok(Some((version, table, !new.is_empty())))
+            })?;
+            // Committed: the table at its new version is known without a scan.
+            match changed {
+                Some((version, table, holds)) => {
+                    self.locks.remember(ino, version, Arc::new(table));
+                    holds
+                }
+                None => false,
             }
-            let (version, held) =
-                set_owner_locks(t, ino, self.mount_id, want.owner, &mine, &new, want.pid)?;
-            let mut table: Vec<Held> = locks.iter().filter(|h| !is_mine(h)).copied().collect();
-            table.extend(held);
-            Ok(Some((version, table, !new.is_empty())))
-        })?;
-        // Committed: the table at its new version is known without a scan.
-        let holds = match changed {
-            Some((version, table, holds)) => {
-                self.locks.remember(ino, version, Arc::new(table));
-                holds
-            }
-            None => false,
         };
         tracing::debug!(ino, fh, ?want, holds, "lock set");
         if holds {
@@ -379,8 +429,19 @@ impl Fs {
         if !lock(&self.locks.held).contains(&ino) {
             return Ok(());
         }
-        let n =
-            self.txn(|t| remove_locks(t, ino, |h| h.mount == self.mount_id && h.owner == owner))?;
+        let n = if self.alone() {
+            let mut all = lock(&self.locks.mine);
+            let locks = all.entry(ino).or_default();
+            let before = locks.len();
+            locks.retain(|h| h.owner != owner);
+            let n = (before - locks.len()) as u64;
+            if locks.is_empty() {
+                all.remove(&ino);
+            }
+            n
+        } else {
+            self.txn(|t| remove_locks(t, ino, |h| h.mount == self.mount_id && h.owner == owner))?
+        };
         if n > 0 {
             self.locks.notify();
         }
@@ -460,7 +521,7 @@ mod shared_tests {
     /// and every change by the other (or by the sweeper, which writes no version) must show.
     #[test]
     fn a_remembered_lock_table_never_hides_another_mounts_change() {
-        let engine = Arc::new(MemEngine::new());
+        let engine = Arc::new(MemEngine::shared());
         let kv = || KvStore::with_engine(engine.clone());
         let format = crate::store::init(&kv(), &Default::default()).unwrap();
         let a = Fs::new(kv(), format.clone(), FsOptions::default());
@@ -515,5 +576,50 @@ mod shared_tests {
             .unwrap();
         assert!(b.getlk(ino, &spec(2, 0, 0, w)).unwrap().is_none());
         assert!(a.getlk(ino, &spec(2, 0, 0, w)).unwrap().is_none());
+    }
+
+    /// Mounts sharing a store keep locks in the keyspace: a dead one's are dropped by the
+    /// sweep, and the lock is free at once.
+    #[test]
+    fn a_dead_sharing_mounts_locks_go_with_the_sweep() {
+        let engine = Arc::new(MemEngine::shared());
+        let kv = || KvStore::with_engine(engine.clone());
+        let format = crate::store::init(&kv(), &Default::default()).unwrap();
+        let a = Fs::new(kv(), format.clone(), FsOptions::default());
+        let node = NewNode {
+            kind: Kind::File,
+            mode: 0o644,
+            umask: 0,
+            rdev: 0,
+            target: b"",
+        };
+        let who = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        crate::gc::register(a.store(), a.mount_id()).unwrap();
+        let (attr, fa) = a.create_open(ROOT_INO, b"db", &node, who).unwrap();
+        a.setlk(attr.ino, fa, &spec(1, 0, 9, LockKind::Write), None)
+            .unwrap();
+        drop(a); // dies holding it (no clean exit), its heartbeat stops
+        let b = Fs::new(kv(), format, FsOptions::default());
+        let fb = b.open(attr.ino, true).unwrap();
+        let want = spec(2, 0, 0, LockKind::Write);
+        assert!(matches!(
+            b.setlk(attr.ino, fb, &want, None),
+            Err(FsError::Errno(libc::EAGAIN))
+        ));
+        crate::gc::register(b.store(), b.mount_id()).unwrap();
+        // Heartbeats count in whole seconds: a's is a second old after this.
+        std::thread::sleep(Duration::from_millis(1100));
+        let o = crate::gc::SweepOptions {
+            own: Some(b.mount_id()),
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let r = crate::gc::sweep(b.store(), &o).unwrap();
+        assert_eq!((r.dead_mounts, r.locks), (1, 1), "{r:?}");
+        b.setlk(attr.ino, fb, &want, None).unwrap();
     }
 }

@@ -147,11 +147,22 @@ impl Faults {
 pub struct MemEngine {
     state: Mutex<State>,
     faults: Mutex<Faults>,
+    /// Several mounts change it at once (tests of what mounts sharing a store see).
+    shared: bool,
 }
 
 impl MemEngine {
     pub fn new() -> Arc<MemEngine> {
         Arc::new(MemEngine::default())
+    }
+
+    /// An engine that does not claim one user ([`Engine::is_exclusive`] is false): for tests
+    /// that put several mounts on one store, as a shared engine (FoundationDB) would.
+    pub fn shared() -> Arc<MemEngine> {
+        Arc::new(MemEngine {
+            shared: true,
+            ..MemEngine::default()
+        })
     }
 
     pub fn set_faults(&self, f: Faults) {
@@ -262,7 +273,7 @@ impl Engine for Arc<MemEngine> {
     }
 
     fn is_exclusive(&self) -> bool {
-        true
+        !self.shared
     }
 
     fn is_read_only(&self) -> bool {
