@@ -15,7 +15,7 @@ use super::{
     FsError, Result,
 };
 use crate::blocks::{self, BlockError};
-use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Inode, Kind};
+use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Kind};
 use crate::keyspace::{self as ks, Ino};
 use crate::kv::{Cf, Txn};
 use crate::util::Timestamp;
@@ -49,34 +49,31 @@ impl Fs {
             }
             Ok(inode)
         };
-        let fh = if self.alone() {
+        let (inode, fh) = if self.alone() {
             // Under `ns_lock`, which an unlink holds from its "open here?" to its commit: the
             // inode seen here is not freed before the handle is registered.
             let _ns = lock(&self.ns_lock);
             let inode = self.look(check)?;
-            self.prefetch_dir_ahead(ino, &inode, write);
-            self.register(ino, inode.size, false)
+            let fh = self.register(ino, inode.size, false);
+            (inode, fh)
         } else {
             let inode = self.txn(|t| {
                 let inode = check(t)?;
                 self.count_open(t, ino)?;
                 Ok(inode)
             })?;
-            self.prefetch_dir_ahead(ino, &inode, write);
-            self.register(ino, inode.size, true)
+            let fh = self.register(ino, inode.size, true);
+            (inode, fh)
         };
+        if !write && inode.kind == Kind::File {
+            // A file opened for reading: the directory's next files may be read next.
+            self.dir_ahead
+                .opened(ino, &self.store, || self.prefetch.handle(), self.bs);
+        }
         if self.keep_writing(ino, write) {
             lock(&self.handles).writers.insert(fh);
         }
         Ok(fh)
-    }
-
-    /// A file opened for reading: the directory's next files may be read next.
-    fn prefetch_dir_ahead(&self, ino: Ino, inode: &Inode, write: bool) {
-        if !write && inode.kind == Kind::File {
-            self.dir_ahead
-                .opened(ino, &self.store, || self.prefetch.handle(), self.bs);
-        }
     }
 
     /// One more handle of this mount on `ino` in the keyspace (not on read-only mounts).
