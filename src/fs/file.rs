@@ -112,13 +112,18 @@ impl Fs {
             }
             s.open
         };
+        self.write_open_count(t, ino, n)?;
+        Ok(Some((st, n)))
+    }
+
+    /// Set this mount's open count of `ino` in the keyspace to `n` handles.
+    pub(crate) fn write_open_count(&self, t: &mut dyn Txn, ino: Ino, n: u32) -> Result<()> {
         t.put(
             Cf::Meta,
             &ks::open_key(ino, self.mount_id),
             &encode_counter(n as u64),
         )?;
-        t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
-        Ok(Some((st, n)))
+        Ok(t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?)
     }
 
     /// After the commit of a transaction that wrote [`Fs::count_handles`]'s count.

@@ -517,20 +517,16 @@ mod shared_tests {
         }
     }
 
-    /// Two mounts of one store: each remembers the lock table at the version it last saw,
-    /// and every change by the other (or by the sweeper, which writes no version) must show.
-    #[test]
-    fn a_remembered_lock_table_never_hides_another_mounts_change() {
+    /// A store several mounts may share, and how to open it again.
+    fn shared_store() -> (impl Fn() -> KvStore, crate::keyspace::records::FormatRecord) {
         let engine = Arc::new(MemEngine::shared());
-        let kv = || KvStore::with_engine(engine.clone());
+        let kv = move || KvStore::with_engine(engine.clone());
         let format = crate::store::init(&kv(), &Default::default()).unwrap();
-        let a = Fs::new(kv(), format.clone(), FsOptions::default());
-        let b = Fs::new(kv(), format, FsOptions::default());
-        let who = Caller {
-            uid: 0,
-            gid: 0,
-            pid: 1,
-        };
+        (kv, format)
+    }
+
+    /// Create and open `/db` on `fs`.
+    fn create_db(fs: &Fs) -> (crate::fs::Attr, u64) {
         let node = NewNode {
             kind: Kind::File,
             mode: 0o644,
@@ -538,7 +534,22 @@ mod shared_tests {
             rdev: 0,
             target: b"",
         };
-        let (attr, fa) = a.create_open(ROOT_INO, b"db", &node, who).unwrap();
+        let who = Caller {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        fs.create_open(ROOT_INO, b"db", &node, who).unwrap()
+    }
+
+    /// Two mounts of one store: each remembers the lock table at the version it last saw,
+    /// and every change by the other (or by the sweeper, which writes no version) must show.
+    #[test]
+    fn a_remembered_lock_table_never_hides_another_mounts_change() {
+        let (kv, format) = shared_store();
+        let a = Fs::new(kv(), format.clone(), FsOptions::default());
+        let b = Fs::new(kv(), format, FsOptions::default());
+        let (attr, fa) = create_db(&a);
         let ino = attr.ino;
         let fb = b.open(ino, true).unwrap();
         let (w, r, u) = (LockKind::Write, LockKind::Read, LockKind::Unlock);
@@ -582,24 +593,10 @@ mod shared_tests {
     /// sweep, and the lock is free at once.
     #[test]
     fn a_dead_sharing_mounts_locks_go_with_the_sweep() {
-        let engine = Arc::new(MemEngine::shared());
-        let kv = || KvStore::with_engine(engine.clone());
-        let format = crate::store::init(&kv(), &Default::default()).unwrap();
+        let (kv, format) = shared_store();
         let a = Fs::new(kv(), format.clone(), FsOptions::default());
-        let node = NewNode {
-            kind: Kind::File,
-            mode: 0o644,
-            umask: 0,
-            rdev: 0,
-            target: b"",
-        };
-        let who = Caller {
-            uid: 0,
-            gid: 0,
-            pid: 1,
-        };
         crate::gc::register(a.store(), a.mount_id()).unwrap();
-        let (attr, fa) = a.create_open(ROOT_INO, b"db", &node, who).unwrap();
+        let (attr, fa) = create_db(&a);
         a.setlk(attr.ino, fa, &spec(1, 0, 9, LockKind::Write), None)
             .unwrap();
         drop(a); // dies holding it (no clean exit), its heartbeat stops

@@ -455,12 +455,7 @@ impl Fs {
                 if load_inode_opt(t, ino)?.is_none() {
                     return Ok(false);
                 }
-                t.put(
-                    Cf::Meta,
-                    &ks::open_key(ino, self.mount_id),
-                    &encode_counter(n as u64),
-                )?;
-                t.put(Cf::Meta, &ks::open_pseudo_key(ino), &[1])?;
+                self.write_open_count(t, ino, n)?;
                 Ok(true)
             })?;
             if let Some(st) = lock(&self.files).get(&ino).filter(|_| written) {

@@ -22,15 +22,16 @@ const ME: Caller = Caller {
     pid: 1,
 };
 
+const FILE: NewNode = NewNode {
+    kind: Kind::File,
+    mode: 0o644,
+    umask: 0,
+    rdev: 0,
+    target: &[],
+};
+
 fn file(fs: &Fs, name: &str) -> u64 {
-    let node = NewNode {
-        kind: Kind::File,
-        mode: 0o644,
-        umask: 0,
-        rdev: 0,
-        target: &[],
-    };
-    fs.create_node(ROOT_INO, name.as_bytes(), &node, ME)
+    fs.create_node(ROOT_INO, name.as_bytes(), &FILE, ME)
         .unwrap()
         .ino
 }
@@ -378,14 +379,7 @@ fn handles_kept_in_memory_reach_the_keyspace_when_their_file_loses_its_last_name
     assert_eq!(count(&fs, Prefix::Fmap), 0, "freed at the last close");
 
     // create(2)'s handle, and a rename over its name.
-    let node = NewNode {
-        kind: Kind::File,
-        mode: 0o644,
-        umask: 0,
-        rdev: 0,
-        target: &[],
-    };
-    let (attr, g) = fs.create_open(ROOT_INO, b"g", &node, ME).unwrap();
+    let (attr, g) = fs.create_open(ROOT_INO, b"g", &FILE, ME).unwrap();
     fs.write(g, 0, &data).unwrap();
     fs.flush(g).unwrap();
     assert_eq!(open_count(&fs, attr.ino), 0);
