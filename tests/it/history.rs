@@ -436,8 +436,13 @@ fn log_tells_when_a_file_changed() {
         return;
     };
     std::fs::create_dir(m.path("dir")).unwrap();
-    // Created empty, then its first write (a create and a flush: two moments).
-    std::fs::write(m.path("dir/f"), b"one").unwrap();
+    // Created empty, then its first write (a create and a flush: two moments). Synced: a
+    // close leaves a small file's commit to the kernel's release, which comes after close(2)
+    // returns and may find the next open's write buffered too (one moment for both).
+    let mut f = std::fs::File::create(m.path("dir/f")).unwrap();
+    f.write_all(b"one").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(m.path("dir/f"))
