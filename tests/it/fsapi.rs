@@ -392,3 +392,53 @@ fn handles_kept_in_memory_reach_the_keyspace_when_their_file_loses_its_last_name
     assert_eq!(count(&fs, Prefix::Fmap), 0);
     assert_eq!(count(&fs, Prefix::Garbage), 0);
 }
+
+#[test]
+fn opens_racing_the_unlink_of_the_last_name_read_their_file_or_find_it_gone() {
+    // Readers open, read and close a file in a loop while it loses its last name: an open
+    // either finds the file gone (ENOENT) or gets a handle whose reads see all of it until its
+    // close, and the last close frees it.
+    for round in 0..20 {
+        let (_d, fs) = new_fs();
+        let data = pattern(round, 150_000);
+        let ino = file(&fs, "f");
+        let w = fs.open(ino, true).unwrap();
+        fs.write(w, 0, &data).unwrap();
+        fs.release(w).unwrap();
+        let fs = Arc::new(fs);
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (fs, data) = (fs.clone(), data.clone());
+                std::thread::spawn(move || {
+                    let mut opened = 0;
+                    loop {
+                        // As the kernel does: the name to an inode number, then the open,
+                        // which an unlink may come between.
+                        match fs.lookup(ROOT_INO, b"f") {
+                            Ok(a) => assert_eq!(a.ino, ino),
+                            Err(kvfs::fs::FsError::Errno(libc::ENOENT)) => return opened,
+                            Err(e) => panic!("lookup: {e}"),
+                        }
+                        let fh = match fs.open(ino, false) {
+                            Ok(fh) => fh,
+                            Err(kvfs::fs::FsError::Errno(libc::ENOENT)) => return opened,
+                            Err(e) => panic!("open: {e}"),
+                        };
+                        opened += 1;
+                        std::thread::yield_now();
+                        assert_eq!(fs.read(fh, 0, 200_000).unwrap(), data, "round {round}");
+                        fs.release(fh).unwrap();
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        fs.unlink(ROOT_INO, b"f").unwrap();
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert_eq!(open_count(&fs, ino), 0, "round {round}");
+        assert_eq!(count(&fs, Prefix::Garbage), 0, "round {round}");
+        assert_eq!(count(&fs, Prefix::Fmap), 0, "round {round}: not freed");
+    }
+}
