@@ -248,10 +248,12 @@ fn owner_locks(
         .collect()
 }
 
+/// A lock request's effect on its owner: the owner's locks before and its ranges after.
+type Change = Option<(Vec<Held>, Vec<(u64, u64, bool)>)>;
+
 /// What `want` makes of `locks` (an inode's table, holding `me`'s locks among others): EAGAIN
 /// when another owner's lock is in the way; `None` when it changes nothing; else `want`'s
 /// owner's locks before and its ranges after.
-type Change = Option<(Vec<Held>, Vec<(u64, u64, bool)>)>;
 fn change(locks: &[Held], me: MountId, want: &LockSpec) -> Result<Change> {
     if want.kind != LockKind::Unlock && conflict(locks, me, want).is_some() {
         return errno(libc::EAGAIN);
