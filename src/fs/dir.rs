@@ -124,7 +124,7 @@ impl Fs {
         node: &NewNode,
         who: Caller,
     ) -> Result<Attr> {
-        let (ino, inode) = self.make_node(parent, name, node, who, None)?;
+        let (ino, inode, _) = self.make_node(parent, name, node, who, false)?;
         Ok(Attr::new(ino, &inode, self.bs))
     }
 
@@ -136,9 +136,8 @@ impl Fs {
         node: &NewNode,
         who: Caller,
     ) -> Result<(Attr, u64)> {
-        let mut fh = None;
-        let (ino, inode) = self.make_node(parent, name, node, who, Some(&mut fh))?;
-        let fh = fh.expect("make_node registers the handle it was asked for");
+        let (ino, inode, fh) = self.make_node(parent, name, node, who, true)?;
+        let fh = fh.expect("make_node registers the handle it is asked for");
         if self.keep_writing(ino, true) {
             lock(&self.handles).writers.insert(fh);
         }
@@ -151,8 +150,8 @@ impl Fs {
         name: &[u8],
         node: &NewNode,
         who: Caller,
-        open: Option<&mut Option<u64>>,
-    ) -> Result<(Ino, Inode)> {
+        open: bool,
+    ) -> Result<(Ino, Inode, Option<u64>)> {
         self.writable()?;
         check_name(name)?;
         self.space.check(0)?;
@@ -160,7 +159,7 @@ impl Fs {
         // Opened (create(2)): a mount that alone changes its store registers the handle in
         // memory before the inode exists, so an unlink of the new name finds it open here;
         // elsewhere the transaction counts it in the keyspace.
-        let lazy = open.is_some() && self.alone();
+        let lazy = open && self.alone();
         let early = lazy.then(|| self.register(ino, 0, false));
         let made = self.txn(|t| {
             let mut dir = load_dir(t, parent)?;
@@ -238,7 +237,7 @@ impl Fs {
             dir.mtime = now;
             dir.ctime = now;
             save_inode(t, parent, &dir)?;
-            if open.is_some() && !lazy {
+            if open && !lazy {
                 self.count_open(t, ino)?;
             }
             Ok(inode)
@@ -252,10 +251,8 @@ impl Fs {
                 return Err(e);
             }
         };
-        if let Some(slot) = open {
-            *slot = Some(early.unwrap_or_else(|| self.register(ino, inode.size, true)));
-        }
-        Ok((ino, inode))
+        let fh = open.then(|| early.unwrap_or_else(|| self.register(ino, inode.size, true)));
+        Ok((ino, inode, fh))
     }
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {

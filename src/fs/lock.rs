@@ -84,6 +84,17 @@ impl LockTable {
         let _ = self.changed.wait_timeout(g, d);
     }
 
+    /// Run `f` on `ino`'s in-memory lock table (see `mine`); an emptied table goes.
+    fn with_mine<T>(&self, ino: Ino, f: impl FnOnce(&mut Vec<Held>) -> T) -> T {
+        let mut all = lock(&self.mine);
+        let locks = all.entry(ino).or_default();
+        let r = f(locks);
+        if locks.is_empty() {
+            all.remove(&ino);
+        }
+        r
+    }
+
     fn remember(&self, ino: Ino, version: u64, locks: Table) {
         let mut k = lock(&self.known);
         if k.len() >= KNOWN_TABLES && !k.contains_key(&ino) {
@@ -353,22 +364,15 @@ impl Fs {
         let is_mine = |h: &&Held| h.mount == self.mount_id && h.owner == want.owner;
         let holds = if self.alone() {
             // The kernel asks only for an open file, whose inode lives while it is open.
-            let mut all = lock(&self.locks.mine);
-            let locks = all.entry(ino).or_default();
-            let changed = change(locks, self.mount_id, want);
-            let holds = match changed? {
-                Some((mine, new)) => {
-                    let held = owner_locks(self.mount_id, want.owner, &mine, &new, want.pid);
-                    locks.retain(|h| !is_mine(&h));
-                    locks.extend(held);
-                    !new.is_empty()
-                }
-                None => false,
-            };
-            if locks.is_empty() {
-                all.remove(&ino);
-            }
-            holds
+            self.locks.with_mine(ino, |locks| -> Result<bool> {
+                let Some((mine, new)) = change(locks, self.mount_id, want)? else {
+                    return Ok(false);
+                };
+                let held = owner_locks(self.mount_id, want.owner, &mine, &new, want.pid);
+                locks.retain(|h| !is_mine(&h));
+                locks.extend(held);
+                Ok(!new.is_empty())
+            })?
         } else {
             let changed = self.txn(|t| {
                 load_inode(t, ino)?;
@@ -432,15 +436,11 @@ impl Fs {
             return Ok(());
         }
         let n = if self.alone() {
-            let mut all = lock(&self.locks.mine);
-            let locks = all.entry(ino).or_default();
-            let before = locks.len();
-            locks.retain(|h| h.owner != owner);
-            let n = (before - locks.len()) as u64;
-            if locks.is_empty() {
-                all.remove(&ino);
-            }
-            n
+            self.locks.with_mine(ino, |locks| {
+                let before = locks.len();
+                locks.retain(|h| h.owner != owner);
+                (before - locks.len()) as u64
+            })
         } else {
             self.txn(|t| remove_locks(t, ino, |h| h.mount == self.mount_id && h.owner == owner))?
         };
