@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::fs::Fs;
 use crate::gc::{self, SweepOptions};
+use crate::kv::KvStore;
 use crate::replica;
 use crate::store;
 
@@ -45,10 +46,23 @@ pub const NOT_THIS_MOUNT: &str = "not this mount";
 
 /// Answer the tools for the mount of `fs` on `mountpoint`: one request line, a reply, close.
 pub fn serve(fs: &Fs, mountpoint: &Path, listener: UnixListener, stop: &AtomicBool) {
+    serve_with(listener, stop, |line| answer(fs, mountpoint, line))
+}
+
+/// Answer each request on `listener` with `answer` (the reply: `ok` or `error: ...` first),
+/// one at a time, until `stop`.
+pub fn serve_with(listener: UnixListener, stop: &AtomicBool, answer: impl Fn(&str) -> String) {
+    let reply = |conn: UnixStream| -> std::io::Result<()> {
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line)?;
+        (&conn).write_all(answer(&line).as_bytes())
+    };
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((conn, _)) => {
-                if let Err(e) = answer(fs, mountpoint, conn) {
+                if let Err(e) = reply(conn) {
                     tracing::warn!(error = %e, "control request failed");
                 }
             }
@@ -63,13 +77,12 @@ pub fn serve(fs: &Fs, mountpoint: &Path, listener: UnixListener, stop: &AtomicBo
     }
 }
 
-fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
+fn answer(fs: &Fs, mountpoint: &Path, line: &str) -> String {
+    if let Some(reply) = answer_replicas(fs.store(), line) {
+        return reply;
+    }
     let mut words = line.split_whitespace();
-    let reply = match words.next() {
+    match words.next() {
         Some("gc") => {
             let mut o = SweepOptions::by_mount(fs.mount_id(), false);
             for w in words {
@@ -99,19 +112,6 @@ fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
                 None => format!("error: {NOT_THIS_MOUNT}\n"),
             }
         }
-        Some("replica-add") => {
-            let (name, fp) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
-            let url = words.collect::<Vec<_>>().join(" ");
-            let fp = (fp != "-").then(|| fp.to_string());
-            match replica::add(fs.store(), name, &url, fp) {
-                Ok(()) => "ok\n".to_string(),
-                Err(e) => format!("error: {e}\n"),
-            }
-        }
-        Some("replica-remove") => match replica::remove(fs.store(), words.next().unwrap_or("")) {
-            Ok(()) => "ok\n".to_string(),
-            Err(e) => format!("error: {e}\n"),
-        },
         Some("replica-sync") => {
             let secs = words.next().and_then(|w| w.parse().ok()).unwrap_or(600);
             match replica_sync(fs, Duration::from_secs(secs)) {
@@ -172,8 +172,27 @@ fn answer(fs: &Fs, mountpoint: &Path, conn: UnixStream) -> std::io::Result<()> {
             None => "error: pin INODE\n".to_string(),
         },
         _ => format!("error: unknown request {:?}\n", line.trim()),
+    }
+}
+
+/// `replica-add NAME FINGERPRINT|- URL` and `replica-remove NAME` on `store` (a mount's, or
+/// the replica of a `kvfs serve`); `None` for any other request.
+pub fn answer_replicas(store: &KvStore, line: &str) -> Option<String> {
+    let mut words = line.split_whitespace();
+    let r = match words.next()? {
+        "replica-add" => {
+            let (name, fp) = (words.next().unwrap_or(""), words.next().unwrap_or("-"));
+            let url = words.collect::<Vec<_>>().join(" ");
+            let fp = (fp != "-").then(|| fp.to_string());
+            replica::add(store, name, &url, fp)
+        }
+        "replica-remove" => replica::remove(store, words.next().unwrap_or("")),
+        _ => return None,
     };
-    (&conn).write_all(reply.as_bytes())
+    Some(match r {
+        Ok(()) => "ok\n".to_string(),
+        Err(e) => format!("error: {e}\n"),
+    })
 }
 
 /// `mount -o remount,OPTIONS`: the kernel's flags of the mount change (read-only or writable,
