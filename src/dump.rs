@@ -47,7 +47,9 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
     match key.first().copied().and_then(Prefix::from_byte) {
         Some(Prefix::Meta) => match key {
             ks::META_FORMAT => FormatRecord::decode(v).map(|r| format!("{r:?}")).map_err(e),
-            ks::META_NEXT_INO => decode_counter(v).map(|n| n.to_string()).map_err(e),
+            ks::META_NEXT_INO | ks::META_LOGGED => {
+                decode_counter(v).map(|n| n.to_string()).map_err(e)
+            }
             ks::META_LOG_HEAD => LogHead::decode(v).map(|h| format!("{h:?}")).map_err(e),
             ks::META_REPLICA => ReplicaState::decode(v).map(|r| format!("{r:?}")).map_err(e),
             ks::META_UPSTREAM => Upstream::decode(v).map(|u| format!("{u:?}")).map_err(e),

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use clap::Subcommand;
@@ -38,8 +38,9 @@ pub enum ReplicaCmd {
     },
 }
 
-/// TCP connections a server handles at once.
-const MAX_CONNECTIONS: usize = 8;
+/// TCP connections a server handles at once (a primary has one or two; each satellite one
+/// pulling and a few fetching).
+const MAX_CONNECTIONS: usize = 32;
 
 /// `kvfs serve` options.
 #[derive(clap::Args)]
@@ -50,7 +51,8 @@ pub struct ServeArgs {
     /// Speak the protocol on stdin/stdout (what ssh:// and exec: run).
     #[arg(long, conflicts_with = "listen")]
     pub stdio: bool,
-    /// Accept primaries over TCP with mutual TLS on ADDR (e.g. 0.0.0.0:7420).
+    /// Accept primaries over TCP with mutual TLS on ADDR (e.g. 0.0.0.0:7420), and the
+    /// satellites registered on this replica (`kvfs replica add STORE NAME satellite: ...`).
     #[arg(long)]
     pub listen: Option<String>,
     /// A primary's certificate fingerprint to accept (`kvfs fingerprint PRIMARY-STORE`); repeat
@@ -146,7 +148,15 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if a.allow.is_empty() && !a.allow_first && !tls::tls_dir(&a.store).join("allowed").exists() {
         anyhow::bail!("no primary is allowed: give --allow SHA256:... (kvfs fingerprint PRIMARY-STORE) or --allow-first");
     }
-    let cfg = tls::server_config(&a.store, &a.allow, a.allow_first)?;
+    // Satellites registered on the replica are accepted too (the list is refreshed at each
+    // connection), and its log for them is kept while it serves.
+    let also = tls::PeerList::default();
+    let cfg = tls::server_config(&a.store, &a.allow, a.allow_first, Some(also.clone()))?;
+    {
+        static NEVER_STOPS: AtomicBool = AtomicBool::new(false);
+        let server = server.clone();
+        std::thread::spawn(move || replica::relay::tend(&server, &NEVER_STOPS));
+    }
     let listener = TcpListener::bind(&addr)?;
     let id = tls::identity(&a.store)?;
     println!("fingerprint {}", id.fingerprint());
@@ -161,14 +171,15 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        // Connections are handshaken on threads of their own; past a few at once (a primary
-        // has one, maybe two) the rest are dropped before any work.
+        // Connections are handshaken on threads of their own; past a few at once the rest are
+        // dropped before any work.
         if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             tracing::warn!(peer = ?sock.peer_addr().ok(), "too many connections; dropped");
             continue;
         }
         active.fetch_add(1, Ordering::Relaxed);
-        let (server, cfg, active) = (server.clone(), cfg.clone(), active.clone());
+        let (server, cfg, active, also) =
+            (server.clone(), cfg.clone(), active.clone(), also.clone());
         std::thread::spawn(move || {
             struct Leave(Arc<AtomicUsize>);
             impl Drop for Leave {
@@ -183,13 +194,9 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "?".into());
             let _ = sock.set_nodelay(true);
             let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(300)));
-            match tls::accept(cfg, sock) {
-                Ok(mut s) => {
-                    if let Err(e) = server.session(&mut s, &peer) {
-                        tracing::warn!(peer, error = %e, "session ended");
-                    }
-                }
-                Err(e) => tracing::warn!(peer, error = %e, "TLS handshake refused"),
+            match replica::relay::connection(&server, cfg, &also, sock, &peer) {
+                Ok(()) | Err(replica::ReplicaError::Wire(replica::wire::WireError::Closed)) => {}
+                Err(e) => tracing::warn!(peer, error = %e, "connection ended"),
             }
         });
     }
@@ -357,7 +364,8 @@ pub fn fingerprint(dir: &Path) -> anyhow::Result<()> {
 /// `kvfs clone` options.
 #[derive(clap::Args)]
 pub struct CloneArgs {
-    /// The upstream: tcp://HOST:PORT of a primary mounted with -o listen=ADDR.
+    /// The upstream: tcp://HOST:PORT of a primary mounted with -o listen=ADDR, or of a
+    /// replica served with `kvfs serve --listen ADDR`.
     pub url: String,
     /// The satellite store to create.
     pub store: PathBuf,

@@ -215,6 +215,10 @@ pub const META_CONFIG: &[u8] = b"Mconfig";
 pub const META_PINS: &[u8] = b"Mpins";
 /// On a satellite store (format 4.1): the upstream it pulls from (`kvfs clone`).
 pub const META_UPSTREAM: &[u8] = b"Mupstream";
+/// On a replica with satellites (format 5.3): the last group of its primary applied while it
+/// logged what it applied (u64 LE). Below `M replica`'s `applied`, a build that did not log
+/// applied groups since, and its satellites start over from a new base group.
+pub const META_LOGGED: &[u8] = b"Mlogged";
 /// History (format 5): since when it is kept, how far it was trimmed, named snapshots.
 pub const META_HISTORY: &[u8] = b"Mhistory";
 

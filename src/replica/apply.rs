@@ -25,7 +25,7 @@ pub fn state(store: &KvStore) -> Result<Option<ReplicaState>, ReplicaError> {
     store.read(|t| read_state(t))
 }
 
-fn read_state(t: &mut dyn Txn) -> Result<Option<ReplicaState>, ReplicaError> {
+pub(crate) fn read_state(t: &mut dyn Txn) -> Result<Option<ReplicaState>, ReplicaError> {
     match t.get(Cf::Meta, ks::META_REPLICA)? {
         Some(v) => Ok(Some(ReplicaState::decode(&v)?)),
         None => Ok(None),
@@ -385,6 +385,9 @@ pub fn apply_group(
         reason,
     };
     let is_base = matches!(changes.first(), Some(Change::Clear { .. }));
+    // With satellites, what this transaction changes is logged for them (the tracker's
+    // marker); say up to where (`M logged`, see `rebase_satellites_if_unlogged`).
+    let logging = store.tracks_changes();
     let st = store.transact(|t| {
         // A replica keeping history keeps this state as of when its primary took it.
         if let Some(at) = at {
@@ -394,8 +397,10 @@ pub fn apply_group(
         if st.promoted.is_some() {
             return Err(refuse("this replica was promoted to a primary".into()));
         }
-        let fresh = st.applied == 0;
-        if !(fresh && is_base) && (seq != st.applied + 1 || *prev != st.chain) {
+        // A base group gives the whole filesystem: a fresh replica starts with it, and one
+        // its primary made start over (it lost acknowledged groups; or its satellites missed
+        // changes) takes it in place of everything it holds.
+        if !(is_base && seq > st.applied) && (seq != st.applied + 1 || *prev != st.chain) {
             return Err(refuse(format!(
                 "group {seq} does not follow group {} applied here",
                 st.applied
@@ -428,6 +433,9 @@ pub fn apply_group(
                 // The group's map entries added a reference in this transaction.
                 blocks::drop_ref_kept(t, h)?;
             }
+        }
+        if logging {
+            t.put(Cf::Meta, ks::META_LOGGED, &encode_counter(seq))?;
         }
         st.applied = seq;
         st.chain = *chain;
@@ -565,6 +573,38 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(evicted(), 0);
+    }
+
+    #[test]
+    fn satellites_of_a_replica_start_over_when_groups_were_applied_unlogged() {
+        let (_d, r) = replica_store();
+        let g = |ino: u64| vec![put_map(ino, [ino as u8; 32], 100)];
+        apply_group(&r, 1, &[0; 32], &[1; 32], &base(g(5)), true, None).unwrap();
+        let fp = Some(format!("SHA256:{}", "ab".repeat(32)));
+        crate::replica::add(&r, "laptop", crate::replica::SATELLITE_URL, fp).unwrap();
+        assert!(
+            r.tracks_changes(),
+            "a replica with a satellite logs what it applies"
+        );
+        crate::replica::log::round(&r).unwrap();
+        let rec = || crate::replica::ship::record(&r, "laptop").unwrap().unwrap();
+        assert!(rec().base.is_some());
+        let rebase = || crate::replica::rebase_satellites_if_unlogged(&r).unwrap();
+        apply_group(&r, 2, &[1; 32], &[2; 32], &g(6), true, None).unwrap();
+        assert_eq!(rebase(), 0);
+        // A build that kept no log for the satellites applies group 3.
+        r.track_changes(None);
+        apply_group(&r, 3, &[2; 32], &[3; 32], &g(7), true, None).unwrap();
+        assert_eq!(rebase(), 1);
+        assert!(rec().base.is_none());
+        assert_eq!(rebase(), 0);
+
+        // A base group replaces whatever a replica holds; one not past what it applied does not.
+        assert!(apply_group(&r, 3, &[9; 32], &[4; 32], &base(g(8)), true, None).is_err());
+        let st = apply_group(&r, 9, &[9; 32], &[9; 32], &base(g(8)), true, None).unwrap();
+        assert_eq!(st.applied, 9);
+        let maps = |ino| r.get(Cf::Fmap, &ks::fmap_key(ino, 0)).unwrap().is_some();
+        assert!(!maps(5) && !maps(6) && !maps(7) && maps(8));
     }
 
     fn past_hold(h: &Hash, n: Option<i64>) -> Change {

@@ -1,4 +1,5 @@
-//! A primary's listener (`kvfs mount STORE DIR -o listen=ADDR`): satellites connect here, over
+//! A primary's listener (`kvfs mount STORE DIR -o listen=ADDR`; a replica's is `kvfs serve
+//! --listen`, which ends in [`serve_satellite`] too): satellites connect here, over
 //! mutual TLS, to pull groups (`Follow`: the roles turn and this side ships as to a replica,
 //! without blocks) and to fetch the blocks they read (`Hello`, then `Fetch`). Only the
 //! certificates of satellites registered on this store are accepted
@@ -108,33 +109,69 @@ fn connection(
     peer: &str,
     stop: &AtomicBool,
 ) -> Result<(), ReplicaError> {
-    let sats = satellites(store)?;
-    let allowed: Vec<String> = sats
-        .iter()
-        .filter_map(|(_, r)| r.fingerprint.clone())
-        .collect();
+    let allowed = satellite_fingerprints(store)?;
     let _ = sock.set_nodelay(true);
     // Generous: a satellite answers each group after a transaction and a sync.
     let _ = sock.set_read_timeout(Some(Duration::from_secs(120)));
     let _ = sock.set_write_timeout(Some(Duration::from_secs(120)));
     let cancel = Canceller::tcp(&sock);
-    let cfg = tls::server_config(store_dir, &allowed, false)?;
-    let mut stream = tls::accept(cfg, sock)?;
-    let fp = stream
-        .conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| tls::fingerprint(c.as_ref()))
-        .ok_or_else(|| refused(peer, "no client certificate".into()))?;
-    let Some((name, _)) = sats
-        .into_iter()
-        .find(|(_, r)| r.fingerprint.as_deref() == Some(fp.as_str()))
-    else {
+    let cfg = tls::server_config(store_dir, &allowed, false, None)?;
+    let stream = tls::accept(cfg, sock)?;
+    let fp =
+        peer_fingerprint(&stream).ok_or_else(|| refused(peer, "no client certificate".into()))?;
+    let Some(name) = satellite_named(store, &fp)? else {
         return Err(refused(
             peer,
             format!("{fp} is not a satellite of this store"),
         ));
     };
+    serve_satellite(store, format, stream, cancel, &name, peer, stop)
+}
+
+/// The fingerprint of the certificate the peer of `stream` presented.
+pub fn peer_fingerprint(stream: &TlsStream) -> Option<String> {
+    stream
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| tls::fingerprint(c.as_ref()))
+}
+
+/// The name of the satellite registered on `store` with certificate `fp`, if any.
+pub fn satellite_named(store: &KvStore, fp: &str) -> Result<Option<String>, ReplicaError> {
+    Ok(satellites(store)?
+        .into_iter()
+        .find(|(_, r)| {
+            r.fingerprint
+                .as_deref()
+                .is_some_and(|f| f.eq_ignore_ascii_case(fp))
+        })
+        .map(|(name, _)| name))
+}
+
+/// The fingerprints of the satellites registered on `store`.
+pub fn satellite_fingerprints(store: &KvStore) -> Result<Vec<String>, ReplicaError> {
+    Ok(satellites(store)?
+        .into_iter()
+        .filter_map(|(_, r)| r.fingerprint)
+        .collect())
+}
+
+/// A TLS connection accepted by a listener.
+pub type TlsStream = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
+/// Serve satellite `name` on `stream`, a connection it made (TLS done, its certificate
+/// checked): follow (`Follow`: ship it the log) or fetch (`Hello`, then `Fetch`es). A
+/// primary's listener and a replica's (`kvfs serve --listen`) both end here.
+pub fn serve_satellite(
+    store: &KvStore,
+    format: &FormatRecord,
+    mut stream: TlsStream,
+    cancel: Canceller,
+    name: &str,
+    peer: &str,
+    stop: &AtomicBool,
+) -> Result<(), ReplicaError> {
     match wire::recv(&mut stream)? {
         Msg::Follow {
             proto_min,
@@ -153,12 +190,12 @@ fn connection(
                 return Err(refused(peer, reason));
             }
             let conn = Conn::duplex(Box::new(stream), format!("satellite {name}"), cancel);
-            let r = follow(store, format, conn, &name, stop);
+            let r = follow(store, format, conn, name, stop);
             if let Err(e) = &r {
                 if !stop.load(Ordering::Relaxed)
                     && !matches!(e, ReplicaError::Wire(WireError::Closed))
                 {
-                    ship::note_error(store, &name, e);
+                    ship::note_error(store, name, e);
                 }
             }
             r

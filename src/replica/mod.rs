@@ -23,6 +23,7 @@
 pub mod apply;
 pub mod listen;
 pub mod log;
+pub mod relay;
 pub mod satellite;
 pub mod serve;
 pub mod ship;
@@ -37,7 +38,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::keyspace::records::{decode_v1, encode_v1, DecodeError, EncodeError};
+use crate::keyspace::records::{
+    decode_counter, decode_v1, encode_counter, encode_v1, DecodeError, EncodeError,
+};
 use crate::keyspace::{self as ks, inode_sub, Hash, Prefix};
 use crate::kv::{Cf, ChangeTracker, KvError, KvStore};
 use crate::util::Timestamp;
@@ -486,12 +489,17 @@ pub fn add(
     } else {
         transport::Url::parse(url)?;
     }
-    if apply::is_follower_store(store)? {
+    // A replica serves satellites (from its own log of what it applies); a satellite, which
+    // holds only what it fetched, has none.
+    let follower = apply::is_follower_store(store)?;
+    if follower && (url != SATELLITE_URL || upstream(store)?.is_some()) {
         return Err(ReplicaError::Refused {
             peer: name.into(),
-            reason:
-                "this store follows another (a replica or satellite): only a primary has replicas"
-                    .into(),
+            reason: if url == SATELLITE_URL {
+                "this store is a satellite: only a primary or a replica has satellites".into()
+            } else {
+                "this store is a replica: only a primary has replicas (a replica serves satellites: URL satellite:)".into()
+            },
         });
     }
     let key = replica_key(name);
@@ -505,11 +513,20 @@ pub fn add(
         acked_at: None,
         error: None,
     };
+    if follower {
+        // Satellites that missed changes start over first: `M logged` then speaks for them.
+        rebase_satellites_if_unlogged(store)?;
+    }
     let exists = store.transact(|t| {
         if t.get(Cf::Meta, &key)?.is_some() {
-            return Ok::<_, KvError>(true);
+            return Ok::<_, ReplicaError>(true);
         }
         t.put(Cf::Meta, &key, &rec.encode()?)?;
+        if follower {
+            // Logged from here on (the satellite's first group gives it everything before).
+            let applied = apply::read_state(t)?.map_or(0, |s| s.applied);
+            t.put(Cf::Meta, ks::META_LOGGED, &encode_counter(applied))?;
+        }
         Ok(false)
     })?;
     if exists {
@@ -518,6 +535,46 @@ pub fn add(
     track_if_replicated(store)?;
     store.sync()?;
     Ok(())
+}
+
+/// On a replica with satellites: if groups were applied here without being logged (by a
+/// build older than format 5.3, which kept no log on replicas), the satellites missed those
+/// changes, and every one of them starts over from a new base group. Returns how many did.
+pub fn rebase_satellites_if_unlogged(store: &KvStore) -> Result<usize, ReplicaError> {
+    let n = store.transact(|t| {
+        let Some(st) = apply::read_state(t)? else {
+            return Ok::<_, ReplicaError>(0);
+        };
+        let logged = match t.get(Cf::Meta, ks::META_LOGGED)? {
+            Some(v) => decode_counter(&v)?,
+            None => 0,
+        };
+        if st.promoted.is_some() || logged == st.applied {
+            return Ok(0);
+        }
+        let (a, b) = Prefix::Replica.range();
+        let mut n = 0;
+        for (k, v) in t.scan(Cf::Meta, &a, &b, usize::MAX)? {
+            let mut r = ReplicaRecord::decode(&v)?;
+            if r.base.is_some() {
+                r.base = None;
+                r.acked = 0;
+                t.put(Cf::Meta, &k, &r.encode()?)?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            t.put(Cf::Meta, ks::META_LOGGED, &encode_counter(st.applied))?;
+        }
+        Ok(n)
+    })?;
+    if n > 0 {
+        tracing::warn!(
+            satellites = n,
+            "groups were applied here without being logged for the satellites (by an older kvfs): each starts over from a new copy of the whole filesystem"
+        );
+    }
+    Ok(n)
 }
 
 /// Forget replica `name`; the groups only it still needed are trimmed at the next round.

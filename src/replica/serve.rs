@@ -91,6 +91,18 @@ impl Server {
         }
     }
 
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A replica with satellites logs what it applies for them, from its open on.
+    fn log_for_satellites(kv: &KvStore) -> Result<(), ReplicaError> {
+        super::rebase_satellites_if_unlogged(kv)?;
+        super::track_if_replicated(kv)?;
+        Ok(())
+    }
+
     /// The store, opened if it exists (for a server that starts before any primary).
     pub fn opened(&self) -> Result<Option<Arc<Opened>>, ReplicaError> {
         let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -122,6 +134,7 @@ impl Server {
             crate::blocks::ahead::recover_written_ahead(&kv, false)?;
             // Its past is kept from here on if it has a history window.
             self.keep_history(&kv)?;
+            Self::log_for_satellites(&kv)?;
             let codec = Codec::from_format(&format);
             *g = Some(Arc::new(Opened {
                 kv: Arc::new(kv),
@@ -255,7 +268,7 @@ impl Server {
             }
             Msg::Follow { .. } => {
                 return Err(refuse(
-                    "this is a replica's server (kvfs serve): a satellite follows a primary mounted with -o listen=ADDR".into(),
+                    "not a satellite of this store: a satellite follows a primary mounted with -o listen=ADDR, or a replica served with --listen, where it is registered (kvfs replica add STORE NAME satellite: --fingerprint ...)".into(),
                 ))
             }
             Msg::Refused { reason } => return Err(WireError::Refused(reason).into()),
@@ -369,6 +382,14 @@ impl Server {
                         }
                         if let Err(e) = blocks::collect_garbage(&st.kv, 4096) {
                             tracing::warn!(error = %e, "freeing unreferenced blocks failed");
+                        }
+                        // Its satellites' group, before the acknowledgement: what the primary
+                        // was told is here can be pulled from here (`relay::tend` retries a
+                        // failed round).
+                        if st.kv.tracks_changes() {
+                            if let Err(e) = super::log::round(&st.kv) {
+                                tracing::warn!(error = %e, "logging for the satellites failed");
+                            }
                         }
                         wire::send(
                             io,

@@ -222,6 +222,9 @@ impl Session {
                 peer: self.conn.peer.clone(),
                 reason,
             }),
+            // A satellite that was caught up (`kvfs pull`) hangs up whenever it hears so, even
+            // with a group it has not seen on the way: not an error.
+            Msg::Bye if self.follower => Err(WireError::Closed.into()),
             m => Ok(m),
         }
     }
@@ -323,6 +326,11 @@ impl Session {
             return Ok(Some(s));
         }
         if applied == rec.acked && chain == rec.acked_chain {
+            return Ok(Some(s));
+        }
+        if applied < base && rec.acked < base {
+            // Its base group, not yet applied there, replaces whatever it holds (it was made
+            // to start over, or it is a store that followed this filesystem before).
             return Ok(Some(s));
         }
         if applied < rec.acked {

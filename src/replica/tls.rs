@@ -109,6 +109,8 @@ struct Pinned {
     allowed: Mutex<Vec<String>>,
     /// `--allow-first`: take the first certificate shown and remember it here.
     learn: Option<PathBuf>,
+    /// Further peers accepted, kept current by the caller (a replica's satellites).
+    also: Option<PeerList>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -118,6 +120,12 @@ impl Pinned {
         let mut allowed = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
         if allowed.iter().any(|a| a.eq_ignore_ascii_case(&fp)) {
             return Ok(());
+        }
+        if let Some(also) = &self.also {
+            let also = also.lock().unwrap_or_else(|e| e.into_inner());
+            if also.iter().any(|a| a.eq_ignore_ascii_case(&fp)) {
+                return Ok(());
+            }
         }
         if let (Some(path), true) = (&self.learn, allowed.is_empty()) {
             if std::fs::write(path, format!("{fp}\n")).is_ok() {
@@ -207,6 +215,7 @@ pub fn client(
     let pin = Pinned {
         allowed: Mutex::new(vec![fingerprint.to_string()]),
         learn: None,
+        also: None,
         provider: p.clone(),
     };
     let cfg = rustls::ClientConfig::builder_with_provider(p)
@@ -230,11 +239,16 @@ pub fn client(
     Ok(Conn::duplex(Box::new(stream), peer.into(), cancel))
 }
 
-/// The replica's TLS settings: its identity, and the primaries it accepts.
+/// Fingerprints a server accepts besides those it was configured with, changed while it runs.
+pub type PeerList = Arc<Mutex<Vec<String>>>;
+
+/// The replica's TLS settings: its identity, the primaries it accepts, and `also` (its
+/// satellites, which `--allow-first` does not count: it learns only a first primary).
 pub fn server_config(
     store: &Path,
     allow: &[String],
     allow_first: bool,
+    also: Option<PeerList>,
 ) -> Result<Arc<rustls::ServerConfig>, ReplicaError> {
     let id = identity(store)?;
     let learned = tls_dir(store).join("allowed");
@@ -246,6 +260,7 @@ pub fn server_config(
     let v = Pinned {
         allowed: Mutex::new(allowed),
         learn: allow_first.then_some(learned),
+        also,
         provider: p.clone(),
     };
     let cfg = rustls::ServerConfig::builder_with_provider(p)
