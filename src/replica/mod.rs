@@ -563,9 +563,8 @@ pub fn rebase_satellites_if_unlogged(store: &KvStore) -> Result<usize, ReplicaEr
                 n += 1;
             }
         }
-        if n > 0 {
-            t.put(Cf::Meta, ks::META_LOGGED, &encode_counter(st.applied))?;
-        }
+        // From here on what is applied is logged (or no satellite is there to miss it).
+        t.put(Cf::Meta, ks::META_LOGGED, &encode_counter(st.applied))?;
         Ok(n)
     })?;
     if n > 0 {

@@ -81,6 +81,9 @@ impl Server {
     /// A server of a replica store opened already (any engine: the simulation's in-memory
     /// replica), or of a satellite store (`upstream`: a mount pulling into its own store).
     pub fn for_store(kv: Arc<KvStore>, format: FormatRecord, upstream: Option<Upstream>) -> Server {
+        if let Err(e) = Self::log_for_satellites(&kv) {
+            tracing::warn!(error = %e, "not logging for this replica's satellites");
+        }
         let codec = Codec::from_format(&format);
         Server {
             path: PathBuf::new(),

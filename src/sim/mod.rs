@@ -57,6 +57,8 @@ pub struct Stats {
     pub shipments: u64,
     /// The same for the satellite.
     pub satellite_shipments: u64,
+    /// The same for the replica's satellite, from the replica's own log.
+    pub relayed_shipments: u64,
     /// Blocks evicted from the primary (their content then read from the replica).
     pub evicted: u64,
     /// Evicted blocks read back through the simulated remote.
@@ -91,6 +93,8 @@ struct Sim {
     replica: Option<replicate::SimReplica>,
     /// An in-memory satellite, shipped groups without blocks now and then (it lags).
     satellite: Option<replicate::SimReplica>,
+    /// A satellite of the replica, shipped from the replica's own log now and then.
+    relayed: Option<replicate::SimReplica>,
     /// The "mount's" logger (one per mount: its scan positions follow its change tracker).
     logger: crate::replica::log::Logger,
     /// Where evicted blocks come back from (the replica's engine), once there is one.
@@ -138,6 +142,7 @@ impl Sim {
             touched: Default::default(),
             replica: None,
             satellite: None,
+            relayed: None,
             logger: Default::default(),
             remote: None,
             moments: (seed % 2 == 0).then(Vec::new),
@@ -586,6 +591,7 @@ pub fn run(first: u64, seeds: u64, ops: u64, faults: (u32, u32)) -> Stats {
         total.crashes += sim.stats.crashes;
         total.shipments += sim.stats.shipments;
         total.satellite_shipments += sim.stats.satellite_shipments;
+        total.relayed_shipments += sim.stats.relayed_shipments;
         total.evicted += sim.stats.evicted;
         total.fetched += sim.fetched();
         total.moments += sim.stats.moments;

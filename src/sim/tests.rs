@@ -71,6 +71,7 @@ fn random_operations_survive_faults_and_crashes() {
             && s.faults > 0
             && s.shipments >= 10
             && s.satellite_shipments >= 5
+            && s.relayed_shipments >= 3
             && s.moments >= 20
             && s.evicted > 0
             && s.fetched > 0,
@@ -110,6 +111,7 @@ fn long() {
                     t.crashes += s.crashes;
                     t.shipments += s.shipments;
                     t.satellite_shipments += s.satellite_shipments;
+                    t.relayed_shipments += s.relayed_shipments;
                     t.evicted += s.evicted;
                     t.fetched += s.fetched;
                     t.moments += s.moments;
@@ -121,7 +123,7 @@ fn long() {
     let seed = next.load(std::sync::atomic::Ordering::Relaxed);
     let mins = t0.elapsed().as_secs_f64() / 60.0;
     println!(
-        "seeds {first}..{seed}: {} seeds ({:.0}/min on {workers} cores), {} operations, {} faults injected ({} operations failed on one), {} crashes survived, {} shipments compared ({} to the satellite), {} blocks evicted, {} fetched back, {} past moments compared",
+        "seeds {first}..{seed}: {} seeds ({:.0}/min on {workers} cores), {} operations, {} faults injected ({} operations failed on one), {} crashes survived, {} shipments compared ({} to the satellite, {} from the replica to its satellite), {} blocks evicted, {} fetched back, {} past moments compared",
         total.seeds,
         total.seeds as f64 / mins,
         total.ops,
@@ -130,6 +132,7 @@ fn long() {
         total.crashes,
         total.shipments,
         total.satellite_shipments,
+        total.relayed_shipments,
         total.evicted,
         total.fetched,
         total.moments
