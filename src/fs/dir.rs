@@ -539,10 +539,17 @@ impl Fs {
             Kind::Dir => Ok(()),
             _ => errno(libc::ENOTDIR),
         };
-        // Counted open in the keyspace like a file, so that a directory removed while open
-        // (rmdir, rename over it) keeps its inode, nlink 0, until the last close.
+        // Counted open like a file, so that a directory removed while open (rmdir, rename
+        // over it) keeps its inode, nlink 0, until the last close: in memory on a mount that
+        // alone changes its store (the removal writes the count, see `Fs::count_handles`;
+        // `ns_lock` keeps the removal from passing between the check and the count), in the
+        // keyspace elsewhere.
         if self.opts.read_only {
             self.look(is_dir)?;
+        } else if self.alone() {
+            let _ns = lock(&self.ns_lock);
+            self.look(is_dir)?;
+            self.hold(ino, 0, false);
         } else {
             self.txn(|t| {
                 is_dir(t)?;
@@ -622,6 +629,31 @@ impl Fs {
             return errno(libc::EBADF);
         };
         let _ns = lock(&self.ns_lock);
-        self.uncount_open(ino)
+        if !self.alone() {
+            return self.uncount_open(ino);
+        }
+        // Counted handles go last, as for a file's release.
+        let mut files = lock(&self.files);
+        let Some(st) = files.get(&ino).cloned() else {
+            return Ok(());
+        };
+        let uncount = {
+            let mut s = lock(&st.inner);
+            s.open = s.open.saturating_sub(1);
+            let uncount = s.counted > s.open;
+            if uncount {
+                s.counted -= 1;
+            }
+            if s.open == 0 && s.dirty_since.is_none() {
+                files.remove(&ino);
+            }
+            uncount
+        };
+        drop(files);
+        if uncount {
+            self.uncount_open(ino)
+        } else {
+            Ok(())
+        }
     }
 }

@@ -159,23 +159,27 @@ impl Fs {
     /// A new handle on `ino` (of committed size `size`), sharing the inode's buffer;
     /// `counted` if the keyspace's open count includes it.
     pub(crate) fn register(&self, ino: Ino, size: u64, counted: bool) -> u64 {
-        let state = {
-            let mut files = lock(&self.files);
-            let st = files
-                .entry(ino)
-                .or_insert_with(|| Arc::new(FileState::new(ino, size)))
-                .clone();
-            let mut s = lock(&st.inner);
-            s.open += 1;
-            s.counted += counted as u32;
-            drop(s);
-            st
-        };
+        let state = self.hold(ino, size, counted);
         let mut h = lock(&self.handles);
         let fh = h.next;
         h.next += 1;
         h.files.insert(fh, state);
         fh
+    }
+
+    /// One more handle of this mount on `ino` (of committed size `size`; `counted` if the
+    /// keyspace's open count includes it): the state its handles share.
+    pub(crate) fn hold(&self, ino: Ino, size: u64, counted: bool) -> Arc<FileState> {
+        let mut files = lock(&self.files);
+        let st = files
+            .entry(ino)
+            .or_insert_with(|| Arc::new(FileState::new(ino, size)))
+            .clone();
+        let mut s = lock(&st.inner);
+        s.open += 1;
+        s.counted += counted as u32;
+        drop(s);
+        st
     }
 
     /// Drop a handle nothing used: its file was not created after all.

@@ -440,8 +440,11 @@ impl Fs {
             .map(|(i, s)| (*i, s.open_count()))
             .filter(|(_, n)| *n > 0)
             .collect();
-        for (ino, _) in lock(&self.handles).dirs.values() {
-            *counts.entry(*ino).or_default() += 1;
+        // A mount alone with its store holds its directory handles in `files` too.
+        if !self.alone() {
+            for (ino, _) in lock(&self.handles).dirs.values() {
+                *counts.entry(*ino).or_default() += 1;
+            }
         }
         counts.into_iter().collect()
     }
