@@ -58,9 +58,6 @@ pub struct LockTable {
     gen: Mutex<u64>,
     /// Lock tables as they were at a version of their pseudo-key.
     known: Mutex<HashMap<Ino, (u64, Table)>>,
-    /// The lock tables of a mount that alone changes its store ([`Fs::alone`]): kept here and
-    /// nowhere else, since locks die with their mount and no other process can take one.
-    mine: Mutex<HashMap<Ino, Vec<Held>>>,
 }
 
 /// An inode's locks, shared between the remembered tables and their readers.
@@ -82,17 +79,6 @@ impl LockTable {
     fn wait(&self, d: Duration) {
         let g = lock(&self.gen);
         let _ = self.changed.wait_timeout(g, d);
-    }
-
-    /// Run `f` on `ino`'s in-memory lock table (see `mine`); an emptied table goes.
-    fn with_mine<T>(&self, ino: Ino, f: impl FnOnce(&mut Vec<Held>) -> T) -> T {
-        let mut all = lock(&self.mine);
-        let locks = all.entry(ino).or_default();
-        let r = f(locks);
-        if locks.is_empty() {
-            all.remove(&ino);
-        }
-        r
     }
 
     fn remember(&self, ino: Ino, version: u64, locks: Table) {
@@ -344,11 +330,6 @@ fn signal_pending(tid: u32) -> bool {
 impl Fs {
     /// F_GETLK: the first lock that would block `want`.
     pub fn getlk(&self, ino: Ino, want: &LockSpec) -> Result<LockQuery> {
-        if self.alone() {
-            let mine = lock(&self.locks.mine);
-            let locks = mine.get(&ino).map_or(&[][..], |l| &l[..]);
-            return Ok(conflict(locks, self.mount_id, want));
-        }
         self.look(|t| {
             load_inode(t, ino)?;
             let locks = read_locks(t, ino, &self.locks)?;
@@ -362,38 +343,25 @@ impl Fs {
             return errno(libc::EINVAL);
         }
         let is_mine = |h: &&Held| h.mount == self.mount_id && h.owner == want.owner;
-        let holds = if self.alone() {
-            // The kernel asks only for an open file, whose inode lives while it is open.
-            self.locks.with_mine(ino, |locks| -> Result<bool> {
-                let Some((mine, new)) = change(locks, self.mount_id, want)? else {
-                    return Ok(false);
-                };
-                let held = owner_locks(self.mount_id, want.owner, &mine, &new, want.pid);
-                locks.retain(|h| !is_mine(&h));
-                locks.extend(held);
-                Ok(!new.is_empty())
-            })?
-        } else {
-            let changed = self.txn(|t| {
-                load_inode(t, ino)?;
-                let locks = read_locks(t, ino, &self.locks)?;
-                let Some((mine, new)) = change(&locks, self.mount_id, want)? else {
-                    return Ok(None);
-                };
-                let (version, held) =
-                    set_owner_locks(t, ino, self.mount_id, want.owner, &mine, &new, want.pid)?;
-                let mut table: Vec<Held> = locks.iter().filter(|h| !is_mine(h)).copied().collect();
-                table.extend(held);
-                Ok(Some((version, table, !new.is_empty())))
-            })?;
-            // Committed: the table at its new version is known without a scan.
-            match changed {
-                Some((version, table, holds)) => {
-                    self.locks.remember(ino, version, Arc::new(table));
-                    holds
-                }
-                None => false,
+        let changed = self.txn(|t| {
+            load_inode(t, ino)?;
+            let locks = read_locks(t, ino, &self.locks)?;
+            let Some((mine, new)) = change(&locks, self.mount_id, want)? else {
+                return Ok(None);
+            };
+            let (version, held) =
+                set_owner_locks(t, ino, self.mount_id, want.owner, &mine, &new, want.pid)?;
+            let mut table: Vec<Held> = locks.iter().filter(|h| !is_mine(h)).copied().collect();
+            table.extend(held);
+            Ok(Some((version, table, !new.is_empty())))
+        })?;
+        // Committed: the table at its new version is known without a scan.
+        let holds = match changed {
+            Some((version, table, holds)) => {
+                self.locks.remember(ino, version, Arc::new(table));
+                holds
             }
+            None => false,
         };
         tracing::debug!(ino, fh, ?want, holds, "lock set");
         if holds {
@@ -435,15 +403,8 @@ impl Fs {
         if !lock(&self.locks.held).contains(&ino) {
             return Ok(());
         }
-        let n = if self.alone() {
-            self.locks.with_mine(ino, |locks| {
-                let before = locks.len();
-                locks.retain(|h| h.owner != owner);
-                (before - locks.len()) as u64
-            })
-        } else {
-            self.txn(|t| remove_locks(t, ino, |h| h.mount == self.mount_id && h.owner == owner))?
-        };
+        let n =
+            self.txn(|t| remove_locks(t, ino, |h| h.mount == self.mount_id && h.owner == owner))?;
         if n > 0 {
             self.locks.notify();
         }

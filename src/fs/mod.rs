@@ -349,7 +349,7 @@ impl Fs {
     /// Whether nothing but this mount changes the store (one process holds it writable, and
     /// it is not a followed replica): what the mount remembers of it then stays true until
     /// the mount itself changes it.
-    pub(crate) fn alone(&self) -> bool {
+    pub fn alone(&self) -> bool {
         !self.opts.read_only && !self.follows() && self.store.is_exclusive()
     }
 

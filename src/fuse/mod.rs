@@ -199,8 +199,13 @@ impl Filesystem for KvFuse {
         {
             tracing::warn!("kernel lacks FUSE_EXPORT_SUPPORT; file handles give ESTALE");
         }
-        // Record locks go to us (and so into the keyspace), not to the kernel's local table.
-        if config
+        // Record locks: on a mount alone with its store every process that can see them
+        // comes through this kernel mount, so the kernel's own lock table (ext4's code) keeps
+        // them, without a round trip to us per fcntl (SQLite takes six per transaction).
+        // Where others share the store they go to us, and so into the keyspace.
+        if self.fs.alone() {
+            tracing::debug!("record locks kept by the kernel (this mount alone changes its store)");
+        } else if config
             .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)
             .is_err()
         {

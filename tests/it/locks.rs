@@ -337,9 +337,9 @@ fn a_dead_mounts_locks_die_with_it() {
     assert_eq!(h.result(), 0);
     m.crash();
     h.finish();
-    // A mount that alone holds its store keeps its locks in memory: they die with it. (Mounts
-    // sharing a store keep them in the keyspace, where the sweep drops a dead one's; the
-    // unit test `a_dead_sharing_mounts_locks_go_with_the_sweep` has that case.)
+    // A mount that alone holds its store leaves record locks to the kernel's own table: they
+    // die with it. (Mounts sharing a store keep them in the keyspace, where the sweep drops a
+    // dead one's; the unit test `a_dead_sharing_mounts_locks_go_with_the_sweep` has that case.)
     let (_, before) = run_kvfs(&["dump", "--prefix", "i"], &m.store);
     assert!(
         !before.contains(" lock "),
