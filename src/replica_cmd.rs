@@ -178,8 +178,13 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             continue;
         }
         active.fetch_add(1, Ordering::Relaxed);
-        let (server, cfg, active, also) =
-            (server.clone(), cfg.clone(), active.clone(), also.clone());
+        let (server, cfg, active, also, allow) = (
+            server.clone(),
+            cfg.clone(),
+            active.clone(),
+            also.clone(),
+            a.allow.clone(),
+        );
         std::thread::spawn(move || {
             struct Leave(Arc<AtomicUsize>);
             impl Drop for Leave {
@@ -194,7 +199,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "?".into());
             let _ = sock.set_nodelay(true);
             let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(300)));
-            match replica::relay::connection(&server, cfg, &also, sock, &peer) {
+            match replica::relay::connection(&server, cfg, (&allow, &also), sock, &peer) {
                 Ok(()) | Err(replica::ReplicaError::Wire(replica::wire::WireError::Closed)) => {}
                 Err(e) => tracing::warn!(peer, error = %e, "connection ended"),
             }

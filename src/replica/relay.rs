@@ -25,15 +25,17 @@ static NEVER: AtomicBool = AtomicBool::new(false);
 /// One connection to `kvfs serve --listen`: a primary's shipment, or a registered satellite
 /// following or fetching. `also` is the server's list of satellite certificates, refreshed
 /// here from the store before the handshake, so one added while serving counts from its
-/// next connection.
+/// next connection; `allow` are the primaries given on the command line. A certificate
+/// accepted as a satellite's is only ever served as one: it never ships to the replica.
 pub fn connection(
     server: &Server,
     cfg: Arc<rustls::ServerConfig>,
-    also: &PeerList,
+    (allow, also): (&[String], &PeerList),
     sock: TcpStream,
     peer: &str,
 ) -> Result<(), ReplicaError> {
-    let opened = server.opened()?;
+    // A store that cannot be opened is the session's to refuse (it tells the primary why).
+    let opened = server.opened().ok().flatten();
     if let Some(o) = &opened {
         let fps = satellite_fingerprints(&o.kv)?;
         *also.lock().unwrap_or_else(|e| e.into_inner()) = fps;
@@ -41,12 +43,24 @@ pub fn connection(
     let _ = sock.set_write_timeout(Some(Duration::from_secs(120)));
     let cancel = Canceller::tcp(&sock);
     let mut stream = tls::accept(cfg, sock)?;
-    if let (Some(o), Some(fp)) = (&opened, peer_fingerprint(&stream)) {
-        if let Some(name) = satellite_named(&o.kv, &fp)? {
-            return serve_satellite(&o.kv, &o.format, stream, cancel, &name, peer, &NEVER);
-        }
+    let refused = |reason: String| ReplicaError::Refused {
+        peer: peer.into(),
+        reason,
+    };
+    let fp = peer_fingerprint(&stream).ok_or_else(|| refused("no client certificate".into()))?;
+    if tls::allows_primary(server.path(), allow, &fp) {
+        return server.session(&mut stream, peer);
     }
-    server.session(&mut stream, peer)
+    let named = match &opened {
+        Some(o) => satellite_named(&o.kv, &fp)?.map(|n| (o, n)),
+        None => None,
+    };
+    match named {
+        Some((o, name)) => serve_satellite(&o.kv, &o.format, stream, cancel, &name, peer, &NEVER),
+        None => Err(refused(format!(
+            "{fp} is neither an allowed primary nor a satellite of this replica"
+        ))),
+    }
 }
 
 /// The replica's log for its satellites, tended until `stop`: a logger round every second

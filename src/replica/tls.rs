@@ -272,6 +272,17 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// Whether `fp` is a primary the replica at `store` accepts (`allow`, or the one
+/// `--allow-first` remembered), as opposed to a peer accepted as one of its satellites.
+pub fn allows_primary(store: &Path, allow: &[String], fp: &str) -> bool {
+    let learned = std::fs::read_to_string(tls_dir(store).join("allowed")).unwrap_or_default();
+    allow
+        .iter()
+        .map(String::as_str)
+        .chain(learned.split_whitespace())
+        .any(|a| a.eq_ignore_ascii_case(fp))
+}
+
 /// The replica's side of one accepted connection.
 pub fn accept(
     cfg: Arc<rustls::ServerConfig>,
