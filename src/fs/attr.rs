@@ -1,7 +1,7 @@
 //! Attributes: getattr/setattr, extended attributes, statfs and access.
 
 use super::acl;
-use super::{check_xattr_name, errno, load_inode, save_inode, Caller, Fs, FsError, Result};
+use super::{check_xattr_name, errno, load_inode, lock, save_inode, Caller, Fs, FsError, Result};
 use crate::keyspace::records::{decode_xattr, encode_xattr, Inode, Kind};
 use crate::keyspace::{self as ks, Ino};
 use crate::kv::Cf;
@@ -141,11 +141,16 @@ impl Fs {
     }
 
     /// Attributes as the caller sees them: buffered writes not yet committed count.
+    /// Attributes as the caller sees them: buffered writes not yet committed count, and so
+    /// does an access time a read set that is not written yet.
     pub(crate) fn overlay(&self, ino: Ino, mut a: Attr) -> Attr {
         if a.kind == Kind::File {
             if let Some(s) = self.file_state(ino) {
                 s.overlay(&mut a);
             }
+        }
+        if let Some(at) = lock(&self.atimes).get(&ino) {
+            a.atime = *at;
         }
         a
     }
@@ -164,6 +169,10 @@ impl Fs {
         if let Some(c) = set.ctime {
             // The kernel's own "now" (it owns a file's times under the writeback cache).
             Timestamp::observe(c);
+        }
+        if set.atime.is_some() {
+            // Set now, it is not overwritten by an earlier read's.
+            lock(&self.atimes).remove(&ino);
         }
         let now = Timestamp::now();
         let inode = self.txn(|t| {

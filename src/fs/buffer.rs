@@ -478,8 +478,10 @@ impl Fs {
         Ok(self.store.sync()?)
     }
 
-    /// Flush every file; with `older_than`, only files dirty for at least that long.
+    /// Flush every file; with `older_than`, only files dirty for at least that long. The
+    /// access times reads set go too.
     pub fn flush_older(&self, older_than: Duration) -> Result<()> {
+        self.write_atimes();
         let states: Vec<_> = lock(&self.files).values().cloned().collect();
         let mut first_err = None;
         for st in states {

@@ -583,10 +583,7 @@ impl Fs {
             d.1 = Some(list.clone());
         }
         if due {
-            // As for a file's read: the listing stands even if its atime cannot be written.
-            if let Err(e) = self.touch_atime(ino) {
-                tracing::debug!(ino, error = %e, "directory atime not updated");
-            }
+            self.touch_atime(ino);
         }
         Ok(list)
     }

@@ -7,12 +7,13 @@
 //! where a change meanwhile would matter (a block freed under a reader, a tail block cut by
 //! truncate).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::buffer::{replace_block, NewBlock};
 use super::{
-    charge, corrupt, errno, free_if_unused, load_inode, load_inode_opt, lock, save_inode, Fs,
-    FsError, Result,
+    charge, corrupt, errno, free_if_unused, load_inode, load_inode_opt, lock, save_inode, Atime,
+    AtimeMode, Fs, FsError, Result,
 };
 use crate::blocks::{self, BlockError};
 use crate::keyspace::records::{decode_counter, encode_counter, FmapEntry, Kind};
@@ -300,11 +301,7 @@ impl Fs {
             place(&mut out, *bn, &img[..]);
         }
         if atime_due {
-            // The data is read; a full disk or a conflict storm must not turn that into an
-            // error because the access time could not be written.
-            if let Err(e) = self.touch_atime(ino) {
-                tracing::debug!(ino, error = %e, "atime not updated");
-            }
+            self.touch_atime(ino);
         }
         Ok(out)
     }
@@ -358,16 +355,44 @@ impl Fs {
         })
     }
 
-    pub(super) fn touch_atime(&self, ino: Ino) -> Result<()> {
-        self.txn(|t| {
-            if let Some(mut i) = load_inode_opt(t, ino)? {
-                i.atime = Timestamp::now();
-                save_inode(t, ino, &i)?;
-            }
-            Ok(())
-        })
+    /// A read of `ino` sets its access time. Kept in memory and written with the buffers (at
+    /// most a second later, and at fsync of the filesystem, remount and unmount), as ext4's
+    /// lazytime keeps it in the inode cache: a first read of each file costs no transaction,
+    /// and attributes show it at once ([`Fs::overlay`]). A crash may lose it. Under relatime
+    /// the first read's time stays (the next ones are not due on ext4 either); `strictatime`
+    /// keeps the last.
+    pub(super) fn touch_atime(&self, ino: Ino) {
+        let now = Timestamp::now();
+        let strict = Atime::unpack(self.atime.load(Ordering::Relaxed)).0.mode == AtimeMode::Strict;
+        let mut pending = lock(&self.atimes);
+        if strict {
+            pending.insert(ino, now);
+        } else {
+            pending.entry(ino).or_insert(now);
+        }
     }
 
+    /// Write the access times reads set (see [`Fs::touch_atime`]), in transactions of a few
+    /// hundred inodes; an inode gone meanwhile is skipped. (A time set explicitly since took
+    /// the read's out of the map: `setattr`.)
+    /// Best effort, as the reads that set them: a failure is logged and they are dropped.
+    pub fn write_atimes(&self) {
+        let pending: Vec<(Ino, Timestamp)> = lock(&self.atimes).drain().collect();
+        for chunk in pending.chunks(256) {
+            let r = self.txn(|t| {
+                for (ino, at) in chunk {
+                    if let Some(mut i) = load_inode_opt(t, *ino)? {
+                        i.atime = *at;
+                        save_inode(t, *ino, &i)?;
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                tracing::debug!(inodes = chunk.len(), error = %e, "access times not written");
+            }
+        }
+    }
     pub fn release(&self, fh: u64) -> Result<()> {
         let (st, writer) = {
             let mut h = lock(&self.handles);

@@ -218,6 +218,8 @@ pub struct Fs {
     /// Tiering, when the mount keeps a cache size: writers wait at its gate.
     tier: std::sync::OnceLock<Arc<crate::tier::Tier>>,
     handles: Mutex<Handles>,
+    /// Access times reads set and the store does not have yet (written with the buffers).
+    atimes: Mutex<HashMap<Ino, Timestamp>>,
     dirty_total: AtomicU64,
     /// When this mount's operations last committed (ms since `started`).
     last_change: AtomicU64,
@@ -265,6 +267,7 @@ impl Fs {
             ino_pool: Mutex::new((0, 0)),
             ns_lock: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
+            atimes: Mutex::new(HashMap::new()),
             blocks: reader,
             prefetch,
             dir_ahead: scan::DirAhead::default(),

@@ -196,7 +196,7 @@ fn atime_case(dir: &Path) -> (bool, bool) {
 
 #[test]
 fn access_times_follow_relatime_strictatime_and_nodiratime() {
-    let Some(m) = mount() else { return };
+    let Some(mut m) = mount() else { return };
     let plain = plain_dir(&m);
     // The plain directory's disk is mounted with relatime here, as kvfs is by default.
     let got = atime_case(&m.mnt);
@@ -205,6 +205,21 @@ fn access_times_follow_relatime_strictatime_and_nodiratime() {
         assert_eq!(got, plain_got, "relatime, against the plain directory");
     }
     assert_eq!(got, (true, false));
+    // An access time a read set shows at once and is the store's by the unmount (kvfs
+    // writes them in batches, within a second).
+    let listed = m.mnt.join("ad");
+    set_atime(&listed, 1000);
+    fs::read_dir(&listed).unwrap().for_each(drop);
+    let _ = fs::write("/proc/sys/vm/drop_caches", "2");
+    let seen = atime(&listed);
+    assert_ne!(seen, 1000, "a listing moves an old access time");
+    m.unmount();
+    m.start();
+    assert_eq!(
+        atime(&listed),
+        seen,
+        "the listing's access time after a remount"
+    );
     let Some(m) = mount_with("64K", "strictatime") else {
         return;
     };
