@@ -140,7 +140,6 @@ impl Fs {
         Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
     }
 
-    /// Attributes as the caller sees them: buffered writes not yet committed count.
     /// Attributes as the caller sees them: buffered writes not yet committed count, and so
     /// does an access time a read set that is not written yet.
     pub(crate) fn overlay(&self, ino: Ino, mut a: Attr) -> Attr {

@@ -372,10 +372,10 @@ impl Fs {
         }
     }
 
-    /// Write the access times reads set (see [`Fs::touch_atime`]), in transactions of a few
-    /// hundred inodes; an inode gone meanwhile is skipped. (A time set explicitly since took
-    /// the read's out of the map: `setattr`.)
-    /// Best effort, as the reads that set them: a failure is logged and they are dropped.
+    /// Write the access times reads set (see [`Fs::touch_atime`]), in transactions of 256
+    /// inodes; an inode gone meanwhile is skipped (a time set explicitly since took the read's
+    /// out of the map: `setattr`). Best effort, as the reads that set them: a failure is
+    /// logged and those times are dropped.
     pub fn write_atimes(&self) {
         let pending: Vec<(Ino, Timestamp)> = lock(&self.atimes).drain().collect();
         for chunk in pending.chunks(256) {
@@ -393,6 +393,7 @@ impl Fs {
             }
         }
     }
+
     pub fn release(&self, fh: u64) -> Result<()> {
         let (st, writer) = {
             let mut h = lock(&self.handles);

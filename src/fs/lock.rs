@@ -1,4 +1,6 @@
-//! POSIX record locks (F_GETLK, F_SETLK, F_SETLKW and their OFD forms) kept in the keyspace.
+//! POSIX record locks (F_GETLK, F_SETLK, F_SETLKW and their OFD forms) kept in the keyspace,
+//! for mounts that share their store. A mount alone with its store does not ask FUSE for
+//! them: the kernel's own lock table keeps its locks (see `fuse::init`), and none come here.
 //!
 //! A lock is `i ino \x00 mount-id owner start` → `LockRecord { end, write, pid }`, byte range
 //! `start..=end`. The kernel names the owner: the process's file table for POSIX locks, the open
