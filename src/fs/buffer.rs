@@ -77,6 +77,25 @@ pub(super) struct Inner {
     pub(super) fetched: HashMap<u64, Vec<u8>>,
 }
 
+impl Inner {
+    /// One handle fewer. Counted handles go last, so the keyspace's count never falls below
+    /// what this mount must keep alive: returns whether one of them went (the caller then
+    /// takes one from the keyspace's count).
+    pub(super) fn drop_handle(&mut self) -> bool {
+        self.open = self.open.saturating_sub(1);
+        let uncount = self.counted > self.open;
+        if uncount {
+            self.counted -= 1;
+        }
+        uncount
+    }
+
+    /// No handle left and nothing buffered: the state may go from the mount's map.
+    pub(super) fn unused(&self) -> bool {
+        self.open == 0 && self.dirty_since.is_none()
+    }
+}
+
 /// One buffered block.
 pub(super) struct Slot {
     /// The block's content (shorter than the block size = zeros after). Shared with a flush

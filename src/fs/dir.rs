@@ -629,19 +629,14 @@ impl Fs {
         if !self.alone() {
             return self.uncount_open(ino);
         }
-        // Counted handles go last, as for a file's release.
         let mut files = lock(&self.files);
         let Some(st) = files.get(&ino).cloned() else {
             return Ok(());
         };
         let uncount = {
             let mut s = lock(&st.inner);
-            s.open = s.open.saturating_sub(1);
-            let uncount = s.counted > s.open;
-            if uncount {
-                s.counted -= 1;
-            }
-            if s.open == 0 && s.dirty_since.is_none() {
+            let uncount = s.drop_handle();
+            if s.unused() {
                 files.remove(&ino);
             }
             uncount

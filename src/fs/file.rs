@@ -191,7 +191,7 @@ impl Fs {
         let mut files = lock(&self.files);
         let mut s = lock(&st.inner);
         s.open -= 1;
-        if s.open == 0 && s.dirty_since.is_none() {
+        if s.unused() {
             drop(s);
             files.remove(&st.ino);
         }
@@ -407,14 +407,7 @@ impl Fs {
         let _ns = lock(&self.ns_lock);
         let (flushed, uncount) = {
             let (mut s, r) = self.flush_locked(&st, lock(&st.inner));
-            s.open -= 1;
-            // Counted handles go last: the keyspace's count never falls below what this mount
-            // must keep alive.
-            let uncount = s.counted > s.open;
-            if uncount {
-                s.counted -= 1;
-            }
-            (r, uncount)
+            (r, s.drop_handle())
         };
         let uncounted = if uncount {
             self.uncount_open(ino)
@@ -422,10 +415,7 @@ impl Fs {
             Ok(())
         };
         let mut files = lock(&self.files);
-        let last = {
-            let s = lock(&st.inner);
-            s.open == 0 && s.dirty_since.is_none()
-        };
+        let last = { lock(&st.inner).unused() };
         if last {
             files.remove(&ino);
         }
