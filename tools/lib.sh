@@ -3,6 +3,7 @@
 #                          cargo registry sources on this machine), made when missing
 #   stop_mount STORE MNT   unmount a background kvfs mount and wait for its daemon's clean exit
 #   drop_caches            sync and drop every cache (root)
+#   secs CMD...            run CMD (its output dropped) and print the seconds it took, 2 decimals
 bench_tree() {
     [ -s "$1" ] && return
     (cd "$HOME/.cargo/registry/src" && find . -type f | sort | awk 'NR <= 5000' > "$1.list" \
@@ -14,3 +15,4 @@ stop_mount() {
     while pgrep -f -- "mount $1 $2 .*--daemon-child" >/dev/null; do sleep 0.1; done
 }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+secs() { local t0 t1; t0=$(date +%s%N); "$@" >/dev/null; t1=$(date +%s%N); awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) / 1e9 }'; }
