@@ -137,8 +137,8 @@ impl Sim {
         let store = Arc::new(self.replica.as_ref().expect("replica").store());
         // Now and then the replica is served by a build before format 5.3, which applies
         // without logging for its satellites: the next server must make them start over.
-        let unlogged = self.rng.pct(10).then(|| store.clone());
-        if unlogged.is_some() {
+        let unlogged = self.rng.pct(10);
+        if unlogged {
             self.history
                 .push_back("  replica served by a build that logs nothing".into());
         }
@@ -151,7 +151,7 @@ impl Sim {
         name: &str,
         to: Arc<KvStore>,
         upstream: Option<replica::Upstream>,
-        unlogged: Option<Arc<KvStore>>,
+        unlogged: bool,
     ) -> Result<bool, ReplicaError> {
         let mut logger = std::mem::take(&mut self.logger);
         let logged = logger.round(self.fs().store());
@@ -209,7 +209,7 @@ impl Sim {
         let up = replica::upstream(&to).expect("upstream");
         self.replica_faults(true);
         let shipped = self
-            .ship_to(SATELLITE, Arc::new(to), up, None)
+            .ship_to(SATELLITE, Arc::new(to), up, false)
             .unwrap_or_else(|e| self.fail(format!("shipping to the satellite: {e}")));
         self.replica_faults(false);
         self.faults_off();
@@ -233,7 +233,7 @@ impl Sim {
         let shipped = match opened {
             Err(e) if injected(&e) => Ok(false),
             Err(e) => Err(e),
-            Ok(_) => ship_between(&from, &self.format, RELAYED, Arc::new(to), up, None),
+            Ok(_) => ship_between(&from, &self.format, RELAYED, Arc::new(to), up, false),
         }
         .unwrap_or_else(|e| self.fail(format!("shipping from the replica to its satellite: {e}")));
         self.replica_faults(false);
@@ -317,14 +317,15 @@ impl Sim {
 
 /// One shipment from `from`'s log to follower `name` (its store `to`; a satellite with
 /// `upstream`), through the real protocol on a socket pair; `Ok(false)` when an injected
-/// fault stopped it.
+/// fault stopped it. `unlogged`: the follower's server keeps no log for its own satellites,
+/// as a build before format 5.3 would.
 fn ship_between(
     from: &KvStore,
     format: &crate::keyspace::records::FormatRecord,
     name: &str,
     to: Arc<KvStore>,
     upstream: Option<replica::Upstream>,
-    unlogged: Option<Arc<KvStore>>,
+    unlogged: bool,
 ) -> Result<bool, ReplicaError> {
     let Some(rec) = ship::record(from, name)? else {
         return Err(ReplicaError::Unknown(name.into()));
@@ -333,9 +334,9 @@ fn ship_between(
         return Ok(false);
     };
     let (mine, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-    let server = Server::for_store(to, format.clone(), upstream);
-    if let Some(kv) = unlogged {
-        kv.track_changes(None);
+    let server = Server::for_store(to.clone(), format.clone(), upstream);
+    if unlogged {
+        to.track_changes(None);
     }
     let serving = std::thread::spawn(move || {
         let mut io = theirs;
