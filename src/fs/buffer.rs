@@ -491,7 +491,12 @@ impl Fs {
         Ok(self.store.sync()?)
     }
 
-    /// Make every committed change durable (fsyncdir, syncfs).
+    /// Make every committed change durable (fsyncdir).
+    pub fn sync_store(&self) -> Result<()> {
+        Ok(self.store.sync()?)
+    }
+
+    /// Commit every buffered write and make it durable (syncfs, unmount).
     pub fn sync_all(&self) -> Result<()> {
         self.flush_all()?;
         Ok(self.store.sync()?)
