@@ -7,7 +7,7 @@ use std::io::Write;
 use crate::blocks::encode::INFO_PARITY;
 use crate::keyspace::records::{
     decode_counter, decode_v1, decode_xattr, BlockInfo, Dirent, FmapEntry, FormatRecord,
-    GarbageRecord, Inode, LockRecord, ProcessRecord,
+    GarbageRecord, Inode, LockRecord, PendingWrite, ProcessRecord,
 };
 use crate::keyspace::{self as ks, Ino, InodeKey, Prefix};
 use crate::kv::{decode_i64, KvError, KvStore};
@@ -82,6 +82,17 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
             .map_err(e),
         Some(Prefix::Process) if key.len() == 9 => ProcessRecord::decode(v)
             .map(|p| format!("{p:?}"))
+            .map_err(e),
+        Some(Prefix::Pending) if key.len() == 25 => PendingWrite::decode(v)
+            .map(|p| {
+                format!(
+                    "{} bytes at {} in the block, size {}, mtime {:?}",
+                    p.data.len(),
+                    p.offset,
+                    p.size,
+                    p.mtime
+                )
+            })
             .map_err(e),
         Some(Prefix::Fmap) if key.len() == 17 => FmapEntry::decode(v)
             .map(|f| format!("block {} len {}", ks::hex(&f.hash), f.len))

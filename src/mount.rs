@@ -236,6 +236,8 @@ pub enum MountError {
     Kv(#[from] crate::kv::KvError),
     #[error("settings: {0}")]
     Settings(String),
+    #[error("cannot apply the writes an earlier mount made durable: {0} (the store is as it was; `kvfs audit` shows its pending-write keys)")]
+    Pending(String),
 }
 
 /// Mount `store_dir` on `mountpoint` and serve until unmounted. `ready` is called once the
@@ -322,6 +324,11 @@ pub fn run(
                 "swept what earlier mounts left behind"
             );
         }
+    }
+    if fs.alone() {
+        // Writes an earlier mount made durable (fsync) without committing their blocks.
+        fs.replay_pending()
+            .map_err(|e| MountError::Pending(e.to_string()))?;
     }
 
     let mut session =

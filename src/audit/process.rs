@@ -30,8 +30,16 @@ pub(super) fn check(store: &KvStore, cx: &mut Ctx, timeout: std::time::Duration)
     Ok(Mounts { known, dead })
 }
 
-/// Open counts and locks: of a live inode, held by a mount in the table.
+/// Open counts, locks and pending writes: of a live inode; open counts and locks held by a
+/// mount in the table.
 pub(super) fn check_owners(cx: &mut Ctx, r: &Records, m: &Mounts) {
+    if r.pending > 0 {
+        cx.report.notes.push(format!(
+            "{} pending write(s) (`J` keys): bytes an fsync made durable before their blocks \
+             were committed; the next mount applies them",
+            r.pending
+        ));
+    }
     let (inodes, known, dead) = (&r.inodes, &m.known, &m.dead);
     let mut pending = 0;
     for (k, ino, mount) in &r.subkeys {

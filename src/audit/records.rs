@@ -28,6 +28,8 @@ pub(super) struct Records {
     pub garbage: HashSet<Ino>,
     /// Sub-keys of inodes (locks, open counts, xattrs, pseudo-keys) and the mount owning them.
     pub subkeys: Vec<(Vec<u8>, Ino, Option<MountId>)>,
+    /// `J` keys: writes an fsync made durable that the next mount applies.
+    pub pending: usize,
 }
 
 pub(super) fn check(store: &KvStore, cx: &mut Ctx) -> Result<Records> {
@@ -79,6 +81,12 @@ pub(super) fn check(store: &KvStore, cx: &mut Ctx) -> Result<Records> {
                 Some(Prefix::Dirent) => {
                     if let (Some(p), Ok(d)) = (ks::key_ino(k), Dirent::decode(v)) {
                         r.dirents.push((k.to_vec(), p, d));
+                    }
+                }
+                Some(Prefix::Pending) => {
+                    if let Some((ino, _, _)) = ks::parse_pending_key(k) {
+                        r.subkeys.push((k.to_vec(), ino, None));
+                        r.pending += 1;
                     }
                 }
                 Some(Prefix::Garbage) => {

@@ -36,7 +36,7 @@ pub struct FileState {
     pub(super) ino: Ino,
     pub(super) inner: Mutex<Inner>,
     /// Signalled when a flush running outside the mutex ends.
-    settled: Condvar,
+    pub(super) settled: Condvar,
 }
 
 #[derive(Default)]
@@ -75,6 +75,8 @@ pub(super) struct Inner {
     pub(super) epoch: u64,
     /// Committed blocks read for the write under way (see `lock_with_committed`).
     pub(super) fetched: HashMap<u64, Vec<u8>>,
+    /// Bytes of the file's pending records (`J` keys: see the `journal` module).
+    pub(super) pending_bytes: u64,
 }
 
 impl Inner {
@@ -110,6 +112,11 @@ pub(super) struct Slot {
     gen: u64,
     /// Taken by a flush running outside the mutex (one at a time per slot).
     inflight: bool,
+    /// The part of the image written since its last pending record (empty: `lo >= hi`).
+    lo: usize,
+    hi: usize,
+    /// Its pending records: sequence number and bytes.
+    records: Vec<(u64, u64)>,
 }
 
 impl Slot {
@@ -119,6 +126,26 @@ impl Slot {
     /// store a version that the rest of the write replaces at once.
     fn incomplete(&self, bs: u64) -> bool {
         self.fresh && self.written < bs
+    }
+
+    /// Bytes written since the last pending record.
+    pub(super) fn unrecorded(&self) -> usize {
+        self.hi.min(self.img.len()).saturating_sub(self.lo)
+    }
+
+    /// Where they start in the block, and the image's bytes there.
+    pub(super) fn unrecorded_bytes(&self) -> Option<(usize, &[u8])> {
+        let hi = self.hi.min(self.img.len());
+        (self.lo < hi).then(|| (self.lo, &self.img[self.lo..hi]))
+    }
+
+    /// A pending record was written (`done`: it now holds those bytes) or may have been.
+    pub(super) fn recorded(&mut self, seq: u64, bytes: u64, done: bool) {
+        self.records.push((seq, bytes));
+        if done {
+            self.lo = usize::MAX;
+            self.hi = 0;
+        }
     }
 }
 
@@ -199,6 +226,9 @@ impl Fs {
                     written: 0,
                     gen: 0,
                     inflight: false,
+                    lo: usize::MAX,
+                    hi: 0,
+                    records: Vec::new(),
                 };
                 s.dirty.insert(bn, slot);
             }
@@ -215,6 +245,8 @@ impl Fs {
                 img[in_block..in_block + n].copy_from_slice(src);
             }
             slot.written += n as u64;
+            slot.lo = slot.lo.min(in_block);
+            slot.hi = slot.hi.max(in_block + n);
             s.next_gen += 1;
             slot.gen = s.next_gen;
             pos += n as u64;
@@ -392,9 +424,20 @@ impl Fs {
             .collect();
         let size = s.size;
         let mtime = s.mtime;
+        // The pending records of these blocks go with the commit that holds their bytes.
+        let (mut settled, mut settled_bytes) = (Vec::new(), 0);
+        for (bn, _) in &current {
+            for (seq, bytes) in s.dirty.get(bn).map_or(&[][..], |x| &x.records[..]) {
+                settled.push(ks::pending_key(ino, *bn, *seq));
+                settled_bytes += bytes;
+            }
+        }
         let mut named: Vec<Hash> = Vec::new();
         let res = self.txn(|t| {
             named.clear();
+            for k in &settled {
+                t.delete(Cf::Meta, k)?;
+            }
             let Some(mut inode) = load_inode_opt(t, ino)? else {
                 // Freed under us (cannot happen while open); drop the data.
                 return Ok(());
@@ -442,6 +485,7 @@ impl Fs {
             t.gate.added(bytes);
         }
         s.epoch += 1;
+        s.pending_bytes -= settled_bytes;
         let done = current.len() as u64 * bs;
         self.dirty_total.fetch_sub(done, Ordering::Relaxed);
         s.dirty_bytes -= done;
@@ -485,9 +529,10 @@ impl Fs {
         r
     }
 
-    /// fsync/fdatasync: commit and make durable.
+    /// fsync/fdatasync: commit (or record, see the `journal` module) and make durable.
     pub fn fsync(&self, fh: u64) -> Result<()> {
-        self.flush(fh)?;
+        let st = self.handle_state(fh)?;
+        self.make_durable(&st)?;
         Ok(self.store.sync()?)
     }
 

@@ -17,6 +17,7 @@ mod attr;
 mod buffer;
 mod dir;
 mod file;
+mod journal;
 mod lock;
 mod ranges;
 mod scan;
@@ -228,6 +229,9 @@ pub struct Fs {
     started: std::time::Instant,
     file_limit: u64,
     total_limit: u64,
+    /// Sequence numbers of pending records (`J` keys): from the mount's start time in
+    /// nanoseconds, so a later mount's come after an earlier one's.
+    pending_seq: AtomicU64,
 }
 
 /// A directory's entries as read for an open handle.
@@ -280,6 +284,7 @@ impl Fs {
             last_change: AtomicU64::new(0),
             last_use: AtomicU64::new(0),
             started: std::time::Instant::now(),
+            pending_seq: AtomicU64::new(Timestamp::now().nanos().max(0) as u64),
         }
     }
 
@@ -682,6 +687,10 @@ fn free_inode_keys(
     }
     for (k, _) in subs {
         t.delete(Cf::Meta, k)?;
+    }
+    let (s, e) = ks::pending_range(ino);
+    for (k, _) in t.scan(Cf::Meta, &s, &e, usize::MAX)? {
+        t.delete(Cf::Meta, &k)?;
     }
     t.delete(Cf::Meta, &ks::inode_key(ino))?;
     t.delete(Cf::Meta, &ks::garbage_key(ino))?;

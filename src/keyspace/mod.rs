@@ -46,10 +46,11 @@ pub enum Prefix {
     Moment,
     PastHold,
     PrimaryPast,
+    Pending,
 }
 
 impl Prefix {
-    pub const ALL: [Prefix; 22] = [
+    pub const ALL: [Prefix; 23] = [
         Prefix::Meta,
         Prefix::Inode,
         Prefix::Dirent,
@@ -72,6 +73,7 @@ impl Prefix {
         Prefix::Moment,
         Prefix::PastHold,
         Prefix::PrimaryPast,
+        Prefix::Pending,
     ];
 
     pub const fn byte(self) -> u8 {
@@ -98,6 +100,7 @@ impl Prefix {
             Prefix::Moment => b'Z',
             Prefix::PastHold => b'V',
             Prefix::PrimaryPast => b'P',
+            Prefix::Pending => b'J',
         }
     }
 
@@ -112,7 +115,8 @@ impl Prefix {
             | Prefix::Log
             | Prefix::Replica
             | Prefix::Past
-            | Prefix::Moment => Cf::Meta,
+            | Prefix::Moment
+            | Prefix::Pending => Cf::Meta,
             Prefix::Fmap => Cf::Fmap,
             Prefix::Block | Prefix::WrittenAhead => Cf::Blocks,
             Prefix::BlockInfo
@@ -151,6 +155,7 @@ impl Prefix {
             Prefix::Moment => "moment",
             Prefix::PastHold => "past-hold",
             Prefix::PrimaryPast => "primary-past-hold",
+            Prefix::Pending => "pending-write",
         }
     }
 
@@ -427,6 +432,31 @@ pub fn fmap_range(ino: Ino, from: u64, to: u64) -> (Vec<u8>, Vec<u8>) {
     (fmap_key(ino, from), end)
 }
 
+/// `J ino blockno seq`: bytes an fsync made durable that block `blockno` does not hold yet.
+pub fn pending_key(ino: Ino, blockno: u64, seq: u64) -> Vec<u8> {
+    let mut k = with_ino(Prefix::Pending, ino, 16);
+    k.extend_from_slice(&blockno.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Every `J` key of `ino`.
+pub fn pending_range(ino: Ino) -> (Vec<u8>, Vec<u8>) {
+    (
+        with_ino(Prefix::Pending, ino, 0),
+        with_ino(Prefix::Pending, ino + 1, 0),
+    )
+}
+
+/// Inode, block number and sequence number of a `J` key.
+pub fn parse_pending_key(key: &[u8]) -> Option<(Ino, u64, u64)> {
+    if key.len() != 25 || key[0] != Prefix::Pending.byte() {
+        return None;
+    }
+    let n = |i: usize| u64::from_be_bytes(key[i..i + 8].try_into().unwrap_or([0; 8]));
+    Some((n(1), n(9), n(17)))
+}
+
 /// Block number of an `f` key.
 pub fn fmap_blockno(key: &[u8]) -> Option<u64> {
     key.get(9..17)
@@ -586,6 +616,10 @@ pub fn describe_key(key: &[u8]) -> String {
                 }
             )
         }
+        Some(Prefix::Pending) => match parse_pending_key(key) {
+            Some((ino, bn, seq)) => format!("J {ino} block {bn} seq {seq}"),
+            None => format!("J {}", hex(&key[1..])),
+        },
         Some(Prefix::LastUse) => match parse_last_use_key(key) {
             Some((secs, h)) => format!("A {secs} {}", hex(&h)),
             None => format!("A {}", hex(&key[1..])),

@@ -11,7 +11,7 @@ use crate::util::Timestamp;
 /// The on-disk format this build writes. A store of another major is refused at open, except
 /// format 1 stores, which this build upgrades in place (see keyspace.md, "Upgrades").
 pub const FORMAT_MAJOR: u32 = 5;
-pub const FORMAT_MINOR: u32 = 3;
+pub const FORMAT_MINOR: u32 = 4;
 pub const FORMAT_PATCH: u32 = 0;
 /// Older majors this build reads and upgrades.
 pub const UPGRADABLE_MAJORS: &[u32] = &[1, 2, 3, 4];
@@ -370,6 +370,26 @@ impl GarbageRecord {
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         decode_v1("garbage record", b)
+    }
+}
+
+/// `J ino blockno seq`: bytes a write put at `offset` in the block, which an fsync made durable
+/// before the block itself was committed (format 5.4). The file's size and modification time
+/// at that fsync come with them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingWrite {
+    pub offset: u32,
+    pub size: u64,
+    pub mtime: Option<Timestamp>,
+    pub data: Vec<u8>,
+}
+
+impl PendingWrite {
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_v1(self)
+    }
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        decode_v1("pending write", b)
     }
 }
 

@@ -208,6 +208,10 @@ impl Sim {
             .unwrap_or_else(|e| self.fail(format!("register: {e}")));
         gc::sweep(fs.store(), &SweepOptions::by_mount(fs.mount_id(), true))
             .unwrap_or_else(|e| self.fail(format!("start-up sweep: {e}")));
+        if fs.alone() {
+            fs.replay_pending()
+                .unwrap_or_else(|e| self.fail(format!("applying pending writes: {e}")));
+        }
         self.fs = Some(fs);
         self.faults_on();
     }

@@ -177,6 +177,69 @@ fn sigkill_at_random_moments_leaves_a_clean_store_and_every_fsynced_byte() {
     );
 }
 
+/// An fsync of small writes on a mount alone with its store writes pending records (`J`)
+/// instead of committing whole blocks. SIGKILLed right after such fsyncs, the store holds
+/// them; the next mount applies them: every synced byte, the size (writes past the end, with
+/// holes), and a clean audit before and after. A file unlinked while open loses its records
+/// with the inode.
+#[test]
+fn writes_an_fsync_recorded_survive_a_crash_and_the_next_mount_applies_them() {
+    use std::os::unix::fs::FileExt;
+    let Some(mut m) = mount() else { return };
+    let p = m.path("db");
+    let mut model = pattern(1, 1 << 20);
+    fs::write(&p, &model).unwrap();
+    File::open(&p).unwrap().sync_all().unwrap();
+    let gone = m.path("gone");
+    let g = File::create(&gone).unwrap();
+    g.write_all_at(b"held open, then unlinked", 0).unwrap();
+    g.sync_data().unwrap();
+    g.write_all_at(&pattern(2, 5000), 70_000).unwrap();
+    g.sync_data().unwrap();
+    fs::remove_file(&gone).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let mut rng = Rng(std::process::id() as u64 * 31 + 7);
+    for i in 0..300 {
+        let len = 1 + rng.below(9000) as usize;
+        // Some land past the end, leaving a hole before them.
+        let off = rng.below(model.len() as u64 + 70_000) as usize;
+        let data = pattern(1000 + i, len);
+        f.write_all_at(&data, off as u64).unwrap();
+        if model.len() < off + len {
+            model.resize(off + len, 0);
+        }
+        model[off..off + len].copy_from_slice(&data);
+        f.sync_data().unwrap();
+    }
+    m.crash();
+    drop((f, g));
+    let (ok, pending) = run_kvfs(&["dump", "--prefix", "J"], &m.store);
+    assert!(ok, "{pending}");
+    assert!(
+        pending.lines().count() > 10,
+        "the fsyncs left no pending records to apply:\n{pending}"
+    );
+    audit_clean(&m.store, 0);
+    m.start();
+    assert!(
+        m.log().contains("applied writes an fsync made durable"),
+        "{}",
+        m.log()
+    );
+    assert_eq!(fs::metadata(&p).unwrap().len(), model.len() as u64);
+    assert!(
+        fs::read(&p).unwrap() == model,
+        "content differs after the crash"
+    );
+    m.unmount();
+    let (_, pending) = run_kvfs(&["dump", "--prefix", "J"], &m.store);
+    assert!(
+        pending.trim().is_empty(),
+        "records left after they were applied:\n{pending}"
+    );
+    audit_clean(&m.store, 1);
+}
+
 /// Replication mode: the primary ships to a replica over `exec:` while the workload runs, and
 /// at a random moment the primary's mount, the replica's server or both are SIGKILLed. After
 /// every round both audits are clean and the replica holds every group the primary recorded

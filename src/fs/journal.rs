@@ -1,0 +1,172 @@
+//! Pending writes: an fsync that makes the written bytes durable without committing their
+//! blocks.
+//!
+//! A 4 KiB write into a 64 KiB block makes the whole block new: committing it at every fsync
+//! hashed, compressed and logged 64 KiB for 4 (fio's 4 KiB random writes with fsync after
+//! each, a database's pages and its log). On a mount alone with its store, an fsync instead
+//! writes what changed in each buffered block since the last fsync, as one `J ino blockno seq`
+//! record per block (keyspace.md), in one transaction, and syncs it: the blocks stay buffered
+//! and are committed later as any buffered write is, in the transaction that deletes their
+//! records. The records are therefore only ever read after a crash: the next mount applies
+//! them, in `seq` order, to the blocks as they were committed, before it serves.
+//!
+//! Only a mount alone with its store writes them (no other process could read the blocks in
+//! between, nor change them), and nothing but this mount's own commits (which flush first
+//! when they touch blocks: truncate, copies, punching holes) changes a block with pending
+//! records, so "committed block, then the records in order" is the content the fsync saw.
+//! Freeing an inode deletes its records.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use super::buffer::{replace_block, FileState, NewBlock};
+use super::{corrupt, load_inode_opt, lock, save_inode, Fs, FsError, Result};
+use crate::blocks;
+use crate::keyspace::records::PendingWrite;
+use crate::keyspace::{self as ks, Ino, Prefix};
+use crate::kv::{Cf, Pair};
+
+/// An fsync writes pending records while the file's unrecorded changes are at most this many
+/// bytes; more, and committing the blocks costs about the same, so it commits them.
+const PENDING_MAX_WRITE: u64 = 256 << 10;
+
+/// A file's pending records may hold this many bytes before its next fsync commits its
+/// blocks instead (the same bytes rewritten and synced again and again would pile up).
+const PENDING_MAX_HELD: u64 = 4 << 20;
+
+impl Fs {
+    /// fsync's first half: make what `st` buffers durable, as pending records when that is
+    /// cheaper than committing it (see the module). The caller syncs the store after.
+    pub(super) fn make_durable(&self, st: &FileState) -> Result<()> {
+        let mut s = lock(&st.inner);
+        if !self.alone() {
+            return self.flush_locked(st, s).1;
+        }
+        while s.inflight > 0 {
+            s = st.settled.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if s.dirty_since.is_none() {
+            return Ok(());
+        }
+        let changed: u64 = s.dirty.values().map(|x| x.unrecorded() as u64).sum();
+        if changed > PENDING_MAX_WRITE || s.pending_bytes + changed > PENDING_MAX_HELD {
+            return self.flush_locked(st, s).1;
+        }
+        let (size, mtime) = (s.size, s.mtime);
+        let mut recs = Vec::new();
+        for (bn, x) in &s.dirty {
+            if let Some((lo, data)) = x.unrecorded_bytes() {
+                let rec = PendingWrite {
+                    offset: lo as u32,
+                    size,
+                    mtime,
+                    data: data.to_vec(),
+                };
+                let seq = self.pending_seq.fetch_add(1, Ordering::Relaxed);
+                recs.push((*bn, seq, rec.encode()?));
+            }
+        }
+        // Under the file's mutex: a commit of these blocks (which deletes their records)
+        // cannot come between the records and their note in the slots. Noted even when the
+        // transaction fails, so that the commit deletes them whatever it left behind; the
+        // bytes count as recorded only when it succeeded.
+        let r = self.txn(|t| {
+            for (bn, seq, v) in &recs {
+                t.put(Cf::Meta, &ks::pending_key(st.ino, *bn, *seq), v)?;
+            }
+            Ok(())
+        });
+        for (bn, seq, v) in recs {
+            let bytes = if r.is_ok() { v.len() as u64 } else { 0 };
+            if let Some(x) = s.dirty.get_mut(&bn) {
+                x.recorded(seq, bytes, r.is_ok());
+            }
+            s.pending_bytes += bytes;
+        }
+        r
+    }
+
+    /// Apply the pending records an earlier mount left (it crashed, or was killed, between an
+    /// fsync and the commit of the blocks), each file in one transaction. Before serving, on a
+    /// mount alone with its store. Returns the number of records applied.
+    pub fn replay_pending(&self) -> Result<usize> {
+        let (a, b) = Prefix::Pending.range();
+        let all = self.look(|t| Ok(t.scan(Cf::Meta, &a, &b, usize::MAX)?))?;
+        let mut by_ino: BTreeMap<Ino, Vec<Pair>> = BTreeMap::new();
+        for (k, v) in all {
+            let Some((ino, _, _)) = ks::parse_pending_key(&k) else {
+                return Err(bad(&k, "not a pending-write key"));
+            };
+            by_ino.entry(ino).or_default().push((k, v));
+        }
+        let mut applied = 0;
+        for (ino, recs) in by_ino {
+            applied += self.replay_file(ino, &recs)?;
+            tracing::info!(
+                ino,
+                records = recs.len(),
+                "applied writes an fsync made durable"
+            );
+        }
+        Ok(applied)
+    }
+
+    /// [`Fs::replay_pending`] for one file: its records in key order (block, then seq).
+    fn replay_file(&self, ino: Ino, recs: &[Pair]) -> Result<usize> {
+        let bs = self.bs;
+        let mut parsed: BTreeMap<u64, Vec<PendingWrite>> = BTreeMap::new();
+        for (k, v) in recs {
+            let (_, bn, _) =
+                ks::parse_pending_key(k).ok_or_else(|| bad(k, "not a pending-write key"))?;
+            let r = PendingWrite::decode(v).map_err(|e| corrupt(k, e))?;
+            if r.offset as u64 + r.data.len() as u64 > bs {
+                return Err(bad(k, "its bytes run past the block"));
+            }
+            parsed.entry(bn).or_default().push(r);
+        }
+        // The blocks as committed, read before the transaction (a read may fetch).
+        let mut images = Vec::new();
+        for (bn, rs) in &parsed {
+            let mut img = self.committed_block(ino, *bn)?;
+            for r in rs {
+                let (lo, hi) = (r.offset as usize, r.offset as usize + r.data.len());
+                if img.len() < hi {
+                    img.resize(hi, 0);
+                }
+                img[lo..hi].copy_from_slice(&r.data);
+            }
+            images.push((*bn, blocks::prepare(&img, &self.codec)));
+        }
+        let all: Vec<&PendingWrite> = parsed.values().flatten().collect();
+        let size = all.iter().map(|r| r.size).max().unwrap_or(0);
+        let mtime = all.iter().filter_map(|r| r.mtime).max();
+        self.txn(|t| {
+            if let Some(mut inode) = load_inode_opt(t, ino)? {
+                for (bn, p) in &images {
+                    let new = p
+                        .as_ref()
+                        .map_or(NewBlock::Hole, |p| NewBlock::Prepared(p, None));
+                    replace_block(t, ino, &mut inode.alloc, *bn, new)?;
+                }
+                inode.size = inode.size.max(size);
+                if let Some(m) = mtime.filter(|m| *m > inode.mtime) {
+                    inode.mtime = m;
+                    inode.ctime = inode.ctime.max(m);
+                }
+                save_inode(t, ino, &inode)?;
+            }
+            for (k, _) in recs {
+                t.delete(Cf::Meta, k)?;
+            }
+            Ok(())
+        })?;
+        Ok(recs.len())
+    }
+}
+
+fn bad(key: &[u8], reason: &str) -> FsError {
+    FsError::Corrupt {
+        key: ks::describe_key(key),
+        reason: reason.into(),
+    }
+}
