@@ -56,14 +56,9 @@ impl Fs {
         let mut recs = Vec::new();
         for (bn, x) in &s.dirty {
             if let Some((lo, data)) = x.unrecorded_bytes() {
-                let rec = PendingWrite {
-                    offset: lo as u32,
-                    size,
-                    mtime,
-                    data: data.to_vec(),
-                };
                 let seq = self.pending_seq.fetch_add(1, Ordering::Relaxed);
-                recs.push((*bn, seq, rec.encode()?));
+                let v = PendingWrite::encode_parts(lo as u32, size, mtime, data)?;
+                recs.push((*bn, seq, v));
             }
         }
         // Under the file's mutex: a commit of these blocks (which deletes their records)

@@ -386,7 +386,27 @@ pub struct PendingWrite {
 
 impl PendingWrite {
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        encode_v1(self)
+        PendingWrite::encode_parts(self.offset, self.size, self.mtime, &self.data)
+    }
+
+    /// The record of these fields, bytes copied once: postcard writes a `Vec<u8>` through
+    /// serde one byte at a time (the same layout: a varint length, then the bytes).
+    pub fn encode_parts(
+        offset: u32,
+        size: u64,
+        mtime: Option<Timestamp>,
+        data: &[u8],
+    ) -> Result<Vec<u8>, EncodeError> {
+        let mut out = encode_v1(&(offset, size, mtime))?;
+        out.reserve(data.len() + 10);
+        let mut n = data.len() as u64;
+        while n >= 0x80 {
+            out.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out.extend_from_slice(data);
+        Ok(out)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         decode_v1("pending write", b)
@@ -504,6 +524,18 @@ mod tests {
         };
         assert_eq!(FmapEntry::decode(&f.encode().unwrap()).unwrap(), f);
         assert_eq!(decode_counter(&encode_counter(77)).unwrap(), 77);
+        // Hand-written encoding, postcard's layout: decoded as the struct, every length.
+        for n in [0, 1, 127, 128, 300, 16383, 16384, 65536] {
+            let p = PendingWrite {
+                offset: 4096,
+                size: 1 << 40,
+                mtime: Some(Timestamp { secs: 9, nsecs: 1 }),
+                data: (0..n).map(|i| i as u8).collect(),
+            };
+            let v = p.encode().unwrap();
+            assert_eq!(v[1..], postcard::to_allocvec(&p).unwrap()[..]);
+            assert_eq!(PendingWrite::decode(&v).unwrap(), p);
+        }
     }
 
     #[test]
