@@ -325,36 +325,8 @@ pub fn run(
             );
         }
     }
-    if fs.alone() {
-        // Writes an earlier mount made durable (fsync) without committing their blocks.
-        fs.replay_pending()
-            .map_err(|e| MountError::Pending(e.to_string()))?;
-    }
-
-    let mut session =
-        Mounted::new(fs.clone(), &store_dir, &mnt, &opts.session()).map_err(|source| {
-            MountError::Mount {
-                path: mountpoint.to_path_buf(),
-                source,
-            }
-        })?;
-    if !opts.read_only {
-        let max = opts.max_dirty.unwrap_or(DEFAULT_MAX_DIRTY);
-        if max > 0 {
-            raise_dirty_limit(&mnt, max);
-        }
-    }
-    unmount_on_signal(&mut session)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    {
-        let (fs, stop) = (fs.clone(), stop.clone());
-        workers.push(spawn(
-            "kvfs-maint",
-            Box::new(move || crate::maintenance::run(&fs, &stop, started, satellite)),
-        )?);
-    }
     let mut fetcher = None;
+    let mut tier_worker = None;
     // KVFS_NO_TIERING=1: no last-use tracking, no fetching (tools/bench-tier measures what
     // tracking costs resident reads against this).
     let tiering = std::env::var_os("KVFS_NO_TIERING").is_none();
@@ -381,11 +353,7 @@ pub fn run(
             );
         }
         fetcher = Some(f.clone());
-        let (fs, stop) = (fs.clone(), stop.clone());
-        workers.push(spawn(
-            "kvfs-tier",
-            Box::new(move || crate::tier::run(fs.store(), &tier, &f, &stop)),
-        )?);
+        tier_worker = Some((tier, f));
     } else if tiering {
         // A read-only mount of a store with evicted blocks fetches them too, without storing
         // them (the store is open read-only): a primary mounted `ro`, or a satellite followed
@@ -404,6 +372,48 @@ pub fn run(
         ));
         fs.set_tiering(f.clone(), None);
         fetcher = Some(f);
+    }
+    if fs.alone() {
+        // Writes an earlier mount made durable (fsync) without committing their blocks;
+        // after tiering is set up, as a block they apply to may be evicted.
+        fs.replay_pending()
+            .map_err(|e| MountError::Pending(e.to_string()))?;
+    } else if fs.pending_records()? > 0 {
+        tracing::warn!(
+            "this store holds writes an fsync made durable that a crashed mount did not commit; \
+             a read-only mount shows the files without them (a read-write mount applies them)"
+        );
+    }
+
+    let mut session =
+        Mounted::new(fs.clone(), &store_dir, &mnt, &opts.session()).map_err(|source| {
+            MountError::Mount {
+                path: mountpoint.to_path_buf(),
+                source,
+            }
+        })?;
+    if !opts.read_only {
+        let max = opts.max_dirty.unwrap_or(DEFAULT_MAX_DIRTY);
+        if max > 0 {
+            raise_dirty_limit(&mnt, max);
+        }
+    }
+    unmount_on_signal(&mut session)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    {
+        let (fs, stop) = (fs.clone(), stop.clone());
+        workers.push(spawn(
+            "kvfs-maint",
+            Box::new(move || crate::maintenance::run(&fs, &stop, started, satellite)),
+        )?);
+    }
+    if let Some((tier, f)) = tier_worker {
+        let (fs, stop) = (fs.clone(), stop.clone());
+        workers.push(spawn(
+            "kvfs-tier",
+            Box::new(move || crate::tier::run(fs.store(), &tier, &f, &stop)),
+        )?);
     }
     if !opts.read_only {
         let (fs, stop, dir, format) = (fs.clone(), stop.clone(), store_dir.clone(), format.clone());

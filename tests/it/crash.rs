@@ -192,9 +192,9 @@ fn writes_an_fsync_recorded_survive_a_crash_and_the_next_mount_applies_them() {
     File::open(&p).unwrap().sync_all().unwrap();
     let gone = m.path("gone");
     let g = File::create(&gone).unwrap();
-    g.write_all_at(b"held open, then unlinked", 0).unwrap();
+    g.write_all_at(&pattern(2, 200_000), 0).unwrap();
     g.sync_data().unwrap();
-    g.write_all_at(&pattern(2, 5000), 70_000).unwrap();
+    g.write_all_at(b"held open, then unlinked", 70_000).unwrap();
     g.sync_data().unwrap();
     fs::remove_file(&gone).unwrap();
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
