@@ -128,6 +128,25 @@ impl Fs {
         Ok(Attr::new(ino, &inode, self.bs))
     }
 
+    /// For tests: create and open the file `name` (0644) in the root as root.
+    #[cfg(test)]
+    pub(crate) fn create_test_file(&self, name: &[u8]) -> (super::Attr, u64) {
+        let node = NewNode {
+            kind: Kind::File,
+            mode: 0o644,
+            umask: 0,
+            rdev: 0,
+            target: b"",
+        };
+        let who = super::Caller {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        self.create_open(crate::keyspace::ROOT_INO, name, &node, who)
+            .unwrap()
+    }
+
     /// create(2): make a regular file and open it, counted open in the same transaction.
     pub fn create_open(
         &self,

@@ -201,9 +201,7 @@ fn bad(key: &[u8], reason: &str) -> FsError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::{Caller, FsOptions, NewNode};
-    use crate::keyspace::records::Kind;
-    use crate::keyspace::ROOT_INO;
+    use crate::fs::FsOptions;
     use crate::kv::mem::MemEngine;
     use crate::kv::KvStore;
 
@@ -217,19 +215,7 @@ mod tests {
         let format = crate::store::init(&kv(), &Default::default()).unwrap();
         let fs = Fs::new(kv(), format.clone(), FsOptions::default());
         assert!(fs.alone());
-        let node = NewNode {
-            kind: Kind::File,
-            mode: 0o644,
-            umask: 0,
-            rdev: 0,
-            target: b"",
-        };
-        let who = Caller {
-            uid: 0,
-            gid: 0,
-            pid: 1,
-        };
-        let (attr, fh) = fs.create_open(ROOT_INO, b"f", &node, who).unwrap();
+        let (attr, fh) = fs.create_test_file(b"f");
         let ino = attr.ino;
         let mut want = vec![7u8; 100_000];
         fs.write(fh, 0, &want).unwrap();

@@ -466,9 +466,7 @@ mod shared_tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::fs::{Caller, FsOptions, NewNode};
-    use crate::keyspace::records::Kind;
-    use crate::keyspace::ROOT_INO;
+    use crate::fs::FsOptions;
     use crate::kv::mem::MemEngine;
     use crate::kv::KvStore;
 
@@ -490,23 +488,6 @@ mod shared_tests {
         (kv, format)
     }
 
-    /// Create and open `/db` on `fs`.
-    fn create_db(fs: &Fs) -> (crate::fs::Attr, u64) {
-        let node = NewNode {
-            kind: Kind::File,
-            mode: 0o644,
-            umask: 0,
-            rdev: 0,
-            target: b"",
-        };
-        let who = Caller {
-            uid: 0,
-            gid: 0,
-            pid: 1,
-        };
-        fs.create_open(ROOT_INO, b"db", &node, who).unwrap()
-    }
-
     /// Two mounts of one store: each remembers the lock table at the version it last saw,
     /// and every change by the other (or by the sweeper, which writes no version) must show.
     #[test]
@@ -514,7 +495,7 @@ mod shared_tests {
         let (kv, format) = shared_store();
         let a = Fs::new(kv(), format.clone(), FsOptions::default());
         let b = Fs::new(kv(), format, FsOptions::default());
-        let (attr, fa) = create_db(&a);
+        let (attr, fa) = a.create_test_file(b"db");
         let ino = attr.ino;
         let fb = b.open(ino, true).unwrap();
         let (w, r, u) = (LockKind::Write, LockKind::Read, LockKind::Unlock);
@@ -561,7 +542,7 @@ mod shared_tests {
         let (kv, format) = shared_store();
         let a = Fs::new(kv(), format.clone(), FsOptions::default());
         crate::gc::register(a.store(), a.mount_id()).unwrap();
-        let (attr, fa) = create_db(&a);
+        let (attr, fa) = a.create_test_file(b"db");
         a.setlk(attr.ino, fa, &spec(1, 0, 9, LockKind::Write), None)
             .unwrap();
         drop(a); // dies holding it (no clean exit), its heartbeat stops
