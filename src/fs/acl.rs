@@ -151,12 +151,30 @@ pub fn in_group_or_capable(pid: u32, uid: u32, gid: u32, file_gid: u32) -> bool 
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return uid == 0;
     };
-    let field = |name: &str| s.lines().find_map(|l| l.strip_prefix(name)).unwrap_or("");
-    let in_group = field("Groups:")
+    let in_group = status_field(&s, "Groups:")
         .split_whitespace()
         .any(|x| x.parse() == Ok(file_gid));
-    let caps = u64::from_str_radix(field("CapEff:").trim(), 16).unwrap_or(0);
-    in_group || caps & (1 << CAP_FSETID) != 0
+    in_group || fsetid_in(&s)
+}
+
+/// Whether the process `pid` (uid `uid`) holds CAP_FSETID (the kernel's `capable`).
+pub fn capable_fsetid(pid: u32, uid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(s) => fsetid_in(&s),
+        Err(_) => uid == 0,
+    }
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or("")
+}
+
+fn fsetid_in(status: &str) -> bool {
+    let caps = u64::from_str_radix(status_field(status, "CapEff:").trim(), 16).unwrap_or(0);
+    caps & (1 << CAP_FSETID) != 0
 }
 
 #[cfg(test)]

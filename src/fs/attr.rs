@@ -10,8 +10,10 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
-/// The attribute the kernel asks for before every write(2) (FUSE mounts clear `SB_NOSEC`, so it
-/// cannot remember that a file has none): the answer, almost always "none", is remembered.
+/// The attribute the kernel asks for before a write(2) to see whether it must go: before every
+/// one where the kernel clears set-id bits itself, else (FUSE_HANDLE_KILLPRIV_V2) before the
+/// first after each reply carrying the inode's attributes. The answer, almost always "none",
+/// is remembered.
 const CAPS: &[u8] = b"security.capability";
 
 /// Files known to have no `security.capability`. A lookup remembers its "none" only if no
@@ -111,6 +113,57 @@ pub struct SetAttr {
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
     pub ctime: Option<Timestamp>,
+    /// Which set-id bits the change clears (the caller is in [`KillSetid`]).
+    pub kill_setid: KillSetid,
+}
+
+/// Clearing set-id bits where the kernel leaves it to the filesystem: the bits a change by
+/// the caller clears on ext4 (`dropped_setid`).
+#[derive(Clone, Copy, Debug, Default)]
+pub enum KillSetid {
+    #[default]
+    No,
+    /// A chown, or a change the kernel made for a write (it checked the caller's CAP_FSETID).
+    Always(Caller),
+    /// A truncate: not if the caller holds CAP_FSETID.
+    UnlessCapable(Caller),
+}
+
+impl KillSetid {
+    /// The bits to clear from inode `i`.
+    fn bits(self, i: &Inode) -> u16 {
+        let (who, always) = match self {
+            KillSetid::No => return 0,
+            KillSetid::Always(who) => (who, true),
+            KillSetid::UnlessCapable(who) => (who, false),
+        };
+        let d = dropped_setid(i, who);
+        if d == 0 || always || !acl::capable_fsetid(who.pid, who.uid) {
+            d
+        } else {
+            0
+        }
+    }
+}
+
+/// The set-id bits a write, truncate or chown by `who` clears from a file (the kernel's
+/// `should_remove_suid` and `setattr_should_drop_sgid`): set-user-ID; set-group-ID where the
+/// group may execute, or where `who` is neither in the file's group nor holds CAP_FSETID
+/// (without group execute the bit marks mandatory locking, not privilege). None on
+/// directories.
+fn dropped_setid(i: &Inode, who: Caller) -> u16 {
+    const SUID: u16 = libc::S_ISUID as u16;
+    const SGID: u16 = libc::S_ISGID as u16;
+    if i.kind == Kind::Dir || i.perm & (SUID | SGID) == 0 {
+        return 0;
+    }
+    let mut d = i.perm & SUID;
+    if i.perm & SGID != 0
+        && (i.perm & 0o010 != 0 || !acl::in_group_or_capable(who.pid, who.uid, who.gid, i.gid))
+    {
+        d |= SGID;
+    }
+    d
 }
 
 pub enum XattrReply {
@@ -176,6 +229,8 @@ impl Fs {
         let now = Timestamp::now();
         let inode = self.txn(|t| {
             let mut i = load_inode(t, ino)?;
+            // Before a chown: the kernel decides on the group the file had.
+            i.perm &= !set.kill_setid.bits(&i);
             if let Some(m) = set.mode {
                 i.perm = (m & 0o7777) as u16;
                 // The access ACL follows the new bits (posix_acl_chmod).
@@ -207,6 +262,20 @@ impl Fs {
             Ok(i)
         })?;
         Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
+    }
+
+    /// A write by `who` that the kernel says clears set-id bits (it checked CAP_FSETID).
+    pub fn kill_setid(&self, ino: Ino, who: Caller) -> Result<()> {
+        let kill = KillSetid::Always(who);
+        if kill.bits(&self.look(|t| load_inode(t, ino))?) == 0 {
+            return Ok(());
+        }
+        self.txn(|t| {
+            let mut i = load_inode(t, ino)?;
+            i.perm &= !kill.bits(&i);
+            i.ctime = Timestamp::now();
+            save_inode(t, ino, &i)
+        })
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {

@@ -35,7 +35,7 @@ use crate::keyspace::{self as ks, Ino, MountId};
 use crate::kv::{Cf, KvError, KvStore, Retryable, Txn};
 use crate::util::{lock, Timestamp};
 
-pub use attr::{Attr, SetAttr, SetTime, StatFs, XattrReply};
+pub use attr::{Attr, KillSetid, SetAttr, SetTime, StatFs, XattrReply};
 pub use dir::{DirEntry, NewNode};
 pub use file::FileState;
 

@@ -12,14 +12,13 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{
-    Attr, Caller, Fs, FsError, LockKind, LockSpec, NewNode, SetAttr, SetTime, XattrReply,
+    Attr, Caller, Fs, FsError, KillSetid, LockKind, LockSpec, NewNode, SetAttr, SetTime, XattrReply,
 };
 use crate::keyspace::records::Kind;
 use crate::util::Timestamp;
@@ -51,6 +50,9 @@ pub fn errno(op: &str, e: &FsError) -> Errno {
 pub struct KvFuse {
     fs: Arc<Fs>,
     store_dir: PathBuf,
+    /// The kernel left clearing set-id bits on write, truncate and chown to us
+    /// (FUSE_HANDLE_KILLPRIV_V2, [`session::negotiate`]).
+    kill_setid: bool,
 }
 
 impl KvFuse {
@@ -58,6 +60,7 @@ impl KvFuse {
         KvFuse {
             fs,
             store_dir: store_dir.to_path_buf(),
+            kill_setid: false,
         }
     }
 }
@@ -175,52 +178,7 @@ impl KvFuse {
 
 impl Filesystem for KvFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(1 << 20);
-        // Let the kernel gather small writes in its page cache and send them in large
-        // pieces (up to max_write) at writeback, fsync and close. Not where the store changes
-        // under the mount (a followed replica): in writeback mode the kernel trusts its own
-        // file sizes over ours.
-        if !self.fs.follows() {
-            match config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
-                Ok(()) => self.fs.set_kernel_times(),
-                Err(_) => tracing::warn!(
-                    "kernel lacks FUSE_WRITEBACK_CACHE; writes arrive as the caller makes them"
-                ),
-            }
-        }
-        // Listings carry attributes (the kernel decides when they pay off).
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
-        // File handles (name_to_handle_at, open_by_handle_at, NFS export): inode numbers are
-        // never reused, so a handle resolves by number (LOOKUP of "." in the node itself).
-        if config
-            .add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT)
-            .is_err()
-        {
-            tracing::warn!("kernel lacks FUSE_EXPORT_SUPPORT; file handles give ESTALE");
-        }
-        // Record locks: on a mount alone with its store every process that can see them
-        // comes through this kernel mount, so the kernel's own lock table (ext4's code) keeps
-        // them, without a round trip to us per fcntl (SQLite takes six per transaction).
-        // Where others share the store they go to us, and so into the keyspace.
-        if self.fs.alone() {
-            tracing::debug!("record locks kept by the kernel (this mount alone changes its store)");
-        } else if config
-            .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)
-            .is_err()
-        {
-            tracing::warn!("kernel lacks FUSE_POSIX_LOCKS; record locks stay local to the kernel");
-        }
-        // POSIX ACLs: the kernel enforces and caches them; we keep the mode and the ACL
-        // xattrs in step and inherit default ACLs (fs/acl.rs), so the kernel must hand us
-        // the create mode without the umask applied (DONT_MASK; we apply it when no default
-        // ACL replaces it).
-        if config
-            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
-            .is_err()
-        {
-            tracing::warn!("kernel lacks FUSE_POSIX_ACL; ACLs are stored but not enforced");
-        }
+        self.kill_setid = session::negotiate(&self.fs, config);
         Ok(())
     }
 
@@ -241,7 +199,7 @@ impl Filesystem for KvFuse {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -257,6 +215,18 @@ impl Filesystem for KvFuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // Where the kernel leaves set-id bits to us it strips the mode change it computed
+        // and sends the bare request: a chown (even to -1, -1) or a write's privilege kill
+        // arrives without mode, size or times. fuser does not pass FATTR_KILL_SUIDGID.
+        let kill_setid = if !self.kill_setid || mode.is_some() {
+            KillSetid::No
+        } else if size.is_some() {
+            KillSetid::UnlessCapable(caller(req))
+        } else if uid.is_some() || gid.is_some() || (atime.is_none() && mtime.is_none()) {
+            KillSetid::Always(caller(req))
+        } else {
+            KillSetid::No
+        };
         let set = SetAttr {
             mode,
             uid,
@@ -265,6 +235,7 @@ impl Filesystem for KvFuse {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
             ctime: ctime.map(Timestamp::from_system),
+            kill_setid,
         };
         let a = try_reply!(reply, "setattr", self.fs.setattr(ino.0, &set));
         reply.attr(&TTL, &attr(&a))
@@ -411,16 +382,19 @@ impl Filesystem for KvFuse {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            try_reply!(reply, "write", self.fs.kill_setid(ino.0, caller(req)));
+        }
         // The kernel already resolved O_APPEND into the offset.
         let n = try_reply!(reply, "write", self.fs.write(fh.0, offset, data));
         reply.written(n)

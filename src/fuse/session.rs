@@ -7,10 +7,77 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use fuser::{Config, InitFlags, KernelConfig, MountOption, Session, SessionACL, SessionUnmounter};
 
 use super::KvFuse;
 use crate::fs::{Atime, AtimeMode, Fs};
+
+/// What kvfs asks of the kernel when it connects (FUSE INIT). True if the kernel left
+/// clearing set-id bits to us (the write, truncate and chown of [`super::KvFuse`]).
+pub(super) fn negotiate(fs: &Fs, config: &mut KernelConfig) -> bool {
+    let _ = config.set_max_write(1 << 20);
+    // Let the kernel gather small writes in its page cache and send them in large
+    // pieces (up to max_write) at writeback, fsync and close. Not where the store changes
+    // under the mount (a followed replica): in writeback mode the kernel trusts its own
+    // file sizes over ours.
+    if !fs.follows() {
+        match config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+            Ok(()) => fs.set_kernel_times(),
+            Err(_) => tracing::warn!(
+                "kernel lacks FUSE_WRITEBACK_CACHE; writes arrive as the caller makes them"
+            ),
+        }
+    }
+    // Listings carry attributes (the kernel decides when they pay off).
+    let _ =
+        config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+    // File handles (name_to_handle_at, open_by_handle_at, NFS export): inode numbers are
+    // never reused, so a handle resolves by number (LOOKUP of "." in the node itself).
+    if config
+        .add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT)
+        .is_err()
+    {
+        tracing::warn!("kernel lacks FUSE_EXPORT_SUPPORT; file handles give ESTALE");
+    }
+    // Record locks: on a mount alone with its store every process that can see them
+    // comes through this kernel mount, so the kernel's own lock table (ext4's code) keeps
+    // them, without a round trip to us per fcntl (SQLite takes six per transaction).
+    // Where others share the store they go to us, and so into the keyspace.
+    if fs.alone() {
+        tracing::debug!("record locks kept by the kernel (this mount alone changes its store)");
+    } else if config
+        .add_capabilities(InitFlags::FUSE_POSIX_LOCKS)
+        .is_err()
+    {
+        tracing::warn!("kernel lacks FUSE_POSIX_LOCKS; record locks stay local to the kernel");
+    }
+    // POSIX ACLs: the kernel enforces and caches them; we keep the mode and the ACL
+    // xattrs in step and inherit default ACLs (fs/acl.rs), so the kernel must hand us
+    // the create mode without the umask applied (DONT_MASK; we apply it when no default
+    // ACL replaces it).
+    if config
+        .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+        .is_err()
+    {
+        tracing::warn!("kernel lacks FUSE_POSIX_ACL; ACLs are stored but not enforced");
+    }
+    // Set-id bits: left to the kernel, it asks us for `security.capability` before every
+    // write(2) to see whether one must go (a GETXATTR round trip per write: 4 KiB random
+    // writes ran at 33-34k IOPS, 430-450k without it). With KILLPRIV_V2 it asks only after
+    // an inode's attributes changed, and we clear the set-user-ID and set-group-ID bits
+    // when it says so (a write's flag) or when a chown, truncate or a bare SETATTR says so
+    // (`KvFuse::setattr`); capabilities it still removes itself.
+    if fs.follows() {
+        return false;
+    }
+    match config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2) {
+        Ok(()) => true,
+        Err(_) => {
+            tracing::debug!("kernel lacks FUSE_HANDLE_KILLPRIV_V2; it clears set-id bits itself");
+            false
+        }
+    }
+}
 
 /// What the kernel is told at mount time.
 #[derive(Clone, Debug, Default)]

@@ -404,3 +404,41 @@ pub fn mount_tmpfs(dir: &Path, size: &str) {
         .unwrap();
     assert!(st.success(), "mount a tmpfs on {}", dir.display());
 }
+
+/// What a differential scenario observes, in order.
+pub type Log = Vec<String>;
+
+/// A file's type and mode, link count, size and owner (or the errno of lstat).
+pub fn st(p: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(p) {
+        Ok(m) => format!(
+            "mode={:o} nlink={} size={} uid={} gid={}",
+            m.mode(),
+            m.nlink(),
+            if m.is_dir() { 0 } else { m.size() },
+            m.uid(),
+            m.gid()
+        ),
+        Err(e) => format!("err={}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// Run `f` on a fresh plain directory and a fresh directory inside the mount; the transcripts
+/// must match line for line.
+pub fn differential(name: &str, f: impl Fn(&Path, &mut Log)) {
+    let Some(m) = mount() else { return };
+    let plain = plain_dir(&m);
+    let kv = m.path("t");
+    std::fs::create_dir(&kv).unwrap();
+    let (mut a, mut b) = (Log::new(), Log::new());
+    f(&plain, &mut a);
+    f(&kv, &mut b);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(
+            x, y,
+            "{name}: step {i} differs (plain vs kvfs)\nplain: {a:#?}\nkvfs: {b:#?}"
+        );
+    }
+    assert_eq!(a.len(), b.len(), "{name}: transcript lengths differ");
+}

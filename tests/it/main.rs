@@ -16,5 +16,6 @@ mod ranges;
 mod replica;
 mod replica_faults;
 mod satellite;
+mod setid;
 mod tier;
 mod tools;

@@ -8,22 +8,6 @@ use std::path::Path;
 
 use crate::common::*;
 
-type Log = Vec<String>;
-
-fn st(p: &Path) -> String {
-    match fs::symlink_metadata(p) {
-        Ok(m) => format!(
-            "mode={:o} nlink={} size={} uid={} gid={}",
-            m.mode(),
-            m.nlink(),
-            if m.is_dir() { 0 } else { m.size() },
-            m.uid(),
-            m.gid()
-        ),
-        Err(e) => format!("err={}", e.raw_os_error().unwrap_or(-1)),
-    }
-}
-
 fn read_all(p: &Path) -> String {
     match fs::read(p) {
         Ok(b) => format!("{} bytes {:x}", b.len(), crc(&b)),
@@ -60,25 +44,6 @@ fn rename2(a: &Path, b: &Path, flags: u32) -> i32 {
             flags,
         )
     })
-}
-
-/// Run `f` on a fresh plain directory and a fresh directory inside the mount; the transcripts
-/// must match line for line.
-fn differential(name: &str, f: impl Fn(&Path, &mut Log)) {
-    let Some(m) = mount() else { return };
-    let plain = plain_dir(&m);
-    let kv = m.path("t");
-    fs::create_dir(&kv).unwrap();
-    let (mut a, mut b) = (Log::new(), Log::new());
-    f(&plain, &mut a);
-    f(&kv, &mut b);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert_eq!(
-            x, y,
-            "{name}: step {i} differs (plain vs kvfs)\nplain: {a:#?}\nkvfs: {b:#?}"
-        );
-    }
-    assert_eq!(a.len(), b.len(), "{name}: transcript lengths differ");
 }
 
 #[test]
