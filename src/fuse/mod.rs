@@ -189,7 +189,33 @@ impl Filesystem for KvFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, "lookup", self.fs.lookup(parent.0, name.as_bytes()))
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            // A name that is not there, kept by the kernel for TTL (node 0: a negative entry)
+            // where names appear only through it: SQLite looks for its rollback journal before
+            // each transaction and creates it under the same name.
+            Err(FsError::Errno(libc::ENOENT)) if self.fs.alone() => {
+                let t = SystemTime::UNIX_EPOCH;
+                let none = FileAttr {
+                    ino: INodeNo(0),
+                    size: 0,
+                    blocks: 0,
+                    atime: t,
+                    mtime: t,
+                    ctime: t,
+                    crtime: t,
+                    kind: FileType::RegularFile,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 0,
+                    flags: 0,
+                };
+                reply.entry(&TTL, &none, Generation(0))
+            }
+            r => self.entry(reply, "lookup", r),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
