@@ -424,16 +424,22 @@ pub fn st(p: &Path) -> String {
     }
 }
 
-/// Run `f` on a fresh plain directory and a fresh directory inside the mount; the transcripts
-/// must match line for line.
-pub fn differential(name: &str, f: impl Fn(&Path, &mut Log)) {
-    let Some(m) = mount() else { return };
-    let plain = plain_dir(&m);
+/// Run `f` on a fresh plain directory and on a fresh directory inside mount `m`: the two
+/// transcripts, plain first.
+pub fn transcripts(m: &Mounted, f: impl Fn(&Path, &mut Log)) -> (Log, Log) {
+    let plain = plain_dir(m);
     let kv = m.path("t");
     std::fs::create_dir(&kv).unwrap();
     let (mut a, mut b) = (Log::new(), Log::new());
     f(&plain, &mut a);
     f(&kv, &mut b);
+    (a, b)
+}
+
+/// [`transcripts`] on a fresh mount; they must match line for line.
+pub fn differential(name: &str, f: impl Fn(&Path, &mut Log)) {
+    let Some(m) = mount() else { return };
+    let (a, b) = transcripts(&m, f);
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert_eq!(
             x, y,

@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-type Log = Vec<String>;
-
 fn flock(typ: i32, start: i64, len: i64) -> libc::flock {
     // SAFETY: flock is plain data.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -284,12 +282,7 @@ fn scenario(dir: &Path, log: &mut Log) {
 #[test]
 fn record_locks_behave_like_a_local_filesystem_between_processes() {
     let Some(m) = mount() else { return };
-    let plain = plain_dir(&m);
-    let kv = m.path("t");
-    std::fs::create_dir(&kv).unwrap();
-    let (mut a, mut b) = (Log::new(), Log::new());
-    scenario(&plain, &mut a);
-    scenario(&kv, &mut b);
+    let (a, b) = transcripts(&m, scenario);
     if a != b {
         let dump = run_kvfs(&["dump", "--prefix", "i"], &m.store);
         panic!(
