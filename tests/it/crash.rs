@@ -214,7 +214,7 @@ fn writes_an_fsync_recorded_survive_a_crash_and_the_next_mount_applies_them() {
     // The mount commits a file's buffered blocks, deleting their records, when a write past
     // its end makes them mostly new, when a handle closes, and once they have been buffered
     // for 2 s: on a loaded machine the loop can end right after such a commit (1 record left
-    // in a crash-harness run). So close a second handle (a commit) and end with small writes
+    // in a crash-harness run). So close a second handle (a commit) and end with small writes,
     // each fsynced (every fifth just past the end, after a small hole): their records are
     // what the crash leaves.
     drop(File::open(&p).unwrap());
