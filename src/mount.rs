@@ -209,6 +209,19 @@ pub(crate) fn unmount_on_signal(session: &mut Mounted) -> Result<(), MountError>
     Ok(())
 }
 
+/// The tiering settings a mount of `kv` runs with: the store's, with the mount's own
+/// (`-o cache_size=` ...) over them.
+pub(crate) fn tier_settings(
+    kv: &crate::kv::KvStore,
+    opts: &MountOpts,
+) -> Result<crate::tier::config::TierSettings, MountError> {
+    crate::tier::config::TierSettings::resolve(
+        &crate::tier::config::read(kv)?,
+        &opts.tier.iter().cloned().collect(),
+    )
+    .map_err(MountError::Settings)
+}
+
 /// Why a mount could not start or did not end cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -331,11 +344,7 @@ pub fn run(
     // tracking costs resident reads against this).
     let tiering = std::env::var_os("KVFS_NO_TIERING").is_none();
     if (!opts.read_only || satellite) && tiering {
-        let settings = crate::tier::config::TierSettings::resolve(
-            &crate::tier::config::read(fs.store())?,
-            &opts.tier.iter().cloned().collect(),
-        )
-        .map_err(MountError::Settings)?;
+        let settings = tier_settings(fs.store(), opts)?;
         let tier = Arc::new(crate::tier::Tier::new(settings, opts.tier.clone()));
         let f = Arc::new(crate::tier::fetch::Fetcher::new(
             fs.store_arc(),
@@ -358,12 +367,7 @@ pub fn run(
         // A read-only mount of a store with evicted blocks fetches them too, without storing
         // them (the store is open read-only): a primary mounted `ro`, or a satellite followed
         // while `kvfs serve` keeps it pulling.
-        let timeout = crate::tier::config::TierSettings::resolve(
-            &crate::tier::config::read(fs.store())?,
-            &opts.tier.iter().cloned().collect(),
-        )
-        .map_err(MountError::Settings)?
-        .fetch_timeout;
+        let timeout = tier_settings(fs.store(), opts)?.fetch_timeout;
         let f = Arc::new(crate::tier::fetch::Fetcher::checking(
             fs.store_arc(),
             &format,

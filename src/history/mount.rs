@@ -47,12 +47,7 @@ pub fn run(
     kv.catch_up()?;
     let (moment, _) = resolve(&kv, at).map_err(MountError::Settings)?;
     let view = KvStore::with_engine(Arc::new(View::new(kv.engine(), moment)?));
-    let timeout = crate::tier::config::TierSettings::resolve(
-        &crate::tier::config::read(&kv)?,
-        &opts.tier.iter().cloned().collect(),
-    )
-    .map_err(MountError::Settings)?
-    .fetch_timeout;
+    let timeout = crate::mount::tier_settings(&kv, opts)?.fetch_timeout;
     drop(kv);
     let mut opts = opts.clone();
     opts.read_only = true;
