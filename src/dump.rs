@@ -94,6 +94,13 @@ pub fn describe_value(key: &[u8], v: &[u8]) -> Result<String, String> {
                 )
             })
             .map_err(e),
+        Some(Prefix::Covered) if key.len() == 17 => match <[u8; 8]>::try_from(v) {
+            Ok(t) => Ok(format!(
+                "fsync log records below seq {} are in the block",
+                u64::from_be_bytes(t)
+            )),
+            Err(_) => Err(format!("sequence number is {} bytes, expected 8", v.len())),
+        },
         Some(Prefix::Fmap) if key.len() == 17 => FmapEntry::decode(v)
             .map(|f| format!("block {} len {}", ks::hex(&f.hash), f.len))
             .map_err(e),

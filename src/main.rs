@@ -438,7 +438,20 @@ fn audit_cmd(dir: &Path, repair: bool, fetch: bool) -> ExitCode {
         fetch: fetcher.map(audit::Fetch),
     };
     match audit::audit(&kv, &o) {
-        Ok(r) => {
+        Ok(mut r) => {
+            // Beside the keyspace: what fsyncs left in the fsync log (after a crash).
+            match kvfs::fs::fsync_log_records(dir) {
+                Ok(0) => {}
+                Ok(n) => r.notes.push(format!(
+                    "{n} record(s) in the fsync log: bytes an fsync made durable; the next mount \
+                     applies those their blocks do not hold yet"
+                )),
+                Err(e) => r.problems.push(audit::Problem {
+                    key: "fsync log".into(),
+                    what: e.to_string(),
+                    repaired: None,
+                }),
+            }
             println!("{r}");
             if r.unrepaired() == 0 {
                 ExitCode::SUCCESS

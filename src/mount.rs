@@ -379,8 +379,9 @@ pub fn run(
     }
     if fs.alone() {
         // Writes an earlier mount made durable (fsync) without committing their blocks;
-        // after tiering is set up, as a block they apply to may be evicted.
-        fs.replay_pending()
+        // after tiering is set up, as a block they apply to may be evicted. This mount's
+        // fsyncs use the fsync log from here on.
+        fs.replay_with_log(&store_dir)
             .map_err(|e| MountError::Pending(e.to_string()))?;
     } else if fs.pending_records()? > 0 {
         tracing::warn!(

@@ -115,8 +115,9 @@ pub(super) struct Slot {
     /// The part of the image written since its last pending record (empty: `lo >= hi`).
     lo: usize,
     hi: usize,
-    /// Its pending records: sequence number and bytes.
-    records: Vec<(u64, u64)>,
+    /// Its pending records: sequence number, bytes, and whether in the fsync log (else a
+    /// `J` key).
+    records: Vec<(u64, u64, bool)>,
 }
 
 impl Slot {
@@ -140,8 +141,8 @@ impl Slot {
     }
 
     /// A pending record was written (`done`: it now holds those bytes) or may have been.
-    pub(super) fn recorded(&mut self, seq: u64, bytes: u64, done: bool) {
-        self.records.push((seq, bytes));
+    pub(super) fn recorded(&mut self, seq: u64, bytes: u64, done: bool, logged: bool) {
+        self.records.push((seq, bytes, logged));
         if done {
             self.lo = usize::MAX;
             self.hi = 0;
@@ -424,12 +425,22 @@ impl Fs {
             .collect();
         let size = s.size;
         let mtime = s.mtime;
-        // The pending records of these blocks go with the commit that holds their bytes.
-        let (mut settled, mut settled_bytes) = (Vec::new(), 0);
+        // The pending records of these blocks go with the commit that holds their bytes: a
+        // `J` key is deleted, a block with records in the fsync log gets its `j` mark.
+        let (mut settled, mut settled_bytes, mut marks, mut logged) =
+            (Vec::new(), 0, Vec::new(), 0);
         for (bn, _) in &current {
-            for (seq, bytes) in s.dirty.get(bn).map_or(&[][..], |x| &x.records[..]) {
-                settled.push(ks::pending_key(ino, *bn, *seq));
+            let recs = s.dirty.get(bn).map_or(&[][..], |x| &x.records[..]);
+            for (seq, bytes, in_log) in recs {
+                if *in_log {
+                    logged += 1;
+                } else {
+                    settled.push(ks::pending_key(ino, *bn, *seq));
+                }
                 settled_bytes += bytes;
+            }
+            if recs.iter().any(|r| r.2) {
+                marks.push(ks::covered_key(ino, *bn));
             }
         }
         let mut named: Vec<Hash> = Vec::new();
@@ -437,6 +448,11 @@ impl Fs {
             named.clear();
             for k in &settled {
                 t.delete(Cf::Meta, k)?;
+            }
+            // Every record of these blocks was numbered before this (under the mutex).
+            let below = self.pending_seq.load(Ordering::SeqCst).to_be_bytes();
+            for k in &marks {
+                t.put(Cf::Meta, k, &below)?;
             }
             let Some(mut inode) = load_inode_opt(t, ino)? else {
                 // Freed under us (cannot happen while open); drop the data.
@@ -468,6 +484,11 @@ impl Fs {
             blocks::settle_flush(&self.store, a, if res.is_ok() { &named[..] } else { &[] });
         }
         res?;
+        if logged > 0 {
+            // In this order: a restart of the log that saw the count fall saw this too.
+            self.log.settled.fetch_add(1, Ordering::SeqCst);
+            self.log.held.fetch_sub(logged, Ordering::SeqCst);
+        }
         if let Some(t) = self.tier() {
             if t.writing.tracks(ino) {
                 let named: Vec<_> = current
@@ -533,7 +554,10 @@ impl Fs {
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let st = self.handle_state(fh)?;
         self.make_durable(&st)?;
-        Ok(self.store.sync()?)
+        let settled = self.log.settled.load(Ordering::SeqCst);
+        self.store.sync()?;
+        self.restart_log(settled);
+        Ok(())
     }
 
     /// Make every committed change durable (fsyncdir).
@@ -544,7 +568,10 @@ impl Fs {
     /// Commit every buffered write and make it durable (syncfs, unmount).
     pub fn sync_all(&self) -> Result<()> {
         self.flush_all()?;
-        Ok(self.store.sync()?)
+        let settled = self.log.settled.load(Ordering::SeqCst);
+        self.store.sync()?;
+        self.restart_log(settled);
+        Ok(())
     }
 
     /// Flush every file; with `older_than`, only files dirty for at least that long. The

@@ -15,16 +15,34 @@
 //! when they touch blocks: truncate, copies, punching holes) changes a block with pending
 //! records, so "committed block, then the records in order" is the content the fsync saw.
 //! Freeing an inode deletes its records.
+//!
+//! Where RocksDB holds nothing unsynced, the records go to the fsync log instead (see
+//! `fsynclog`): one overwrite and its sync, not a transaction and a WAL sync. The commit of a
+//! block then writes its `j` key instead of deleting `J` keys, and replay applies a log
+//! record only above its block's `j`, merged in `seq` order with the block's `J` records.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use super::buffer::{replace_block, FileState, NewBlock};
+use super::fsynclog::{FsyncLog, LogRecord};
 use super::{corrupt, load_inode_opt, lock, save_inode, Fs, FsError, Result};
 use crate::blocks;
 use crate::keyspace::records::PendingWrite;
 use crate::keyspace::{self as ks, Ino, Prefix};
-use crate::kv::{Cf, Pair};
+use crate::kv::{Cf, KvError, Pair};
+
+/// The fsync log of a mount alone with its store, and what it waits for to start over.
+#[derive(Default)]
+pub(super) struct LogState {
+    log: OnceLock<FsyncLog>,
+    /// Records of the log that buffered blocks hold (not committed yet).
+    pub(super) held: AtomicU64,
+    /// Bumped by every commit that took some in, after its transaction.
+    pub(super) settled: AtomicU64,
+}
 
 /// An fsync writes pending records while the file's unrecorded changes are at most this many
 /// bytes; more, and committing the blocks costs about the same, so it commits them.
@@ -78,20 +96,129 @@ impl Fs {
         // cannot come between the records and their note in the slots. Noted even when the
         // transaction fails, so that the commit deletes them whatever it left behind; the
         // bytes count as recorded only when it succeeded.
-        let r = self.txn(|t| {
-            for (bn, seq, v) in &recs {
-                t.put(Cf::Meta, &ks::pending_key(st.ino, *bn, *seq), v)?;
-            }
+        let logged = self.log_append(st.ino, &recs);
+        let r = if logged {
             Ok(())
-        });
+        } else {
+            self.txn(|t| {
+                for (bn, seq, v) in &recs {
+                    t.put(Cf::Meta, &ks::pending_key(st.ino, *bn, *seq), v)?;
+                }
+                Ok(())
+            })
+        };
         for (bn, seq, v) in recs {
             let bytes = if r.is_ok() { v.len() as u64 } else { 0 };
             if let Some(x) = s.dirty.get_mut(&bn) {
-                x.recorded(seq, bytes, r.is_ok());
+                x.recorded(seq, bytes, r.is_ok(), logged);
             }
             s.pending_bytes += bytes;
         }
         r
+    }
+
+    /// Write `recs` to the fsync log, if the mount has one, it has room, and RocksDB holds
+    /// nothing unsynced (else the fsync syncs RocksDB anyway, and the records go with it).
+    fn log_append(&self, ino: Ino, recs: &[(u64, u64, Vec<u8>)]) -> bool {
+        let Some(log) = self.log.log.get() else {
+            return false;
+        };
+        if recs.is_empty() || !self.store.all_synced() {
+            return false;
+        }
+        let n = recs.len() as u64;
+        // Counted before the frame goes in: a restart of the log checks the count under the
+        // log's lock, which the append takes.
+        self.log.held.fetch_add(n, Ordering::SeqCst);
+        let frame: Vec<LogRecord> = recs
+            .iter()
+            .map(|(bn, seq, v)| LogRecord {
+                ino,
+                bn: *bn,
+                seq: *seq,
+                value: v.clone(),
+            })
+            .collect();
+        match log.append(&frame) {
+            Ok(true) => true,
+            r => {
+                self.log.held.fetch_sub(n, Ordering::SeqCst);
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "fsync log: a write failed; fsyncs go through the store until it starts over");
+                }
+                false
+            }
+        }
+    }
+
+    /// Start the fsync log over if no buffered block holds a record of it and no commit that
+    /// took some in came after `settled` was read, which the caller read before a sync of
+    /// the store: every record in it is then in a durable commit.
+    pub(super) fn restart_log(&self, settled: u64) {
+        let Some(log) = self.log.log.get() else {
+            return;
+        };
+        if !log.used() || self.log.held.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        let quiet = || {
+            self.log.held.load(Ordering::SeqCst) == 0
+                && self.log.settled.load(Ordering::SeqCst) == settled
+        };
+        if let Err(e) = log.reset_if(quiet) {
+            tracing::error!(error = %e, "fsync log: starting over failed");
+        }
+    }
+
+    /// Open the fsync log in `dir` (a mount alone with its store, before it serves), apply
+    /// its records and the `J` keys ([`Fs::replay_pending`]), start it over, and use it for
+    /// this mount's fsyncs. Returns the number of records applied.
+    pub fn replay_with_log(&self, dir: &Path) -> Result<usize> {
+        let io = |e: std::io::Error| {
+            FsError::Kv(KvError::Other(format!(
+                "{}: {e}",
+                dir.join(super::fsynclog::LOG_NAME).display()
+            )))
+        };
+        // A log that cannot be made (a full disk) only costs speed: fsyncs then write `J`
+        // keys. One that exists but cannot be read may hold what fsyncs made durable.
+        let made = dir.join(super::fsynclog::LOG_NAME).exists();
+        let (log, recs) = match FsyncLog::open(dir) {
+            Ok(x) => x,
+            Err(e) if !made => {
+                tracing::warn!(error = %e, "no fsync log: fsyncs sync the store's WAL");
+                return self.replay_pending();
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let (a, b) = Prefix::Covered.range();
+        let marks = self.look(|t| Ok(t.scan(Cf::Meta, &a, &b, usize::MAX)?))?;
+        let covered: HashMap<(Ino, u64), u64> = marks
+            .iter()
+            .filter_map(|(k, v)| {
+                let at = ks::parse_covered_key(k)?;
+                Some((at, u64::from_be_bytes(v.as_slice().try_into().ok()?)))
+            })
+            .collect();
+        // A record below its block's mark is in the block's committed content already.
+        let live: Vec<LogRecord> = recs
+            .into_iter()
+            .filter(|r| covered.get(&(r.ino, r.bn)).is_none_or(|&m| r.seq >= m))
+            .collect();
+        let applied = self.replay(live)?;
+        // All of it is committed now: durable, then the log starts over and the marks go.
+        self.store.sync()?;
+        log.reset_if(|| true).map_err(io)?;
+        for chunk in marks.chunks(1024) {
+            self.txn(|t| {
+                for (k, _) in chunk {
+                    t.delete(Cf::Meta, k)?;
+                }
+                Ok(())
+            })?;
+        }
+        let _ = self.log.log.set(log);
+        Ok(applied)
     }
 
     /// How many pending records the store holds (some when a mount crashed with them).
@@ -108,17 +235,25 @@ impl Fs {
     /// not decode is logged and dropped (its bytes are lost, the others applied); a block that
     /// cannot be read is an error, and the records stay for a later mount.
     pub fn replay_pending(&self) -> Result<usize> {
+        self.replay(Vec::new())
+    }
+
+    /// [`Fs::replay_pending`] with records of the fsync log in force.
+    fn replay(&self, logged: Vec<LogRecord>) -> Result<usize> {
         let (a, b) = Prefix::Pending.range();
         let all = self.look(|t| Ok(t.scan(Cf::Meta, &a, &b, usize::MAX)?))?;
-        let mut by_ino: BTreeMap<Ino, Vec<Pair>> = BTreeMap::new();
+        let mut by_ino: BTreeMap<Ino, (Vec<Pair>, Vec<LogRecord>)> = BTreeMap::new();
         for (k, v) in all {
             // The range holds only `J` keys: a key of another length names no inode.
             let ino = ks::parse_pending_key(&k).map_or(0, |(ino, _, _)| ino);
-            by_ino.entry(ino).or_default().push((k, v));
+            by_ino.entry(ino).or_default().0.push((k, v));
+        }
+        for r in logged {
+            by_ino.entry(r.ino).or_default().1.push(r);
         }
         let (files, mut applied) = (by_ino.len(), 0);
-        for (ino, recs) in by_ino {
-            applied += self.replay_file(ino, &recs)?;
+        for (ino, (recs, logged)) in by_ino {
+            applied += self.replay_file(ino, &recs, logged)?;
         }
         if files > 0 {
             tracing::info!(
@@ -130,32 +265,43 @@ impl Fs {
         Ok(applied)
     }
 
-    /// [`Fs::replay_pending`] for one file: its records in key order (block, then seq).
-    fn replay_file(&self, ino: Ino, recs: &[Pair]) -> Result<usize> {
+    /// [`Fs::replay_pending`] for one file: its `J` records and those of the fsync log, each
+    /// block's in `seq` order. The `J` keys go in the transaction that applies them.
+    fn replay_file(&self, ino: Ino, recs: &[Pair], logged: Vec<LogRecord>) -> Result<usize> {
         let bs = self.bs;
-        let mut parsed: BTreeMap<u64, Vec<PendingWrite>> = BTreeMap::new();
-        for (k, v) in recs {
-            let r = match ks::parse_pending_key(k) {
-                None => Err(bad(k, "not a pending-write key")),
-                Some((_, bn, _)) => match PendingWrite::decode(v) {
-                    Err(e) => Err(corrupt(k, e)),
+        let mut parsed: BTreeMap<u64, Vec<(u64, PendingWrite)>> = BTreeMap::new();
+        let keyed = recs
+            .iter()
+            .map(|(k, v)| (k.clone(), ks::parse_pending_key(k), v));
+        let from_log = logged.iter().map(|r| {
+            let k = ks::pending_key(r.ino, r.bn, r.seq);
+            (k, Some((r.ino, r.bn, r.seq)), &r.value)
+        });
+        for (k, at, v) in keyed.chain(from_log) {
+            let r = match at {
+                None => Err(bad(&k, "not a pending-write key")),
+                Some((_, bn, seq)) => match PendingWrite::decode(v) {
+                    Err(e) => Err(corrupt(&k, e)),
                     Ok(r) if r.offset as u64 + r.data.len() as u64 > bs => {
-                        Err(bad(k, "its bytes run past the block"))
+                        Err(bad(&k, "its bytes run past the block"))
                     }
-                    Ok(r) => Ok((bn, r)),
+                    Ok(r) => Ok((bn, seq, r)),
                 },
             };
             match r {
-                Ok((bn, r)) => parsed.entry(bn).or_default().push(r),
+                Ok((bn, seq, r)) => parsed.entry(bn).or_default().push((seq, r)),
                 Err(e) => tracing::error!(error = %e, "a pending write is damaged; dropped"),
             }
+        }
+        for rs in parsed.values_mut() {
+            rs.sort_by_key(|(seq, _)| *seq);
         }
         let applied = parsed.values().map(Vec::len).sum();
         // The blocks as committed, read before the transaction (a read may fetch).
         let mut images = Vec::new();
         for (bn, rs) in &parsed {
             let mut img = self.committed_block(ino, *bn)?;
-            for r in rs {
+            for (_, r) in rs {
                 let (lo, hi) = (r.offset as usize, r.offset as usize + r.data.len());
                 if img.len() < hi {
                     img.resize(hi, 0);
@@ -164,7 +310,7 @@ impl Fs {
             }
             images.push((*bn, blocks::prepare(&img, &self.codec)));
         }
-        let all: Vec<&PendingWrite> = parsed.values().flatten().collect();
+        let all: Vec<&PendingWrite> = parsed.values().flatten().map(|(_, r)| r).collect();
         let size = all.iter().map(|r| r.size).max().unwrap_or(0);
         let mtime = all.iter().filter_map(|r| r.mtime).max();
         self.txn(|t| {

@@ -17,6 +17,8 @@ mod attr;
 mod buffer;
 mod dir;
 mod file;
+mod fsynclog;
+pub use fsynclog::records_in as fsync_log_records;
 mod journal;
 mod lock;
 mod ranges;
@@ -232,6 +234,7 @@ pub struct Fs {
     /// Sequence numbers of pending records (`J` keys): from the mount's start time in
     /// nanoseconds, so a later mount's come after an earlier one's.
     pending_seq: AtomicU64,
+    log: journal::LogState,
 }
 
 /// A directory's entries as read for an open handle.
@@ -285,6 +288,7 @@ impl Fs {
             last_use: AtomicU64::new(0),
             started: std::time::Instant::now(),
             pending_seq: AtomicU64::new(Timestamp::now().nanos().max(0) as u64),
+            log: journal::LogState::default(),
         }
     }
 

@@ -47,10 +47,11 @@ pub enum Prefix {
     PastHold,
     PrimaryPast,
     Pending,
+    Covered,
 }
 
 impl Prefix {
-    pub const ALL: [Prefix; 23] = [
+    pub const ALL: [Prefix; 24] = [
         Prefix::Meta,
         Prefix::Inode,
         Prefix::Dirent,
@@ -74,6 +75,7 @@ impl Prefix {
         Prefix::PastHold,
         Prefix::PrimaryPast,
         Prefix::Pending,
+        Prefix::Covered,
     ];
 
     pub const fn byte(self) -> u8 {
@@ -101,6 +103,7 @@ impl Prefix {
             Prefix::PastHold => b'V',
             Prefix::PrimaryPast => b'P',
             Prefix::Pending => b'J',
+            Prefix::Covered => b'j',
         }
     }
 
@@ -116,7 +119,8 @@ impl Prefix {
             | Prefix::Replica
             | Prefix::Past
             | Prefix::Moment
-            | Prefix::Pending => Cf::Meta,
+            | Prefix::Pending
+            | Prefix::Covered => Cf::Meta,
             Prefix::Fmap => Cf::Fmap,
             Prefix::Block | Prefix::WrittenAhead => Cf::Blocks,
             Prefix::BlockInfo
@@ -156,6 +160,7 @@ impl Prefix {
             Prefix::PastHold => "past-hold",
             Prefix::PrimaryPast => "primary-past-hold",
             Prefix::Pending => "pending-write",
+            Prefix::Covered => "covered-writes",
         }
     }
 
@@ -457,6 +462,23 @@ pub fn parse_pending_key(key: &[u8]) -> Option<(Ino, u64, u64)> {
     Some((n(1), n(9), n(17)))
 }
 
+/// `j ino blockno`: the fsync log's records of this block below this sequence number are in
+/// its committed content (written by the commit that put them there).
+pub fn covered_key(ino: Ino, blockno: u64) -> Vec<u8> {
+    let mut k = with_ino(Prefix::Covered, ino, 8);
+    k.extend_from_slice(&blockno.to_be_bytes());
+    k
+}
+
+/// Inode and block number of a `j` key.
+pub fn parse_covered_key(key: &[u8]) -> Option<(Ino, u64)> {
+    if key.len() != 17 || key[0] != Prefix::Covered.byte() {
+        return None;
+    }
+    let n = |i: usize| u64::from_be_bytes(key[i..i + 8].try_into().unwrap_or([0; 8]));
+    Some((n(1), n(9)))
+}
+
 /// Block number of an `f` key.
 pub fn fmap_blockno(key: &[u8]) -> Option<u64> {
     key.get(9..17)
@@ -619,6 +641,10 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(Prefix::Pending) => match parse_pending_key(key) {
             Some((ino, bn, seq)) => format!("J {ino} block {bn} seq {seq}"),
             None => format!("J {}", hex(&key[1..])),
+        },
+        Some(Prefix::Covered) => match parse_covered_key(key) {
+            Some((ino, bn)) => format!("j {ino} block {bn}"),
+            None => format!("j {}", hex(&key[1..])),
         },
         Some(Prefix::LastUse) => match parse_last_use_key(key) {
             Some((secs, h)) => format!("A {secs} {}", hex(&h)),

@@ -11,7 +11,7 @@ use crate::util::Timestamp;
 /// The on-disk format this build writes. A store of another major is refused at open, except
 /// format 1 stores, which this build upgrades in place (see keyspace.md, "Upgrades").
 pub const FORMAT_MAJOR: u32 = 5;
-pub const FORMAT_MINOR: u32 = 4;
+pub const FORMAT_MINOR: u32 = 5;
 pub const FORMAT_PATCH: u32 = 0;
 /// Older majors this build reads and upgrades.
 pub const UPGRADABLE_MAJORS: &[u32] = &[1, 2, 3, 4];

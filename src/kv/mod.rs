@@ -226,6 +226,11 @@ pub trait Engine: Send + Sync {
     ) -> Result<(), KvError>;
     /// Make every committed transaction durable.
     fn sync(&self) -> Result<(), KvError>;
+    /// Whether every committed transaction is durable already (a sync has nothing to do);
+    /// false where the engine cannot tell.
+    fn all_synced(&self) -> bool {
+        false
+    }
     /// Whether this process holds the store alone (no other writer can exist).
     fn is_exclusive(&self) -> bool;
     fn is_read_only(&self) -> bool;
@@ -640,6 +645,11 @@ impl KvStore {
             return Ok(());
         }
         self.engine.sync()
+    }
+
+    /// See [`Engine::all_synced`].
+    pub fn all_synced(&self) -> bool {
+        self.engine.all_synced()
     }
 
     /// See [`Engine::store_bulk_durably`].

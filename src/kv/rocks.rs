@@ -303,6 +303,17 @@ impl Engine for RocksEngine {
         Ok(())
     }
 
+    fn all_synced(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        match &self.db {
+            Db::Rw(db) => {
+                let latest = db.latest_sequence_number();
+                latest != 0 && latest <= self.synced.load(Ordering::Acquire)
+            }
+            Db::Ro(_) => false,
+        }
+    }
+
     fn is_exclusive(&self) -> bool {
         matches!(self.db, Db::Rw(_))
     }
