@@ -209,6 +209,9 @@ impl Fs {
 
     pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
         self.writable()?;
+        if let Some(a) = self.buffer_times(ino, set)? {
+            return Ok(a);
+        }
         if let Some(size) = set.size {
             self.truncate(ino, size)?;
         } else if set.mtime.is_some() && !self.kernel_times.load(Ordering::Relaxed) {
@@ -262,6 +265,39 @@ impl Fs {
             Ok(i)
         })?;
         Ok(self.overlay(ino, Attr::new(ino, &inode, self.bs)))
+    }
+
+    /// The kernel pushing a file's write times (writeback cache: mtime and ctime, equal,
+    /// nothing else) while the file has buffered writes: kept with the buffer, committed with
+    /// it and carried by its pending records, as a write's own mtime is without the writeback
+    /// cache. Its transaction made the fsync after it sync RocksDB's WAL, not the fsync log.
+    /// None: not such a change.
+    fn buffer_times(&self, ino: Ino, set: &SetAttr) -> Result<Option<Attr>> {
+        let only_times = set.mode.is_none()
+            && set.uid.is_none()
+            && set.gid.is_none()
+            && set.size.is_none()
+            && set.atime.is_none()
+            && matches!(set.kill_setid, KillSetid::No);
+        let (Some(SetTime::At(m)), Some(c)) = (set.mtime, set.ctime) else {
+            return Ok(None);
+        };
+        if !only_times || m != c || !self.kernel_times.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let Some(st) = self.file_state(ino) else {
+            return Ok(None);
+        };
+        {
+            let mut s = lock(&st.inner);
+            if s.dirty_since.is_none() {
+                return Ok(None);
+            }
+            Timestamp::observe(c);
+            s.mtime = Some(m);
+        }
+        let inode = self.look(|t| load_inode(t, ino))?;
+        Ok(Some(self.overlay(ino, Attr::new(ino, &inode, self.bs))))
     }
 
     /// A write by `who` that the kernel says clears set-id bits (it checked CAP_FSETID).

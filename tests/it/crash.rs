@@ -312,6 +312,8 @@ fn a_block_committed_after_its_fsync_log_record_keeps_its_newer_bytes() {
     let newer = pattern(300, 64 << 10);
     fb.write_all_at(&newer, 0).unwrap();
     fb.sync_data().unwrap();
+    // a's last write time, which the kernel pushed before its fsync: durable with it.
+    let mtime_a = fs::metadata(&a).unwrap().modified().unwrap();
     m.crash();
     drop((fa, fb));
     assert!(
@@ -330,6 +332,7 @@ fn a_block_committed_after_its_fsync_log_record_keeps_its_newer_bytes() {
         fs::read(&a).unwrap() == model_a,
         "a lost bytes an fsync made durable"
     );
+    assert_eq!(fs::metadata(&a).unwrap().modified().unwrap(), mtime_a);
     m.unmount();
     assert_eq!(fsync_log_records(&m.store), 0);
     audit_clean(&m.store, 1);
