@@ -556,7 +556,7 @@ impl Fs {
         self.make_durable(&st)?;
         let settled = self.log.settled.load(Ordering::SeqCst);
         self.store.sync()?;
-        self.restart_log(settled);
+        self.restart_log(settled, false);
         Ok(())
     }
 
@@ -570,7 +570,7 @@ impl Fs {
         self.flush_all()?;
         let settled = self.log.settled.load(Ordering::SeqCst);
         self.store.sync()?;
-        self.restart_log(settled);
+        self.restart_log(settled, true);
         Ok(())
     }
 

@@ -113,10 +113,14 @@ impl FsyncLog {
         }
     }
 
-    /// Whether frames were written since the last reset.
-    pub fn used(&self) -> bool {
+    /// The bytes of the frames written since the last reset (all of it once broken).
+    pub fn used(&self) -> u64 {
         let s = lock(&self.state);
-        s.at > FRAMES || s.broken
+        if s.broken {
+            LOG_BYTES
+        } else {
+            s.at - FRAMES
+        }
     }
 
     /// Start a new generation if `quiet()` holds under the log's lock (no frame can be
@@ -314,18 +318,18 @@ mod tests {
     fn frames_come_back_in_order_until_a_reset() {
         let d = tempfile::tempdir().unwrap();
         let (log, recs) = FsyncLog::open(d.path()).unwrap();
-        assert!(recs.is_empty() && !log.used());
+        assert!(recs.is_empty() && log.used() == 0);
         assert!(log.append(&[rec(1, 10), rec(2, 0)]).unwrap());
         assert!(log.append(&[rec(3, 4000)]).unwrap());
         drop(log);
         let (log, recs) = FsyncLog::open(d.path()).unwrap();
         assert_eq!(recs, vec![rec(1, 10), rec(2, 0), rec(3, 4000)]);
-        assert!(log.used());
+        assert!(log.used() > 0);
         // Appends go after what was found.
         assert!(log.append(&[rec(4, 1)]).unwrap());
         assert!(!log.reset_if(|| false).unwrap());
         assert!(log.reset_if(|| true).unwrap());
-        assert!(!log.used());
+        assert_eq!(log.used(), 0);
         assert!(log.append(&[rec(5, 3)]).unwrap());
         drop(log);
         // The new generation's frame only: the old ones after it are not read.

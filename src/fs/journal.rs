@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::buffer::{replace_block, FileState, NewBlock};
-use super::fsynclog::{FsyncLog, LogRecord};
+use super::fsynclog::{FsyncLog, LogRecord, LOG_BYTES};
 use super::{corrupt, load_inode_opt, lock, save_inode, Fs, FsError, Result};
 use crate::blocks;
 use crate::keyspace::records::PendingWrite;
@@ -153,12 +153,15 @@ impl Fs {
 
     /// Start the fsync log over if no buffered block holds a record of it and no commit that
     /// took some in came after `settled` was read, which the caller read before a sync of
-    /// the store: every record in it is then in a durable commit.
-    pub(super) fn restart_log(&self, settled: u64) {
+    /// the store: every record in it is then in a durable commit. Only once it is half full
+    /// unless `now` (a restart is a sync of its own: restarting whenever the count fell to
+    /// zero cost SQLite's rollback journal mode a third sync per transaction).
+    pub(super) fn restart_log(&self, settled: u64, now: bool) {
         let Some(log) = self.log.log.get() else {
             return;
         };
-        if !log.used() || self.log.held.load(Ordering::SeqCst) != 0 {
+        let used = log.used();
+        if used == 0 || !now && used < LOG_BYTES / 2 || self.log.held.load(Ordering::SeqCst) != 0 {
             return;
         }
         let quiet = || {
@@ -196,8 +199,12 @@ impl Fs {
         let covered: HashMap<(Ino, u64), u64> = marks
             .iter()
             .filter_map(|(k, v)| {
-                let at = ks::parse_covered_key(k)?;
-                Some((at, u64::from_be_bytes(v.as_slice().try_into().ok()?)))
+                let mark = ks::parse_covered_key(k)
+                    .zip(<[u8; 8]>::try_from(v.as_slice()).ok().map(u64::from_be_bytes));
+                if mark.is_none() {
+                    tracing::error!(key = %ks::describe_key(k), "a damaged `j` mark: its block's log records are all applied");
+                }
+                mark
             })
             .collect();
         // A record below its block's mark is in the block's committed content already.

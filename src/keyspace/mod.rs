@@ -475,8 +475,7 @@ pub fn parse_covered_key(key: &[u8]) -> Option<(Ino, u64)> {
     if key.len() != 17 || key[0] != Prefix::Covered.byte() {
         return None;
     }
-    let n = |i: usize| u64::from_be_bytes(key[i..i + 8].try_into().unwrap_or([0; 8]));
-    Some((n(1), n(9)))
+    Some((key_ino(key)?, fmap_blockno(key)?))
 }
 
 /// Block number of an `f` key.
