@@ -554,10 +554,7 @@ impl Fs {
     pub fn fsync(&self, fh: u64) -> Result<()> {
         let st = self.handle_state(fh)?;
         self.make_durable(&st)?;
-        let settled = self.log.settled.load(Ordering::SeqCst);
-        self.store.sync()?;
-        self.restart_log(settled, false);
-        Ok(())
+        self.sync_then_restart_log(false)
     }
 
     /// Make every committed change durable (fsyncdir).
@@ -568,10 +565,7 @@ impl Fs {
     /// Commit every buffered write and make it durable (syncfs, unmount).
     pub fn sync_all(&self) -> Result<()> {
         self.flush_all()?;
-        let settled = self.log.settled.load(Ordering::SeqCst);
-        self.store.sync()?;
-        self.restart_log(settled, true);
-        Ok(())
+        self.sync_then_restart_log(true)
     }
 
     /// Flush every file; with `older_than`, only files dirty for at least that long. The

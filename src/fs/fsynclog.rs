@@ -79,17 +79,17 @@ impl FsyncLog {
         Ok((log, recs))
     }
 
-    /// Append `recs` as one frame and sync it. Ok(false): no room, or the log is broken;
-    /// the caller records them another way.
-    pub fn append(&self, recs: &[LogRecord]) -> io::Result<bool> {
+    /// Append the records of `ino` (block number, seq, value each) as one frame and sync
+    /// it. Ok(false): no room, or the log is broken; the caller records them another way.
+    pub fn append(&self, ino: u64, recs: &[(u64, u64, Vec<u8>)]) -> io::Result<bool> {
         let mut payload = Vec::new();
         payload.extend_from_slice(&(recs.len() as u32).to_le_bytes());
-        for r in recs {
-            payload.extend_from_slice(&r.ino.to_le_bytes());
-            payload.extend_from_slice(&r.bn.to_le_bytes());
-            payload.extend_from_slice(&r.seq.to_le_bytes());
-            payload.extend_from_slice(&(r.value.len() as u32).to_le_bytes());
-            payload.extend_from_slice(&r.value);
+        for (bn, seq, value) in recs {
+            payload.extend_from_slice(&ino.to_le_bytes());
+            payload.extend_from_slice(&bn.to_le_bytes());
+            payload.extend_from_slice(&seq.to_le_bytes());
+            payload.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            payload.extend_from_slice(value);
         }
         let mut s = lock(&self.state);
         let end = s.at + (FRAME_HEAD + payload.len()) as u64;
@@ -314,23 +314,32 @@ mod tests {
         }
     }
 
+    /// Append records of inode 7 as one frame.
+    fn append(log: &FsyncLog, recs: &[LogRecord]) -> bool {
+        let parts: Vec<_> = recs
+            .iter()
+            .map(|r| (r.bn, r.seq, r.value.clone()))
+            .collect();
+        log.append(7, &parts).unwrap()
+    }
+
     #[test]
     fn frames_come_back_in_order_until_a_reset() {
         let d = tempfile::tempdir().unwrap();
         let (log, recs) = FsyncLog::open(d.path()).unwrap();
         assert!(recs.is_empty() && log.used() == 0);
-        assert!(log.append(&[rec(1, 10), rec(2, 0)]).unwrap());
-        assert!(log.append(&[rec(3, 4000)]).unwrap());
+        assert!(append(&log, &[rec(1, 10), rec(2, 0)]));
+        assert!(append(&log, &[rec(3, 4000)]));
         drop(log);
         let (log, recs) = FsyncLog::open(d.path()).unwrap();
         assert_eq!(recs, vec![rec(1, 10), rec(2, 0), rec(3, 4000)]);
         assert!(log.used() > 0);
         // Appends go after what was found.
-        assert!(log.append(&[rec(4, 1)]).unwrap());
+        assert!(append(&log, &[rec(4, 1)]));
         assert!(!log.reset_if(|| false).unwrap());
         assert!(log.reset_if(|| true).unwrap());
         assert_eq!(log.used(), 0);
-        assert!(log.append(&[rec(5, 3)]).unwrap());
+        assert!(append(&log, &[rec(5, 3)]));
         drop(log);
         // The new generation's frame only: the old ones after it are not read.
         let (log, recs) = FsyncLog::open(d.path()).unwrap();
@@ -346,7 +355,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (log, _) = FsyncLog::open(d.path()).unwrap();
         for s in 1..=3 {
-            assert!(log.append(&[rec(s, 100)]).unwrap());
+            assert!(append(&log, &[rec(s, 100)]));
         }
         drop(log);
         // Flip a byte of the second frame's payload.
@@ -367,13 +376,13 @@ mod tests {
         let (log, _) = FsyncLog::open(d.path()).unwrap();
         let big = rec(1, 1 << 20);
         let mut n = 0;
-        while log.append(std::slice::from_ref(&big)).unwrap() {
+        while append(&log, std::slice::from_ref(&big)) {
             n += 1;
         }
         let frame = (FRAME_HEAD + 4 + RECORD_HEAD + (1 << 20)) as u64;
         assert_eq!(n, (LOG_BYTES - FRAMES) / frame);
         assert!(log.reset_if(|| true).unwrap());
-        assert!(log.append(&[big]).unwrap());
+        assert!(append(&log, &[big]));
     }
 
     #[test]

@@ -130,16 +130,7 @@ impl Fs {
         // Counted before the frame goes in: a restart of the log checks the count under the
         // log's lock, which the append takes.
         self.log.held.fetch_add(n, Ordering::SeqCst);
-        let frame: Vec<LogRecord> = recs
-            .iter()
-            .map(|(bn, seq, v)| LogRecord {
-                ino,
-                bn: *bn,
-                seq: *seq,
-                value: v.clone(),
-            })
-            .collect();
-        match log.append(&frame) {
+        match log.append(ino, recs) {
             Ok(true) => true,
             r => {
                 self.log.held.fetch_sub(n, Ordering::SeqCst);
@@ -151,18 +142,20 @@ impl Fs {
         }
     }
 
-    /// Start the fsync log over if no buffered block holds a record of it and no commit that
-    /// took some in came after `settled` was read, which the caller read before a sync of
-    /// the store: every record in it is then in a durable commit. Only once it is half full
-    /// unless `now` (a restart is a sync of its own: restarting whenever the count fell to
-    /// zero cost SQLite's rollback journal mode a third sync per transaction).
-    pub(super) fn restart_log(&self, settled: u64, now: bool) {
+    /// Sync the store, then start the fsync log over if no buffered block holds a record of
+    /// it and no commit that took some in came after the sync began: every record in it is
+    /// then in a durable commit. Only once it is half full unless `now` (a restart is a sync
+    /// of its own: restarting whenever the count fell to zero cost SQLite's rollback journal
+    /// mode a third sync per transaction).
+    pub(super) fn sync_then_restart_log(&self, now: bool) -> Result<()> {
+        let settled = self.log.settled.load(Ordering::SeqCst);
+        self.store.sync()?;
         let Some(log) = self.log.log.get() else {
-            return;
+            return Ok(());
         };
         let used = log.used();
         if used == 0 || !now && used < LOG_BYTES / 2 || self.log.held.load(Ordering::SeqCst) != 0 {
-            return;
+            return Ok(());
         }
         let quiet = || {
             self.log.held.load(Ordering::SeqCst) == 0
@@ -171,6 +164,7 @@ impl Fs {
         if let Err(e) = log.reset_if(quiet) {
             tracing::error!(error = %e, "fsync log: starting over failed");
         }
+        Ok(())
     }
 
     /// Open the fsync log in `dir` (a mount alone with its store, before it serves), apply
