@@ -383,11 +383,23 @@ pub fn run(
         // fsyncs use the fsync log from here on.
         fs.replay_with_log(&store_dir)
             .map_err(|e| MountError::Pending(e.to_string()))?;
-    } else if fs.pending_records()? > 0 {
-        tracing::warn!(
-            "this store holds writes an fsync made durable that a crashed mount did not commit; \
-             a read-only mount shows the files without them (a read-write mount applies them)"
-        );
+    } else if !crate::store::in_use(&store_dir) {
+        // No read-write mount is running: records left are a crashed mount's, in the keyspace
+        // (`J`) or in the fsync log (those not in their blocks yet).
+        let logged = fs.unapplied_log_records(&store_dir).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the fsync log cannot be read");
+            0
+        });
+        let keyed = fs.pending_records()?;
+        if logged + keyed > 0 {
+            tracing::warn!(
+                keyed,
+                logged,
+                "this store holds writes an fsync made durable that a crashed mount did not \
+                 commit; a read-only mount shows the files without them (a read-write mount \
+                 applies them)"
+            );
+        }
     }
 
     let mut session =

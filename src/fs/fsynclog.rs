@@ -146,10 +146,15 @@ impl FsyncLog {
 /// How many records the log in `dir` holds (none if there is no log), without changing it:
 /// for `kvfs audit`, which may run while the store is mounted.
 pub fn records_in(dir: &Path) -> io::Result<usize> {
+    Ok(read_records(dir)?.len())
+}
+
+/// The records of the fsync log in `dir`, read only (none if there is no log).
+pub(super) fn read_records(dir: &Path) -> io::Result<Vec<LogRecord>> {
     let path = dir.join(LOG_NAME);
     match File::open(&path) {
-        Ok(f) => Ok(read(&f, &path)?.1.len()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Ok(f) => Ok(read(&f, &path)?.1),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
     }
 }

@@ -188,23 +188,10 @@ impl Fs {
             }
             Err(e) => return Err(io(e)),
         };
-        let (a, b) = Prefix::Covered.range();
-        let marks = self.look(|t| Ok(t.scan(Cf::Meta, &a, &b, usize::MAX)?))?;
-        let covered: HashMap<(Ino, u64), u64> = marks
-            .iter()
-            .filter_map(|(k, v)| {
-                let mark = ks::parse_covered_key(k)
-                    .zip(<[u8; 8]>::try_from(v.as_slice()).ok().map(u64::from_be_bytes));
-                if mark.is_none() {
-                    tracing::error!(key = %ks::describe_key(k), "a damaged `j` mark: its block's log records are all applied");
-                }
-                mark
-            })
-            .collect();
-        // A record below its block's mark is in the block's committed content already.
+        let (marks, covered) = self.covered()?;
         let live: Vec<LogRecord> = recs
             .into_iter()
-            .filter(|r| covered.get(&(r.ino, r.bn)).is_none_or(|&m| r.seq >= m))
+            .filter(|r| unapplied(&covered, r))
             .collect();
         let applied = self.replay(live)?;
         // All of it is committed now: durable, then the log starts over and the marks go.
@@ -220,6 +207,33 @@ impl Fs {
         }
         let _ = self.log.log.set(log);
         Ok(applied)
+    }
+
+    /// The `j` marks: their keys, and each block's mark.
+    fn covered(&self) -> Result<(Vec<Pair>, Marks)> {
+        let (a, b) = Prefix::Covered.range();
+        let marks = self.look(|t| Ok(t.scan(Cf::Meta, &a, &b, usize::MAX)?))?;
+        let covered = marks
+            .iter()
+            .filter_map(|(k, v)| {
+                let mark = ks::parse_covered_key(k)
+                    .zip(<[u8; 8]>::try_from(v.as_slice()).ok().map(u64::from_be_bytes));
+                if mark.is_none() {
+                    tracing::error!(key = %ks::describe_key(k), "a damaged `j` mark: its block's log records are all applied");
+                }
+                mark
+            })
+            .collect();
+        Ok((marks, covered))
+    }
+
+    /// How many records of the fsync log in `dir` their blocks do not hold yet (what a crashed
+    /// mount left; a mount that cannot apply them warns).
+    pub fn unapplied_log_records(&self, dir: &Path) -> Result<usize> {
+        let recs = super::fsynclog::read_records(dir)
+            .map_err(|e| FsError::Kv(KvError::Other(format!("{}: {e}", dir.display()))))?;
+        let (_, covered) = self.covered()?;
+        Ok(recs.iter().filter(|r| unapplied(&covered, r)).count())
     }
 
     /// How many pending records the store holds (some when a mount crashed with them).
@@ -336,6 +350,15 @@ impl Fs {
         })?;
         Ok(applied)
     }
+}
+
+/// Each block's `j` mark: the log records below it are in the block.
+type Marks = HashMap<(Ino, u64), u64>;
+
+/// A log record at or above its block's `j` mark (below it, the block's committed content
+/// holds its bytes already).
+fn unapplied(covered: &Marks, r: &LogRecord) -> bool {
+    covered.get(&(r.ino, r.bn)).is_none_or(|&m| r.seq >= m)
 }
 
 fn bad(key: &[u8], reason: &str) -> FsError {
