@@ -16,8 +16,10 @@ use super::reader::BlockReader;
 use crate::keyspace::{self as ks, Hash};
 use crate::util::lock;
 
-/// A block asked for: its name, its length, and whether an evicted one is stored when fetched.
-type Wanted = (Hash, u32, bool);
+/// Blocks asked for together, fetched in turn by one worker: their names and lengths, and
+/// whether evicted ones are stored when fetched. One message per run of blocks, not per
+/// block: a cold sequential read asked for 16 blocks per MiB, each a wakeup of a worker.
+type Wanted = (Vec<(Hash, u32)>, bool);
 
 pub struct Prefetcher {
     tx: Option<Sender<Wanted>>,
@@ -46,11 +48,13 @@ impl Prefetcher {
                 std::thread::Builder::new()
                     .name(format!("kvfs-fetch-{i}"))
                     .spawn(move || {
-                        for (h, len, keep) in rx {
-                            if let Err(e) = reader.warm(&h, len, keep) {
-                                tracing::debug!(block = %ks::hex(&h), error = %e, "prefetch failed");
+                        for (run, keep) in rx {
+                            for (h, len) in run {
+                                if let Err(e) = reader.warm(&h, len, keep) {
+                                    tracing::debug!(block = %ks::hex(&h), error = %e, "prefetch failed");
+                                }
+                                lock(&pending).remove(&h);
                             }
-                            lock(&pending).remove(&h);
                         }
                     })
                     .ok()
@@ -68,6 +72,11 @@ impl Prefetcher {
     /// its way already; an evicted one is stored here again if `keep`.
     pub fn want(&self, h: Hash, len: u32, keep: bool) {
         self.handle().want(h, len, keep)
+    }
+
+    /// Fetch a run of blocks (see [`PrefetchHandle::want_run`]).
+    pub fn want_run(&self, run: Vec<(Hash, u32)>, keep: bool) {
+        self.handle().want_run(run, keep)
     }
 
     /// A handle to ask for blocks from another thread.
@@ -91,14 +100,27 @@ pub struct PrefetchHandle {
 
 impl PrefetchHandle {
     pub fn want(&self, h: Hash, len: u32, keep: bool) {
+        self.want_run(vec![(h, len)], keep)
+    }
+
+    /// [`PrefetchHandle::want`] for a run of blocks (those of a file in order), fetched in
+    /// turn by one worker.
+    pub fn want_run(&self, mut run: Vec<(Hash, u32)>, keep: bool) {
         let Some(tx) = &self.tx else { return };
-        if self.reader.cached(&h) || !lock(&self.pending).insert(h) {
+        {
+            let mut pending = lock(&self.pending);
+            run.retain(|(h, _)| !self.reader.cached(h) && pending.insert(*h));
+        }
+        if run.is_empty() {
             return;
         }
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            tx.try_send((h, len, keep))
+        if let Err(TrySendError::Full((run, _)) | TrySendError::Disconnected((run, _))) =
+            tx.try_send((run, keep))
         {
-            lock(&self.pending).remove(&h);
+            let mut pending = lock(&self.pending);
+            for (h, _) in run {
+                pending.remove(&h);
+            }
         }
     }
 }
@@ -150,5 +172,40 @@ mod tests {
         assert_eq!(&reader.get(&p.hash, p.len).unwrap()[..], &data[..]);
         drop(pf);
         assert!(!reader.cached(&[7; 32]));
+    }
+
+    /// A run goes to one worker, which fetches its blocks in turn: a missing one in the middle
+    /// does not stop the others, and none stays marked as on its way.
+    #[test]
+    fn a_run_of_blocks_arrives_whole_around_a_missing_one() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            KvStore::open(
+                d.path(),
+                &OpenOptions {
+                    create: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let codec = Codec::default();
+        let blocks: Vec<_> = (0..4u8)
+            .map(|i| prepare(&vec![i + 1; 65536], &codec).unwrap())
+            .collect();
+        for p in &blocks {
+            store.transact(|t| add_ref(t, p, None)).unwrap();
+        }
+        let reader = Arc::new(BlockReader::new(store.clone(), 1 << 20));
+        let pf = Prefetcher::new(reader.clone(), 1, 2);
+        let mut run: Vec<_> = blocks.iter().map(|p| (p.hash, p.len)).collect();
+        run.insert(2, ([9; 32], 100));
+        pf.want_run(run, true);
+        let t0 = std::time::Instant::now();
+        while !blocks.iter().all(|p| reader.cached(&p.hash)) || !lock(&pf.pending).is_empty() {
+            assert!(t0.elapsed().as_secs() < 10, "the run never arrived");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!reader.cached(&[9; 32]));
     }
 }

@@ -267,13 +267,15 @@ impl Fs {
             }
             if !ahead.is_empty() {
                 let (ks_, ke) = ks::fmap_range(ino, ahead.start, ahead.end);
+                let mut run = Vec::new();
                 for (k, v) in t.scan(Cf::Fmap, &ks_, &ke, usize::MAX)? {
                     let bn = ks::fmap_blockno(&k).unwrap_or(0);
                     if !s.dirty.contains_key(&bn) {
                         let ent = FmapEntry::decode(&v).map_err(|e| corrupt(&k, e))?;
-                        self.prefetch.want(ent.hash, ent.len, keep);
+                        run.push((ent.hash, ent.len));
                     }
                 }
+                self.prefetch.want_run(run, keep);
             }
             Ok((self.atime_due(&inode, false), wanted))
         })?;
