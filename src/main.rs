@@ -143,7 +143,8 @@ enum Cmd {
         limit: u32,
     },
     /// Mount STORE on MOUNTPOINT. Returns once the mount is ready and keeps serving in the
-    /// background; end it with `umount MOUNTPOINT` (or `fusermount3 -u`), SIGTERM or SIGINT.
+    /// background; end it with `kvfs unmount MOUNTPOINT`, `umount MOUNTPOINT` (or `fusermount3
+    /// -u`), SIGTERM or SIGINT.
     Mount {
         store: PathBuf,
         mountpoint: PathBuf,
@@ -165,6 +166,15 @@ enum Cmd {
         /// Internal: run as the background child of `kvfs mount`.
         #[arg(long, hide = true)]
         daemon_child: bool,
+    },
+    /// Unmount MOUNTPOINT and return once the mount's process has synced the store and let go
+    /// of it (umount returns before that; a power cut or a copy of the store right after it
+    /// could find the last commits unsynced).
+    Unmount {
+        mountpoint: PathBuf,
+        /// Detach now, as `umount -l`, without waiting (the mount ends with its last user).
+        #[arg(short, long)]
+        lazy: bool,
     },
 }
 
@@ -264,6 +274,9 @@ fn main() -> ExitCode {
                 kvfs::bench::table(&kvfs::bench::run(&data, block_size as usize))
             );
             Ok(())
+        }
+        Cmd::Unmount { mountpoint, lazy } => {
+            kvfs::mount::unmount_and_wait(&mountpoint, lazy).map_err(anyhow::Error::msg)
         }
         Cmd::Mount {
             store,

@@ -250,6 +250,58 @@ fn damage_without_parity_is_eio_and_an_audit_problem() {
     assert_eq!(errno(f.read(&mut buf)), libc::EIO);
 }
 
+/// `kvfs unmount` returns only once the mount's process has synced the store and let go of
+/// it (the kernel returns from the unmount itself before that: the process then still holds
+/// the store for a fraction of a second).
+#[test]
+fn kvfs_unmount_returns_once_the_store_is_let_go() {
+    let Some(mut m) = mount() else { return };
+    m.unmount();
+    let mount_bg = |m: &Mounted| {
+        let st = Command::new(KVFS)
+            .arg("mount")
+            .arg(&m.store)
+            .arg(&m.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success() && is_mounted(&m.mnt), "kvfs mount failed");
+    };
+    let unmount = |args: &[&str], m: &Mounted| {
+        Command::new(KVFS)
+            .arg("unmount")
+            .args(args)
+            .arg(&m.mnt)
+            .output()
+            .unwrap()
+    };
+    let data = vec![7u8; 16 << 20];
+    mount_bg(&m);
+    fs::write(m.path("f"), &data).unwrap();
+    let out = unmount(&[], &m);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!is_mounted(&m.mnt));
+    assert!(
+        !kvfs::store::in_use(&m.store),
+        "kvfs unmount returned while the mount's process still held the store"
+    );
+    mount_bg(&m);
+    assert!(fs::read(m.path("f")).unwrap() == data);
+    // Lazy: detached at once, the process left to end on its own.
+    let out = unmount(&["--lazy"], &m);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!is_mounted(&m.mnt));
+    let t0 = std::time::Instant::now();
+    while kvfs::store::in_use(&m.store) {
+        assert!(t0.elapsed().as_secs() < 30, "daemon did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = unmount(&[], &m);
+    assert!(
+        !out.status.success(),
+        "unmounting what is not mounted must fail"
+    );
+}
+
 #[test]
 fn mount_helper_speaks_mount8s_protocol() {
     let Some(mut m) = mount() else { return };
