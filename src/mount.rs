@@ -602,11 +602,12 @@ fn mount_device(mountpoint: &Path) -> Option<String> {
 }
 
 fn mountinfo_device(table: &str, want: &Path) -> Option<String> {
-    mountinfo_entry(table, want).map(|(dev, _)| dev)
+    mountinfo_entry(table, want).map(|(dev, _, _)| dev)
 }
 
-/// The device and the source (for kvfs: the store) of the newest FUSE mount on `want`.
-fn mountinfo_entry(table: &str, want: &Path) -> Option<(String, Vec<u8>)> {
+/// The device, the type and the source (for kvfs: the store) of the newest FUSE mount on
+/// `want`.
+fn mountinfo_entry(table: &str, want: &Path) -> Option<(String, String, Vec<u8>)> {
     use std::os::unix::ffi::OsStrExt;
     table
         .lines()
@@ -616,7 +617,7 @@ fn mountinfo_entry(table: &str, want: &Path) -> Option<(String, Vec<u8>)> {
             let source = unescape_mountinfo(f.get(fstype + 2)?);
             let fstype = f.get(fstype + 1)?;
             (fstype.starts_with("fuse") && unescape_mountinfo(point) == want.as_os_str().as_bytes())
-                .then(|| (dev.to_string(), source))
+                .then(|| (dev.to_string(), fstype.to_string(), source))
         })
         .next_back()
 }
@@ -634,10 +635,15 @@ pub fn unmount_and_wait(mountpoint: &Path, lazy: bool) -> Result<(), String> {
     // Canonical as the mount table has it; a dead mount (its process gone) cannot be
     // resolved, and is named as given.
     let mnt = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    let store = std::fs::read_to_string("/proc/self/mountinfo")
+    let store = match std::fs::read_to_string("/proc/self/mountinfo")
         .ok()
         .and_then(|t| mountinfo_entry(&t, &mnt))
-        .map(|(_, src)| PathBuf::from(std::ffi::OsString::from_vec(src)));
+    {
+        Some((_, fstype, src)) if fstype == "fuse.kvfs" => {
+            PathBuf::from(std::ffi::OsString::from_vec(src))
+        }
+        _ => return Err(format!("{}: not a kvfs mount", mnt.display())),
+    };
     let c = std::ffi::CString::new(mnt.as_os_str().as_bytes())
         .map_err(|_| format!("{}: a path with a NUL byte", mnt.display()))?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
@@ -657,9 +663,9 @@ pub fn unmount_and_wait(mountpoint: &Path, lazy: bool) -> Result<(), String> {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
     }
-    let Some(store) = store.filter(|s| s.is_absolute() && !lazy) else {
+    if lazy {
         return Ok(());
-    };
+    }
     let t0 = Instant::now();
     while crate::store::in_use(&store) {
         if t0.elapsed() > RELEASE_WAIT {
@@ -740,7 +746,7 @@ mod tests {
         let d = |p: &str| mountinfo_device(table, Path::new(p));
         assert_eq!(
             mountinfo_entry(table, Path::new("/mnt/other")),
-            Some(("0:40".into(), b"/t".to_vec()))
+            Some(("0:40".into(), "fuse.kvfs".into(), b"/t".to_vec()))
         );
         assert_eq!(d("/mnt/my files").as_deref(), Some("0:41"));
         assert_eq!(d("/mnt/other").as_deref(), Some("0:40"));

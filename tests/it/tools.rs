@@ -300,6 +300,16 @@ fn kvfs_unmount_returns_once_the_store_is_let_go() {
         !out.status.success(),
         "unmounting what is not mounted must fail"
     );
+    // Nor does it unmount what kvfs did not mount.
+    let out = Command::new(KVFS)
+        .arg("unmount")
+        .arg(m.tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a kvfs mount"),
+        "{out:?}"
+    );
 }
 
 #[test]
