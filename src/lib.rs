@@ -20,6 +20,7 @@ pub mod keyspace;
 pub mod kv;
 mod maintenance;
 pub mod mount;
+pub mod mountinfo;
 pub mod replica;
 #[cfg(test)]
 mod sim;

@@ -276,7 +276,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Unmount { mountpoint, lazy } => {
-            kvfs::mount::unmount_and_wait(&mountpoint, lazy).map_err(anyhow::Error::msg)
+            kvfs::mountinfo::unmount_and_wait(&mountpoint, lazy).map_err(anyhow::Error::msg)
         }
         Cmd::Mount {
             store,

@@ -140,19 +140,19 @@ mod tests {
     use crate::blocks::{add_ref, prepare, Codec};
     use crate::kv::{KvStore, OpenOptions};
 
+    fn temp_store() -> (tempfile::TempDir, Arc<KvStore>) {
+        let d = tempfile::tempdir().unwrap();
+        let o = OpenOptions {
+            create: true,
+            ..Default::default()
+        };
+        let store = Arc::new(KvStore::open(d.path(), &o).unwrap());
+        (d, store)
+    }
+
     #[test]
     fn wanted_blocks_arrive_in_the_cache_and_missing_ones_are_dropped() {
-        let d = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            KvStore::open(
-                d.path(),
-                &OpenOptions {
-                    create: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        );
+        let (_d, store) = temp_store();
         let codec = Codec::default();
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
         let p = prepare(&data, &codec).unwrap();
@@ -178,17 +178,7 @@ mod tests {
     /// does not stop the others, and none stays marked as on its way.
     #[test]
     fn a_run_of_blocks_arrives_whole_around_a_missing_one() {
-        let d = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            KvStore::open(
-                d.path(),
-                &OpenOptions {
-                    create: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        );
+        let (_d, store) = temp_store();
         let codec = Codec::default();
         let blocks: Vec<_> = (0..4u8)
             .map(|i| prepare(&vec![i + 1; 65536], &codec).unwrap())
