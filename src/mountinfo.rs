@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 /// The `MAJ:MIN` device of the newest mount on `mountpoint` (canonical: resolving it would
 /// stat the mount, a request to this very process), from /proc/self/mountinfo.
 pub(crate) fn mount_device(mountpoint: &Path) -> Option<String> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo_device(&table, mountpoint)
+    mount_entry(mountpoint).map(|(dev, _, _)| dev)
 }
 
-fn mountinfo_device(table: &str, want: &Path) -> Option<String> {
-    mountinfo_entry(table, want).map(|(dev, _, _)| dev)
+/// [`mountinfo_entry`] of this process's mount table.
+fn mount_entry(mountpoint: &Path) -> Option<(String, String, Vec<u8>)> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo_entry(&table, mountpoint)
 }
 
 /// The device, the type and the source (for kvfs: the store) of the newest FUSE mount on
@@ -23,11 +24,16 @@ fn mountinfo_entry(table: &str, want: &Path) -> Option<(String, String, Vec<u8>)
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            let (dev, point, fstype) = (f.get(2)?, f.get(4)?, f.iter().position(|x| *x == "-")?);
-            let source = unescape_mountinfo(f.get(fstype + 2)?);
-            let fstype = f.get(fstype + 1)?;
+            let (dev, point, dash) = (f.get(2)?, f.get(4)?, f.iter().position(|x| *x == "-")?);
+            let (fstype, source) = (f.get(dash + 1)?, f.get(dash + 2)?);
             (fstype.starts_with("fuse") && unescape_mountinfo(point) == want.as_os_str().as_bytes())
-                .then(|| (dev.to_string(), fstype.to_string(), source))
+                .then(|| {
+                    (
+                        dev.to_string(),
+                        fstype.to_string(),
+                        unescape_mountinfo(source),
+                    )
+                })
         })
         .next_back()
 }
@@ -45,10 +51,7 @@ pub fn unmount_and_wait(mountpoint: &Path, lazy: bool) -> Result<(), String> {
     // Canonical as the mount table has it; a dead mount (its process gone) cannot be
     // resolved, and is named as given.
     let mnt = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    let store = match std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|t| mountinfo_entry(&t, &mnt))
-    {
+    let store = match mount_entry(&mnt) {
         Some((_, fstype, src)) if fstype == "fuse.kvfs" => {
             PathBuf::from(std::ffi::OsString::from_vec(src))
         }
@@ -126,7 +129,7 @@ mod tests {
 42 40 0:41 / /mnt/my\\040files rw - fuse /u rw
 43 22 0:42 / /mnt/tmp rw - tmpfs tmpfs rw
 ";
-        let d = |p: &str| mountinfo_device(table, Path::new(p));
+        let d = |p: &str| mountinfo_entry(table, Path::new(p)).map(|(dev, _, _)| dev);
         assert_eq!(
             mountinfo_entry(table, Path::new("/mnt/other")),
             Some(("0:40".into(), "fuse.kvfs".into(), b"/t".to_vec()))
