@@ -383,7 +383,7 @@ pub fn run(
         // fsyncs use the fsync log from here on.
         fs.replay_with_log(&store_dir)
             .map_err(|e| MountError::Pending(e.to_string()))?;
-    } else if !crate::store::in_use(&store_dir) {
+    } else if !store::in_use(&store_dir) {
         // No read-write mount is running: records left are a crashed mount's, in the keyspace
         // (`J`) or in the fsync log (those not in their blocks yet).
         let logged = fs.unapplied_log_records(&store_dir).unwrap_or_else(|e| {

@@ -232,6 +232,9 @@ impl Fs {
     pub fn unapplied_log_records(&self, dir: &Path) -> Result<usize> {
         let recs = super::fsynclog::read_records(dir)
             .map_err(|e| FsError::Kv(KvError::Other(format!("{}: {e}", dir.display()))))?;
+        if recs.is_empty() {
+            return Ok(0);
+        }
         let (_, covered) = self.covered()?;
         Ok(recs.iter().filter(|r| unapplied(&covered, r)).count())
     }
