@@ -250,6 +250,16 @@ fn damage_without_parity_is_eio_and_an_audit_problem() {
     assert_eq!(errno(f.read(&mut buf)), libc::EIO);
 }
 
+/// Wait (at most 30 s) until no mount's process holds `store`: a daemon ends after the
+/// kernel lets go of its mount.
+fn wait_let_go(store: &Path) {
+    let t0 = std::time::Instant::now();
+    while kvfs::store::in_use(store) {
+        assert!(t0.elapsed().as_secs() < 30, "daemon did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `kvfs unmount` returns only once the mount's process has synced the store and let go of
 /// it (the kernel returns from the unmount itself before that: the process then still holds
 /// the store for a fraction of a second).
@@ -290,11 +300,7 @@ fn kvfs_unmount_returns_once_the_store_is_let_go() {
     let out = unmount(&["--lazy"], &m);
     assert!(out.status.success(), "{out:?}");
     assert!(!is_mounted(&m.mnt));
-    let t0 = std::time::Instant::now();
-    while kvfs::store::in_use(&m.store) {
-        assert!(t0.elapsed().as_secs() < 30, "daemon did not exit");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_let_go(&m.store);
     let out = unmount(&[], &m);
     assert!(
         !out.status.success(),
@@ -332,11 +338,7 @@ fn mount_helper_speaks_mount8s_protocol() {
         .status()
         .unwrap()
         .success());
-    let t0 = std::time::Instant::now();
-    while kvfs::store::in_use(&m.store) {
-        assert!(t0.elapsed().as_secs() < 30, "daemon did not exit");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_let_go(&m.store);
     // Through mount(8) itself, when we may install the helper where it looks.
     let sbin = Path::new("/sbin/mount.kvfs");
     // SAFETY: geteuid cannot fail.
@@ -356,8 +358,6 @@ fn mount_helper_speaks_mount8s_protocol() {
             .status()
             .unwrap()
             .success());
-        while kvfs::store::in_use(&m.store) {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_let_go(&m.store);
     }
 }
